@@ -1,0 +1,1 @@
+"""Training loops: the VQ-VAE through PSF and noise layers, and the Gated PixelCNN prior."""
