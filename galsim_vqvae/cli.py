@@ -1,0 +1,302 @@
+"""The ``galsim-vqvae`` command.
+
+Every subcommand prints a one-line summary at the end. Bad input gives one line naming the file,
+field or value and a non-zero exit (a traceback only with ``--debug``).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_BUILT = 3
+
+
+class NotBuiltYet(Exception):
+    """A subcommand whose capability is not built yet."""
+
+
+def _conditions_arg(text):
+    """Parse ``name=value,name=value`` into a dict of floats."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"condition {item!r} is not of the form name=value")
+        name, value = item.split("=", 1)
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"condition {name.strip()!r} has a value that is "
+                                             f"not a number: {value!r}") from None
+    return out
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _checkpoint_path(path):
+    return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+
+
+# ------------------------------------------------------------------------------------------------
+# Subcommands
+def cmd_make_dataset(args):
+    if args.source == "synthetic":
+        from .data.synthetic import make_synthetic_dataset
+
+        summary = make_synthetic_dataset(args.out, n=args.n, seed=args.seed, psf=args.psf_model,
+                                         psf_file=args.psf_file, workers=args.workers,
+                                         progress=not args.quiet)
+    elif args.source == "fits":
+        from .data.fits import make_fits_dataset
+
+        if not args.input or not args.psf:
+            raise ValueError("--source fits needs --input DIR and --psf FILE_OR_DIR")
+        summary = make_fits_dataset(args.out, args.input, args.psf,
+                                    input_pixel_scale=args.input_pixel_scale,
+                                    progress=not args.quiet)
+    else:
+        from .data.cosmos import make_cosmos_dataset
+
+        if not args.catalog:
+            raise ValueError("--source cosmos needs --catalog FILE (and --dir DIR)")
+        summary = make_cosmos_dataset(args.out, args.catalog, args.dir,
+                                      max_galaxies=args.max_galaxies, progress=not args.quiet)
+    return f"wrote {summary.get('n', '?')} stamps to {args.out}"
+
+
+def cmd_train_vqvae(args):
+    from .train.vqvae import train_vqvae
+
+    model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
+                               ("hidden", args.hidden)) if v is not None}
+    summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, device=args.device,
+                          psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
+                          progress=not args.quiet)
+    return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
+            + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
+                        if isinstance(v, float)))
+
+
+def cmd_train_prior(args):
+    from .emulator import Emulator
+    from .train.prior import train_prior
+
+    model = {k: v for k, v in (("channels", args.channels), ("layers", args.layers),
+                               ("kernel_size", args.kernel_size)) if v is not None}
+    conditions = tuple(c for c in args.conditions.split(",") if c) if args.conditions else ()
+    vqvae_ckpt = _checkpoint_path(args.vqvae)
+    summary = train_prior(args.data, vqvae_ckpt, args.out, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          device=args.device, conditions=conditions, model=model,
+                          resume=args.resume, progress=not args.quiet)
+    bundle = os.path.join(args.out, "model.safetensors")
+    Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt")).save(bundle)
+    bits = summary.get("test_bits_per_code")
+    return (f"trained prior to step {summary.get('step')}"
+            + (f", held-out NLL {bits:.4f} bits/code" if bits is not None else "")
+            + f"; model bundle written to {bundle}")
+
+
+def cmd_sample(args):
+    from .emulator import Emulator
+    from .outputs import write_samples
+
+    emulator = Emulator.load(args.model, device=args.device)
+    conditions = args.conditions or None
+    codes = emulator.sample_codes(args.n, conditions, seed=args.seed,
+                                  temperature=args.temperature, out_of_range=args.out_of_range,
+                                  progress=not args.quiet)
+    images = emulator.decode(codes)
+    write_samples(args.out, images, codes, emulator, conditions, args.n, seed=args.seed)
+    return f"wrote {args.n} galaxies ({images.shape[1]}x{images.shape[2]}) to {args.out}"
+
+
+def cmd_reconstruct(args):
+    from .emulator import Emulator
+    from .outputs import read_stamps, write_reconstruction
+
+    emulator = Emulator.load(args.model, device=args.device)
+    observed = read_stamps(args.input, "--input")
+    psf = read_stamps(args.psf, "--psf")
+    images, red_chi2 = emulator.reconstruct(observed, psf, args.sigma, convolved=args.convolved)
+    write_reconstruction(args.out, images, red_chi2)
+    return (f"reconstructed {len(images)} stamps to {args.out}; median reduced chi^2 "
+            f"{float(sorted(red_chi2)[len(red_chi2) // 2]):.3f}")
+
+
+def cmd_gallery(args):
+    import numpy as np
+
+    from .emulator import Emulator
+    from .plots import save_gallery
+
+    emulator = Emulator.load(args.model, device=args.device)
+    names = emulator.condition_names
+    conditions = None
+    if names:
+        info = emulator.metadata["conditions"]
+        rng = np.random.default_rng(args.seed)
+        lo, hi = np.asarray(info["min"]), np.asarray(info["max"])
+        mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
+        draws = np.clip(rng.normal(mean, std, size=(args.n, len(names))), lo, hi)
+        conditions = {name: draws[:, c] for c, name in enumerate(names)}
+    images = emulator.sample(args.n, conditions, seed=args.seed, progress=not args.quiet)
+    save_gallery(args.out, {"samples": images})
+    return f"wrote a gallery of {args.n} sampled galaxies to {args.out}"
+
+
+def cmd_evaluate(args):
+    raise NotBuiltYet("'galsim-vqvae evaluate' (the science validation report) is not built yet")
+
+
+def cmd_bench(args):
+    from .benchmark import run_cpu_benchmarks
+
+    for line in run_cpu_benchmarks(repeats=args.repeats):
+        print(line)
+    return "benchmarks done"
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser():
+    parser = argparse.ArgumentParser(prog="galsim-vqvae",
+                                     description="A learned galaxy model for GalSim.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+        return p
+
+    p = add("make-dataset", cmd_make_dataset, "build a dataset file of galaxy stamps")
+    p.add_argument("--source", choices=["synthetic", "fits", "cosmos"], required=True)
+    p.add_argument("--out", required=True, help="output dataset file (.h5)")
+    p.add_argument("--n", type=_positive_int, default=1000, help="synthetic: number of stamps")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--psf-model", choices=["optical", "cosmos"], default="optical",
+                   help="synthetic: PSF family")
+    p.add_argument("--psf-file", help="synthetic with --psf-model cosmos: RealGalaxy PSF file")
+    p.add_argument("--input", help="fits: folder of FITS stamps")
+    p.add_argument("--psf", help="fits: one PSF FITS file, or a folder of one PSF per stamp")
+    p.add_argument("--input-pixel-scale", type=float, help="fits: pixel scale if not in headers")
+    p.add_argument("--catalog", help="cosmos: RealGalaxyCatalog file")
+    p.add_argument("--dir", help="cosmos: folder of the catalog's image files")
+    p.add_argument("--max-galaxies", type=_positive_int, help="cosmos: use the first N only")
+
+    p = add("train-vqvae", cmd_train_vqvae, "train the VQ-VAE through PSF and noise layers")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="run directory (checkpoint, log, gallery)")
+    p.add_argument("--steps", type=_positive_int, required=True)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-psf-layers", action="store_true",
+                   help="plain autoencoder on observed stamps (for comparison)")
+    p.add_argument("--embed-dim", type=_positive_int)
+    p.add_argument("--num-codes", type=_positive_int)
+    p.add_argument("--hidden", type=_positive_int)
+    p.add_argument("--resume", action="store_true")
+
+    p = add("train-prior", cmd_train_prior,
+            "train the Gated PixelCNN prior and write the model bundle")
+    p.add_argument("--data", required=True)
+    p.add_argument("--vqvae", required=True, help="train-vqvae run directory or checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=_positive_int, required=True)
+    p.add_argument("--conditions", default="mag,hlr",
+                   help="comma-separated labels from the dataset's params ('' for none)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--channels", type=_positive_int)
+    p.add_argument("--layers", type=_positive_int)
+    p.add_argument("--kernel-size", type=_positive_int)
+    p.add_argument("--resume", action="store_true")
+
+    p = add("sample", cmd_sample, "sample galaxies (pre-PSF images) from a model")
+    p.add_argument("--model", default="default")
+    p.add_argument("--n", type=_positive_int, required=True)
+    p.add_argument("--out", required=True, help="output FITS file")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--conditions", type=_conditions_arg, default=None,
+                   help="e.g. mag=22.5,hlr=0.4 (the same for every sample)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--out-of-range", choices=["error", "clip"], default="error")
+    p.add_argument("--device", default="cpu")
+
+    p = add("reconstruct", cmd_reconstruct, "deconvolved reconstruction of observed stamps")
+    p.add_argument("--model", default="default")
+    p.add_argument("--input", required=True, help="FITS image or cube of observed stamps")
+    p.add_argument("--psf", required=True, help="FITS PSF image (or cube, one per stamp)")
+    p.add_argument("--sigma", type=float, required=True, help="noise sigma of the stamps")
+    p.add_argument("--out", required=True)
+    p.add_argument("--convolved", action="store_true")
+    p.add_argument("--device", default="cpu")
+
+    p = add("evaluate", cmd_evaluate, "science validation report (not built yet)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--n", type=_positive_int, default=1000)
+    p.add_argument("--out", default="evaluation")
+
+    p = add("gallery", cmd_gallery, "a PNG gallery of sampled galaxies")
+    p.add_argument("--model", default="default")
+    p.add_argument("--n", type=_positive_int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+
+    p = add("bench", cmd_bench, "quick CPU benchmarks of the ops against their baselines")
+    p.add_argument("--repeats", type=_positive_int, default=20)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        summary = args.func(args)
+    except NotBuiltYet as err:
+        print(f"galsim-vqvae {args.command}: {err}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except KeyboardInterrupt:
+        print(f"galsim-vqvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug or not _is_user_error(err):
+            if not args.debug:
+                print(f"galsim-vqvae {args.command}: internal error (run with --debug for the "
+                      f"traceback): {type(err).__name__}: {err}", file=sys.stderr)
+                return 1
+            raise
+        print(f"galsim-vqvae {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"galsim-vqvae {args.command}: {summary} ({time.time() - start:.1f} s)")
+    return 0
+
+
+def _is_user_error(err):
+    import galsim
+
+    return isinstance(err, (ValueError, OSError, galsim.GalSimError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
