@@ -1,0 +1,166 @@
+"""Sampling code maps from a Gated PixelCNN prior, reproducibly per sample.
+
+Each sample ``i`` has its own 63-bit seed. Its Gumbel noise is drawn on the CPU from
+``torch.Generator().manual_seed(seed_i)`` as one float32 tensor ``u`` of shape [H, W, K]
+(``torch.rand``), turned into ``g = -log(-log(u))`` and consumed in raster order: the code at
+(i, j) is ``argmax_k(logits[k, i, j] / temperature + g[i, j, k])`` (the Gumbel-max trick, an exact
+draw from ``softmax(logits / temperature)``). So a sample depends only on its seed, its conditions
+and the weights: never on the other samples of the batch, the batch size, nor the device. A fast
+sampler must consume the same noise (`gumbel_noise`) to give the same maps.
+"""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import VQVAEInputError
+
+_SEED_LIMIT = 2 ** 64
+
+
+def per_sample_seeds(seed, n):
+    """Turn one seed into ``n`` independent 63-bit seeds (a list of Python ints).
+
+    Uses ``numpy.random.SeedSequence(seed)``, so the first m seeds do not depend on n: sample k of a
+    run of n is sample k of any longer run with the same seed.
+
+    Parameters:
+        seed:   Non-negative int, or None for fresh OS entropy (not reproducible).
+        n:      Number of seeds.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise VQVAEInputError(f"per_sample_seeds: n must be an int >= 0, got {n!r}")
+    if seed is None:
+        sequence = np.random.SeedSequence()
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise VQVAEInputError(f"per_sample_seeds: seed must be a non-negative int or None, "
+                                  f"got {seed!r}")
+        sequence = np.random.SeedSequence(int(seed))
+    words = sequence.generate_state(int(n), dtype=np.uint64)
+    return [int(w) >> 1 for w in words]
+
+
+def _check_seeds(seeds, n):
+    if seeds is None:
+        return per_sample_seeds(None, n)
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise VQVAEInputError(f"sample_naive: got {len(seeds)} seeds for n={n} samples")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < _SEED_LIMIT:
+            raise VQVAEInputError(f"sample_naive: each seed must be an int in [0, 2**64), "
+                                  f"got {s!r}")
+    return [int(s) for s in seeds]
+
+
+def gumbel_noise(seeds, shape, num_codes):
+    """The Gumbel noise of each sample: float32 CPU tensor [len(seeds), H, W, num_codes].
+
+    Sample i's noise is ``-log(-log(torch.rand(H, W, K, generator=Generator().manual_seed(s_i))))``
+    drawn on the CPU, whatever device the prior is on.
+    """
+    height, width = shape
+    out = torch.empty(len(seeds), height, width, num_codes, dtype=torch.float32)
+    for i, s in enumerate(seeds):
+        gen = torch.Generator(device="cpu").manual_seed(int(s))
+        u = torch.rand(height, width, num_codes, generator=gen, dtype=torch.float32)
+        # u == 0 (probability 2**-24 per entry) gives -inf: that code is never picked.
+        out[i] = -torch.log(-torch.log(u))
+    return out
+
+
+def _check_shape(shape):
+    try:
+        height, width = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise VQVAEInputError(f"sample_naive: shape must be (H, W), got {shape!r}") from None
+    if height < 1 or width < 1:
+        raise VQVAEInputError(f"sample_naive: shape must be positive, got {shape!r}")
+    return height, width
+
+
+def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=None,
+                 temperature=1.0, progress=False, batch_size=256):
+    """Draw ``n`` code maps by running the whole prior once per position (the reference sampler).
+
+    Slow (H * W full forward passes) and simple on purpose: it is the oracle that a fast, cached
+    sampler is checked against. See the module docstring for the noise convention.
+
+    Parameters:
+        prior:          A `GatedPixelCNN` (any device and dtype; put in eval mode while sampling).
+        n:              Number of code maps.
+        shape:          (H, W) of the code maps. [default: (21, 21)]
+        cond:           Normalised labels [n, cond_dim] (tensor or array), required iff
+                        prior.cond_dim > 0. [default: None]
+        class_label:    Class labels [n] (ints), required iff prior.num_classes > 0.
+                        [default: None]
+        seeds:          List of n non-negative ints, one per sample (see `per_sample_seeds`);
+                        None draws fresh seeds (not reproducible). [default: None]
+        temperature:    Softmax temperature, > 0: samples follow softmax(logits / temperature).
+                        As it goes to 0 the draw tends to the most probable code at each step
+                        (greedy decoding); 0 itself is rejected. [default: 1.0]
+        progress:       Show a progress bar over positions. [default: False]
+        batch_size:     Samples run through the network together; does not change the
+                        result. [default: 256]
+
+    Returns:
+        codes [n, H, W] int64 tensor on the prior's device.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise VQVAEInputError(f"sample_naive: n must be an int >= 0, got {n!r}")
+    n = int(n)
+    height, width = _check_shape(shape)
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise VQVAEInputError(f"sample_naive: temperature must be a number, "
+                              f"got {temperature!r}") from None
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise VQVAEInputError(f"sample_naive: temperature must be finite and > 0, got "
+                              f"{temperature}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VQVAEInputError(f"sample_naive: batch_size must be an int >= 1, got {batch_size!r}")
+    seeds = _check_seeds(seeds, n)
+    param = next(prior.parameters())
+    device, dtype = param.device, param.dtype
+    if cond is not None:
+        cond = torch.as_tensor(np.asarray(cond) if not torch.is_tensor(cond) else cond)
+        cond = cond.to(device=device, dtype=dtype)
+        if cond.dim() != 2 or cond.shape[0] != n:
+            raise VQVAEInputError(f"sample_naive: cond must have shape [n={n}, cond_dim], got "
+                                  f"{list(cond.shape)}")
+    if class_label is not None:
+        class_label = torch.as_tensor(
+            np.asarray(class_label) if not torch.is_tensor(class_label) else class_label)
+        if class_label.is_floating_point() or class_label.shape != (n,):
+            raise VQVAEInputError(f"sample_naive: class_label must be {n} ints, got "
+                                  f"{class_label.dtype} {list(class_label.shape)}")
+        class_label = class_label.to(device=device, dtype=torch.int64)
+
+    out = torch.empty(n, height, width, dtype=torch.int64, device=device)
+    was_training = prior.training
+    prior.eval()
+    bar = tqdm(total=n * height * width, disable=not progress, desc="sampling codes",
+               unit="code")
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                noise = gumbel_noise(seeds[start:stop], (height, width), prior.num_codes)
+                noise = noise.to(device)
+                codes = torch.zeros(stop - start, height, width, dtype=torch.int64, device=device)
+                c = cond[start:stop] if cond is not None else None
+                k = class_label[start:stop] if class_label is not None else None
+                for i in range(height):
+                    for j in range(width):
+                        logits = prior(codes, c, k)[:, :, i, j]
+                        score_dtype = torch.promote_types(logits.dtype, torch.float32)
+                        scores = logits.to(score_dtype) / temperature + noise[:, i, j]
+                        codes[:, i, j] = scores.argmax(dim=1)
+                        bar.update(stop - start)
+                out[start:stop] = codes
+    finally:
+        bar.close()
+        prior.train(was_training)
+    return out
