@@ -1,0 +1,188 @@
+"""The VQ-VAE: a convolutional encoder, a vector quantizer and a decoder of non-negative images.
+
+After rosinality's ``vq-vae-2-pytorch`` (one level): the encoder halves the stamp twice with
+stride-2 4x4 convolutions (84 -> 42 -> 21), refines with a 3x3 convolution and a residual stack,
+and projects to the code dimension with a 1x1 convolution; the decoder mirrors it with transposed
+convolutions. The model works in physical pixel units (flux per pixel): it divides its input by
+``image_scale`` and multiplies its output by it. The decoded image is the pre-PSF galaxy; it is
+``softplus`` of the last layer, hence non-negative by construction (and smooth, so that faint
+outskirts still receive gradient).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .quantizer import VectorQuantizer
+
+
+class ResBlock(nn.Module):
+    """``x + conv1x1(relu(conv3x3(relu(x))))``."""
+
+    def __init__(self, channels, res_hidden):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, res_hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(res_hidden, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class ResidualStack(nn.Sequential):
+    """``n`` `ResBlock` followed by a ReLU."""
+
+    def __init__(self, channels, res_hidden, n):
+        super().__init__(*[ResBlock(channels, res_hidden) for _ in range(n)], nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Image [B, 1, S, S] -> latents [B, embed_dim, S/4, S/4]."""
+
+    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, hidden // 2, 4, stride=2, padding=1),       # S   -> S/2
+            nn.ReLU(),
+            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1),  # S/2 -> S/4
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            ResidualStack(hidden, res_hidden, res_blocks),
+            nn.Conv2d(hidden, embed_dim, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def upsample2(c_in, c_out, mode):
+    """Double the resolution: a stride-2 4x4 transposed convolution (``"transpose"``), or a
+    nearest-neighbour resize followed by a 3x3 convolution (``"resize"``, free of the
+    checkerboard pattern that transposed convolutions leave in what the PSF does not constrain)."""
+    if mode == "transpose":
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
+    if mode == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                             nn.Conv2d(c_in, c_out, 3, padding=1))
+    raise ValueError(f"upsample must be 'transpose' or 'resize', got {mode!r}")
+
+
+class Decoder(nn.Module):
+    """Latents [B, embed_dim, S/4, S/4] -> pre-activation image [B, 1, S, S]."""
+
+    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="resize"):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(embed_dim, hidden, 3, padding=1),
+            ResidualStack(hidden, res_hidden, res_blocks),
+            upsample2(hidden, hidden // 2, upsample),  # S/4 -> S/2
+            nn.ReLU(),
+            upsample2(hidden // 2, 1, upsample),       # S/2 -> S
+        )
+        last = self.net[-1] if upsample == "transpose" else self.net[-1][-1]
+        # Start near an empty sky: softplus(-4) = 0.018 image_scale.
+        nn.init.constant_(last.bias, -4.0)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """A VQ-VAE of single-band galaxy stamps in physical pixel units.
+
+    Parameters:
+        stamp_size:         Stamp side S in pixels, a multiple of 4. [default: 84]
+        hidden:             Channels of the encoder/decoder trunk. [default: 128]
+        res_blocks:         Residual blocks in each residual stack. [default: 2]
+        res_hidden:         Channels inside a residual block. [default: 32]
+        embed_dim:          Code vector dimension D. [default: 64]
+        num_codes:          Codebook size K. [default: 512]
+        image_scale:        Pixel value mapped to 1 inside the network (the training loop picks
+                            the median peak pixel of the training stamps). [default: 1.0]
+        beta:               Commitment loss weight. [default: 0.25]
+        decay:              Codebook EMA decay. [default: 0.99]
+        kmeans_iters:       Lloyd iterations of the codebook initialisation. [default: 10]
+        restart_every:      Dead-code window in updates (0: never restart). [default: 100]
+        restart_threshold:  Uses per window below which a code is dead. [default: 1.0]
+        seed:               Seed of the quantizer's k-means and restart draws. [default: 0]
+        upsample:           Decoder upsampling, ``"resize"`` (nearest x2 + 3x3 conv) or
+                            ``"transpose"`` (4x4 stride-2 transposed conv, which leaves a
+                            checkerboard in the frequencies the PSF removes). [default: "resize"]
+    """
+
+    def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
+                 num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
+                 restart_every=100, restart_threshold=1.0, seed=0, upsample="resize"):
+        super().__init__()
+        if stamp_size < 8 or stamp_size % 4:
+            raise ValueError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
+        if hidden < 2 or hidden % 2:
+            raise ValueError(f"hidden must be an even number >= 2, got {hidden}")
+        if not image_scale > 0:
+            raise ValueError(f"image_scale must be > 0, got {image_scale}")
+        self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
+                            res_blocks=int(res_blocks), res_hidden=int(res_hidden),
+                            embed_dim=int(embed_dim), num_codes=int(num_codes),
+                            image_scale=float(image_scale), beta=float(beta), decay=float(decay),
+                            kmeans_iters=int(kmeans_iters), restart_every=int(restart_every),
+                            restart_threshold=float(restart_threshold), seed=int(seed),
+                            upsample=str(upsample))
+        self.stamp_size = int(stamp_size)
+        self.image_scale = float(image_scale)
+        self.encoder = Encoder(hidden, res_blocks, res_hidden, embed_dim)
+        self.quantizer = VectorQuantizer(num_codes, embed_dim, beta=beta, decay=decay,
+                                         kmeans_iters=kmeans_iters, restart_every=restart_every,
+                                         restart_threshold=restart_threshold, seed=seed)
+        self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample)
+
+    @property
+    def config(self):
+        """The constructor keyword arguments: ``VQVAE(**model.config)`` rebuilds the model."""
+        return dict(self._config)
+
+    @property
+    def latent_size(self):
+        """Side of the code map, ``stamp_size // 4``."""
+        return self.stamp_size // 4
+
+    @property
+    def num_codes(self):
+        return self.quantizer.num_codes
+
+    def _check(self, x):
+        s = self.stamp_size
+        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(f"expected images of shape [B, 1, {s}, {s}], got {list(x.shape)}")
+
+    def encode(self, x):
+        """Images [B, 1, S, S] in pixel units -> encoder outputs z_e [B, D, S/4, S/4]."""
+        self._check(x)
+        return self.encoder(x / self.image_scale)
+
+    def decode(self, z_q):
+        """Latents [B, D, S/4, S/4] -> pre-PSF images [B, 1, S, S] >= 0 in pixel units (float32)."""
+        return F.softplus(self.decoder(z_q).float()) * self.image_scale
+
+    def decode_codes(self, codes):
+        """Code maps [B, S/4, S/4] int64 -> pre-PSF images [B, 1, S, S]."""
+        return self.decode(self.quantizer.embed(codes))
+
+    def encode_codes(self, x):
+        """Images [B, 1, S, S] -> code maps [B, S/4, S/4] int64 (no codebook update)."""
+        z = self.encode(x).float()
+        b, d, h, w = z.shape
+        index, _ = ops.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, d), self.quantizer.codebook)
+        return index.reshape(b, h, w)
+
+    def forward(self, x):
+        """Encode, quantize and decode ``x`` [B, 1, S, S].
+
+        Returns:
+            (decoded pre-PSF image [B, 1, S, S], `QuantizerOutput`).
+        """
+        out = self.quantizer(self.encode(x))
+        return self.decode(out.z_q), out

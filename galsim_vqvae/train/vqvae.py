@@ -1,0 +1,452 @@
+"""Training the VQ-VAE through the instrument: decode, convolve with each stamp's PSF, compare
+with the noisy stamp under its own Gaussian noise (chi^2), plus the codebook commitment loss.
+
+The training split is held in memory on the device; batches follow a deterministic schedule (the
+permutation of epoch ``e`` comes from ``(seed, e)``), so a resumed run needs only the step counter
+and the saved model, optimizer and codebook state to continue exactly as an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import VQVAEFormatError, VQVAEInputError
+from ..fileio import atomic_path
+from ..nn.forward import chi2, convolve_psf, psf_transform
+from ..nn.vqvae import VQVAE
+from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
+
+TRAIN_KEYS = ("observed", "sigma", "psf_index")
+HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
+PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
+GALLERY_ROWS = 8
+EVAL_STAMPS = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def _plain(value):
+    """A header value as a plain Python type (checkpoints load with weights_only=True)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def load_split(data, split, keys, limit=None):
+    """Arrays of one split of a dataset, and its header.
+
+    Parameters:
+        data:   Path of a dataset file (see `galsim_vqvae.data.dataset`), or an in-memory dict with
+                the dataset's arrays (``observed``, ``sigma``, ``psf_index``, ``psf_bank``,
+                optionally ``truth``) and optionally a ``header`` dict.
+        split:  ``"train"`` or ``"test"`` (stamp i is held out iff ``i % 10 == 9``).
+        keys:   Per-stamp arrays to load; ``psf_bank`` is always returned whole.
+        limit:  Load at most the first ``limit`` stamps of the split. [default: None]
+
+    Returns:
+        (dict of numpy arrays, header dict of plain Python values).
+    """
+    if isinstance(data, dict):
+        missing = [k for k in ("observed", "sigma", "psf_index", "psf_bank") if k not in data]
+        if missing:
+            raise VQVAEInputError(f"in-memory dataset lacks arrays {missing}")
+        n = len(data["observed"])
+        index = np.array([i for i in range(n) if (i % 10 == 9) == (split == "test")], dtype=np.int64)
+        index = index[:limit] if limit is not None else index
+        arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
+        arrays["psf_bank"] = np.asarray(data["psf_bank"], dtype=np.float32)
+        header = dict(data.get("header", {}))
+        header.setdefault("stamp_size", int(np.asarray(data["observed"]).shape[-1]))
+        header.setdefault("source", "in-memory")
+        header.setdefault("path", None)
+        header["n"] = n
+    else:
+        from ..data import dataset
+
+        path = os.fspath(data)
+        header = dict(dataset.read_header(path))
+        n = int(header["n"]) if "n" in header else _count(dataset, path)
+        index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
+        index = index[:limit] if limit is not None else index
+        keys = [k for k in keys if k != "truth" or header.get("source") == "synthetic"]
+        arrays = dataset.load_arrays(path, indices=index, keys=tuple(keys) + ("psf_bank",))
+        header["path"] = os.path.abspath(path)
+    header = {k: _plain(v) for k, v in header.items()}
+    if len(index) and "psf_index" in arrays:
+        bad = (arrays["psf_index"] < 0) | (arrays["psf_index"] >= len(arrays["psf_bank"]))
+        if bad.any():
+            raise VQVAEFormatError(f"dataset {header.get('path')}: psf_index has values outside "
+                                   f"[0, {len(arrays['psf_bank'])})")
+    return arrays, header
+
+
+def _count(dataset, path):
+    return len(dataset.load_arrays(path, keys=("sigma",))["sigma"])
+
+
+def pick_image_scale(observed):
+    """The network's pixel unit: the median over stamps of the brightest pixel of each stamp."""
+    peaks = np.asarray(observed, dtype=np.float64).reshape(len(observed), -1).max(1)
+    scale = float(np.median(peaks))
+    if not (math.isfinite(scale) and scale > 0):
+        raise VQVAEInputError(f"cannot set image_scale: the median stamp peak is {scale}")
+    return scale
+
+
+class BatchSchedule:
+    """Deterministic batches: step ``s`` takes slice ``s mod E`` of the permutation of epoch
+    ``s // E`` (``E = n // batch_size`` steps an epoch), drawn from ``(seed, epoch)``."""
+
+    def __init__(self, n, batch_size, seed, device):
+        if batch_size > n:
+            raise VQVAEInputError(f"batch_size {batch_size} exceeds the {n} training stamps")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = None, None
+
+    def indices(self, step):
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).to(self.device)
+            self._epoch = epoch
+        return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
+
+def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False):
+    """Losses of one batch.
+
+    Parameters:
+        model:      The `VQVAE`.
+        observed:   [B, 1, S, S] noisy stamps (pixel units).
+        sigma:      [B] noise sigma of each stamp.
+        psf_ft:     [B, n, n//2+1] `psf_transform` of each stamp's PSF (used if psf_layers).
+        psf_layers: Compare ``convolve_psf(decoded)`` (True) or ``decoded`` (False) with the
+                    stamps. [default: True]
+        amp:        Run the conv nets under bf16 autocast (CUDA). [default: False]
+
+    Returns:
+        dict of tensors: ``loss`` (mean chi^2/pixel + commitment), ``chi2`` [B], ``decoded``,
+        ``model`` (what was compared with the stamps), and the `QuantizerOutput` as ``quant``.
+    """
+    with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
+        decoded, quant = model(observed)
+    predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
+    c2 = chi2(predicted, observed, sigma)
+    return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
+            "model": predicted, "quant": quant}
+
+
+def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False):
+    """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
+    without synchronising with the device."""
+    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    q = out["quant"]
+    return torch.stack([out["loss"].detach(), out["chi2"].detach().mean(),
+                        q.perplexity.detach(), q.usage.detach()])
+
+
+def learning_rate(step, lr, warmup, schedule, steps):
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to lr/10 at ``steps``."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "cosine":
+        t = min(1.0, step / max(1, steps))
+        factor *= 0.1 + 0.45 * (1.0 + math.cos(math.pi * t))
+    return lr * factor
+
+
+def resolve_device(device):
+    """A torch.device, with a clear error when CUDA is asked for but absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise VQVAEInputError(f"device {device!r} is not a valid torch device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VQVAEInputError(f"device {device!r} was requested but CUDA is not available")
+    return dev
+
+
+def _psf_lookup(psf_bank, psf_index, device):
+    """A function batch indices -> PSF transforms, precomputing the bank's transforms if small."""
+    bank = torch.as_tensor(psf_bank, dtype=torch.float32, device=device)
+    idx = torch.as_tensor(psf_index, dtype=torch.int64, device=device)
+    n = bank.shape[-1]
+    from ..nn.forward import padded_size
+    m = padded_size(n)
+    if len(bank) * m * (m // 2 + 1) * 8 <= PSF_FT_CACHE_BYTES:
+        bank_ft = psf_transform(bank)
+        return lambda i: bank_ft[idx[i]]
+    return lambda i: psf_transform(bank[idx[i]])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
+                model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
+                progress=True, warmup=100, lr_schedule="constant", compile=False,
+                channels_last=None):
+    """Train a `VQVAE` on the training split of a dataset; checkpoint, log and draw a gallery.
+
+    Parameters:
+        data:               Dataset file path, or an in-memory dict (see `load_split`).
+        out:                Run directory (created): ``checkpoint.pt``, ``log.jsonl``,
+                            ``gallery.png``.
+        steps:              Total optimizer steps (a resumed run continues up to it).
+        batch_size:         Stamps per step. [default: 32]
+        lr:                 Adam learning rate. [default: 3e-4]
+        seed:               Seed of the initial weights and of the batch schedule. [default: 0]
+        device:             Torch device, e.g. ``"cpu"`` or ``"cuda"``. [default: "cpu"]
+        psf_layers:         Train through the PSF (decoded galaxy convolved with each stamp's PSF
+                            against the stamp); False trains a plain autoencoder of the observed
+                            stamps with the same chi^2 weighting. [default: True]
+        model:              `VQVAE` keyword arguments; ``stamp_size`` defaults to the dataset's,
+                            ``image_scale`` is set from the training stamps. [default: None]
+        log_every:          Steps between log lines (the only host syncs). [default: 50]
+        checkpoint_every:   Steps between checkpoints (one is always written at the end).
+                            [default: 500]
+        gallery_every:      Steps between gallery PNGs (always drawn at the end). [default: None]
+        resume:             Continue from ``out/checkpoint.pt``. [default: False]
+        progress:           Show a progress bar. [default: True]
+        warmup:             Linear learning-rate warm-up steps. [default: 100]
+        lr_schedule:        ``"constant"`` or ``"cosine"`` (to lr/10 at ``steps``). [default: "constant"]
+        compile:            ``torch.compile`` the encoder and decoder. [default: False]
+        channels_last:      Channels-last convolutions [default: None, i.e. True on CUDA]
+
+    Returns:
+        dict: ``step``, the last logged ``loss``, ``chi2``, ``perplexity``, ``usage``,
+        ``images_per_s``, and held-out ``test_chi2`` (and ``test_rel_l2_truth``, the median
+        relative L2 distance of decoded images to the truth, for synthetic data).
+    """
+    if lr_schedule not in ("constant", "cosine"):
+        raise VQVAEInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
+                    ("checkpoint_every", checkpoint_every)):
+        if not isinstance(v, int) or v < 1:
+            raise VQVAEInputError(f"{name} must be a positive integer, got {v!r}")
+    dev = resolve_device(device)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    with RunLock(out):
+        if not resume and os.path.exists(ckpt_path):
+            raise VQVAEInputError(f"{ckpt_path} exists; pass resume=True (--resume) to continue "
+                                  "that run, or choose another output directory")
+        state = None
+        if resume:
+            if not os.path.exists(ckpt_path):
+                raise VQVAEInputError(f"cannot resume: no checkpoint in {out}")
+            state = load_checkpoint(ckpt_path)
+        arrays, header = load_split(data, "train", TRAIN_KEYS)
+        return _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed,
+                    dev, psf_layers, dict(model or {}), log_every, checkpoint_every,
+                    gallery_every, progress, warmup, lr_schedule, compile, channels_last)
+
+
+def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, dev,
+         psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
+         lr_schedule, compile, channels_last):
+    observed = arrays["observed"]
+    s = int(observed.shape[-1])
+    if observed.ndim != 3 or observed.shape[1] != s:
+        raise VQVAEFormatError(f"dataset {header.get('path')}: observed has shape "
+                               f"{observed.shape}, expected [N, S, S]")
+    if model_kwargs.setdefault("stamp_size", s) != s:
+        raise VQVAEInputError(f"the model's stamp_size is {model_kwargs['stamp_size']} but the "
+                              f"dataset {header.get('path')} has {s}x{s} stamps")
+    if arrays["psf_bank"].shape[-2:] != (s, s):
+        raise VQVAEFormatError(f"dataset {header.get('path')}: psf_bank stamps are "
+                               f"{arrays['psf_bank'].shape[-2:]}, observed are {s}x{s}")
+    sigma_np = np.asarray(arrays["sigma"], dtype=np.float32)
+    if not (np.isfinite(sigma_np).all() and (sigma_np > 0).all()):
+        raise VQVAEFormatError(f"dataset {header.get('path')}: sigma must be finite and > 0")
+    model_kwargs.setdefault("image_scale", pick_image_scale(observed))
+    model_kwargs.setdefault("seed", seed)
+    train_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
+                 "warmup": warmup, "lr_schedule": lr_schedule,
+                 "horizon": steps if lr_schedule == "cosine" else None}
+
+    torch.manual_seed(seed)
+    net = VQVAE(**model_kwargs)
+    if state is not None:
+        _check_resume(state, net.config, train_cfg, ckpt_path)
+        net.load_state_dict(state["model"])
+    net.to(dev)
+    cuda = dev.type == "cuda"
+    amp = cuda
+    channels_last = cuda if channels_last is None else bool(channels_last)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    if compile:
+        net.encoder.compile()
+        net.decoder.compile()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    history = {k: list(v) for k, v in state["history"].items()} if state else \
+        {k: [] for k in HISTORY_KEYS}
+    start = int(state["step"]) if state else 0
+
+    obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
+    sig = torch.as_tensor(sigma_np).to(dev)
+    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    schedule = BatchSchedule(len(obs), batch_size, seed, dev)
+    log_path = os.path.join(out, "log.jsonl")
+    _rewrite_log(log_path, history)
+
+    def checkpoint(step):
+        save_checkpoint({"model": net.state_dict(), "config": net.config,
+                         "optimizer": optimizer.state_dict(), "step": step, "seed": seed,
+                         "history": history, "data": header, "train": train_cfg,
+                         "kind": "vqvae"}, ckpt_path)
+
+    net.train()
+    acc = torch.zeros(4, device=dev)
+    n_acc, t0 = 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train-vqvae",
+               dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr, warmup, lr_schedule, steps)
+            i = schedule.indices(step)
+            x = obs[i]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            acc += train_step(net, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
+                              psf_layers, amp)
+            n_acc += 1
+            done = step + 1
+            bar.update(1)
+            if done % log_every == 0 or done == steps:
+                values = (acc / n_acc).tolist()  # the one host sync of the interval
+                elapsed = time.perf_counter() - t0
+                row = {"step": done, "loss": values[0], "chi2": values[1],
+                       "perplexity": values[2], "usage": values[3],
+                       "images_per_s": n_acc * batch_size / max(elapsed, 1e-9)}
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"training diverged at step {done}: loss "
+                                             f"{row['loss']}; lower the learning rate ({lr})")
+                for k in HISTORY_KEYS:
+                    history[k].append(row[k])
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4g}", chi2=f"{row['chi2']:.4g}",
+                                ppl=f"{row['perplexity']:.1f}", img_s=f"{row['images_per_s']:.0f}")
+                acc.zero_()
+                n_acc, t0 = 0, time.perf_counter()
+            if done % checkpoint_every == 0 and done != steps:
+                checkpoint(done)
+            if gallery_every and done % gallery_every == 0 and done != steps:
+                draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
+                net.train()
+    finally:
+        bar.close()
+    final = max(start, steps)
+    checkpoint(final)
+    summary = {"step": final}
+    summary.update({k: history[k][-1] for k in HISTORY_KEYS[1:] if history[k]})
+    summary.update(evaluate(net, data, psf_layers))
+    draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
+    return summary
+
+
+def _check_resume(state, config, train_cfg, path):
+    old = state.get("config", {})
+    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+    if diff:
+        raise VQVAEInputError(f"cannot resume from {path}: its model config differs "
+                              f"(checkpoint vs now): {diff}")
+    old_train = state.get("train", {})
+    diff = {k: (old_train.get(k), v) for k, v in train_cfg.items() if old_train.get(k) != v}
+    if diff:
+        raise VQVAEInputError(f"cannot resume from {path}: its training settings differ "
+                              f"(checkpoint vs now): {diff}")
+
+
+def _rewrite_log(path, history):
+    """``log.jsonl`` as the checkpoint's history says (drops lines of a crashed run's tail)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for j in range(len(history["step"])):
+            f.write(json.dumps({k: history[k][j] for k in HISTORY_KEYS}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out evaluation and gallery
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, chunk=256):
+    """Decoded and reconstructed (convolved if psf_layers) images of up to ``limit`` stamps of
+    ``split`` (the training split when the test split is empty), as numpy arrays with the inputs."""
+    keys = ("observed", "sigma", "psf_index", "truth")
+    arrays, _ = load_split(data, split, keys, limit)
+    if len(arrays["observed"]) == 0:
+        arrays, _ = load_split(data, "train", keys, limit)
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    decoded, model, c2 = [], [], []
+    obs = torch.as_tensor(arrays["observed"], dtype=torch.float32)
+    for a in range(0, len(obs), chunk):
+        i = torch.arange(a, min(a + chunk, len(obs)), device=dev)
+        x = obs[a:a + chunk, None].to(dev)
+        out = forward_losses(net, x, torch.as_tensor(arrays["sigma"][a:a + chunk]).to(dev),
+                             psf_for(i) if psf_layers else None, psf_layers,
+                             amp=dev.type == "cuda")
+        decoded.append(out["decoded"][:, 0].float().cpu())
+        model.append(out["model"][:, 0].float().cpu())
+        c2.append(out["chi2"].cpu())
+    net.train(was_training)
+    arrays.update(decoded=torch.cat(decoded).numpy(), model=torch.cat(model).numpy(),
+                  chi2=torch.cat(c2).numpy())
+    return arrays
+
+
+def evaluate(net, data, psf_layers):
+    """Held-out ``test_chi2`` (mean chi^2/pixel) and, with truth, ``test_rel_l2_truth``."""
+    r = reconstruct_split(net, data, psf_layers)
+    result = {"test_chi2": float(np.mean(r["chi2"]))}
+    if "truth" in r:
+        t = r["truth"].reshape(len(r["truth"]), -1).astype(np.float64)
+        d = r["decoded"].reshape(len(t), -1).astype(np.float64)
+        rel = np.linalg.norm(d - t, axis=1) / np.maximum(np.linalg.norm(t, axis=1), 1e-30)
+        result["test_rel_l2_truth"] = float(np.median(rel))
+    return result
+
+
+def draw_gallery(net, data, path, psf_layers, rows=GALLERY_ROWS):
+    """PNG of held-out stamps: observed | reconstruction | deconvolved | truth (when known)."""
+    from ..plots import save_gallery
+
+    r = reconstruct_split(net, data, psf_layers, limit=rows)
+    columns = {"observed": r["observed"]}
+    if psf_layers:
+        columns["reconstruction (convolved)"] = r["model"]
+        columns["deconvolved"] = r["decoded"]
+    else:
+        columns["reconstruction (no PSF layers)"] = r["decoded"]
+    if "truth" in r:
+        columns["truth"] = r["truth"]
+    save_gallery(path, columns, title="VQ-VAE reconstructions of held-out stamps")
