@@ -306,7 +306,7 @@ class Emulator:
     # ----------------------------------------------------------------------------------------
     # Encoding and decoding
     def _codes_tensor(self, codes):
-        codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
+        codes = torch.from_numpy(np.asarray(codes, dtype=np.int64))  # native byte order
         latent, k = self.metadata["latent_size"], self.metadata["num_codes"]
         if codes.ndim == 2:
             codes = codes[None]

@@ -1,0 +1,102 @@
+"""The galsim-vqvae command: outputs, one-line errors, exit codes, nothing half-written."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from galsim_vqvae.cli import EXIT_BAD_INPUT, EXIT_NOT_BUILT, main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_writes_images_codes_and_conditions(tiny_emulator, tmp_path, capsys):
+    out = tmp_path / "samples.fits"
+    code, stdout, _ = run(capsys, "sample", "--model", tiny_emulator.path, "--n", 3, "--seed", 4,
+                          "--conditions", "mag=22.5,hlr=0.4", "--out", out, "--quiet")
+    assert code == 0 and "wrote 3 galaxies" in stdout
+    with fits.open(out) as hdus:
+        images = hdus[0].data
+        codes = hdus["CODES"].data
+        table = hdus["CONDITIONS"].data
+        assert hdus[0].header["PIXSCALE"] == pytest.approx(0.06)
+    expected = tiny_emulator.sample(3, {"mag": 22.5, "hlr": 0.4}, seed=4)
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(tiny_emulator.decode(codes), expected)
+    np.testing.assert_array_equal(table["mag"], [22.5] * 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--conditions", "mag=40,hlr=0.4"], "'mag' = 40 is outside the training range"),
+    (["--conditions", "mag=22,size=0.4"], "unknown: ['size']"),
+    (["--device", "cuda:7"], "cuda"),
+])
+def test_sample_bad_input_is_one_line_and_writes_nothing(tiny_emulator, tmp_path, capsys, argv,
+                                                         message):
+    out = tmp_path / "samples.fits"
+    code, stdout, err = run(capsys, "sample", "--model", tiny_emulator.path, "--n", 2,
+                            "--out", out, "--quiet", *argv)
+    assert code == EXIT_BAD_INPUT
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_and_bad_counts(tmp_path, capsys):
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "none.safetensors", "--n", 1,
+                       "--out", tmp_path / "x.fits")
+    assert code == EXIT_BAD_INPUT and "model file not found" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--n", "0", "--out", str(tmp_path / "x.fits")])
+    assert exc.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="model file not found"):
+        main(["--debug", "sample", "--model", str(tmp_path / "none"), "--n", "1",
+              "--out", str(tmp_path / "x.fits")])
+
+
+def test_reconstruct_round_trip(tiny_emulator, tmp_path, capsys):
+    s = tiny_emulator.stamp_size
+    rng = np.random.default_rng(3)
+    observed = rng.normal(0, 0.05, (2, s, s)).astype(np.float32) + tiny_emulator.sample(
+        2, {"mag": 22.0, "hlr": 0.4}, seed=1)
+    fits.writeto(tmp_path / "obs.fits", observed)
+    fits.writeto(tmp_path / "psf.fits", tiny_emulator.psf_image)
+    code, stdout, err = run(capsys, "reconstruct", "--model", tiny_emulator.path,
+                            "--input", tmp_path / "obs.fits", "--psf", tmp_path / "psf.fits",
+                            "--sigma", 0.05, "--out", tmp_path / "rec.fits")
+    assert code == 0, err
+    with fits.open(tmp_path / "rec.fits") as hdus:
+        np.testing.assert_allclose(hdus[0].data, tiny_emulator.reconstruct(
+            observed, tiny_emulator.psf_image, 0.05)[0], rtol=1e-6)
+        assert len(hdus["FIT"].data["reduced_chi2"]) == 2
+    bad = tmp_path / "nan.fits"
+    fits.writeto(bad, np.full((s, s), np.nan, np.float32))
+    code, _, err = run(capsys, "reconstruct", "--model", tiny_emulator.path, "--input", bad,
+                       "--psf", tmp_path / "psf.fits", "--sigma", 0.05,
+                       "--out", tmp_path / "rec2.fits")
+    assert code == EXIT_BAD_INPUT and "NaN" in err and str(bad) in err
+    assert not (tmp_path / "rec2.fits").exists()
+
+
+def test_gallery_png(tiny_emulator, tmp_path, capsys):
+    out = tmp_path / "gallery.png"
+    code, stdout, err = run(capsys, "gallery", "--model", tiny_emulator.path, "--n", 4,
+                            "--out", out, "--quiet")
+    assert code == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_says_plainly_it_is_not_built(capsys):
+    code, _, err = run(capsys, "evaluate")
+    assert code == EXIT_NOT_BUILT and "not built yet" in err
+
+
+def test_bench_prints_a_ratio(capsys):
+    code, stdout, _ = run(capsys, "bench", "--repeats", 2)
+    assert code == 0 and "speed-up" in stdout and stdout.count("x\n") >= 1
