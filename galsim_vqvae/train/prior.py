@@ -1,0 +1,475 @@
+"""Training the Gated PixelCNN prior on the code maps of a trained VQ-VAE.
+
+The dataset is encoded once into ``out/codes.npz`` (reused while the dataset and the VQ-VAE
+checkpoint it came from are unchanged), the conditioning labels are read from the dataset's
+``params`` group and normalised with the training split's mean and standard deviation, and the
+prior is fit by cross-entropy. The held-out split (stamp i with ``i % 10 == 9``) gives the negative
+log-likelihood in bits per code at each log and at the end.
+
+Runs resume exactly: the batch of step s is a function of (seed, epoch, s) alone, the learning
+rate a function of s alone, and the model and optimizer state are in the checkpoint, so N steps
+straight and N/2 + N/2 resumed give the same weights on the CPU.
+"""
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import VQVAEFormatError, VQVAEInputError
+from ..fileio import atomic_path
+from ..nn.pixelcnn import GatedPixelCNN
+from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
+
+CODES_NAME = "codes.npz"
+LOG_NAME = "log.jsonl"
+DEFAULT_MODEL = dict(channels=128, layers=15, kernel_size=5)
+WARMUP_STEPS = 100
+_LN2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits, schedule
+def is_test(n):
+    """Boolean mask [n] of the held-out stamps (``i % 10 == 9``)."""
+    return np.arange(n) % 10 == 9
+
+
+def learning_rate(step, lr):
+    """The learning rate of step ``step``: linear warm-up over `WARMUP_STEPS`, then constant.
+
+    It depends on the step alone (not on the run length), so resumed runs follow it exactly.
+    """
+    return lr * min(1.0, (step + 1) / WARMUP_STEPS)
+
+
+def epoch_permutation(seed, epoch, n):
+    """The order [n] in which epoch ``epoch`` visits the training split: a function of
+    (seed, epoch) alone. Its first ``n // batch_size`` whole batches are used in turn."""
+    words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)
+    gen = torch.Generator().manual_seed(int(words[0]) >> 1)
+    return torch.randperm(n, generator=gen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: code maps (cached) and labels
+def _sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def _dataset_fingerprint(data, header, n):
+    """Identity of a dataset file by content: header, size, and a hash of 64 spread stamps."""
+    from ..data.dataset import load_arrays
+
+    idx = np.unique(np.linspace(0, n - 1, min(n, 64)).astype(np.int64))
+    observed = load_arrays(data, indices=idx, keys=("observed",))["observed"]
+    digest = hashlib.sha256(np.ascontiguousarray(observed, dtype=np.float32).tobytes())
+    keys = ("pixel_scale", "stamp_size", "band", "zeropoint", "source", "description", "seed")
+    return {"n": int(n), "header": {k: _jsonable(header.get(k)) for k in keys},
+            "observed_sha256": digest.hexdigest()}
+
+
+def _jsonable(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def _num_stamps(data):
+    with h5py.File(data, "r") as f:
+        if "observed" not in f:
+            raise VQVAEFormatError(f"{data}: no 'observed' dataset")
+        return int(f["observed"].shape[0])
+
+
+def encode_dataset(data, vqvae, device="cpu", batch_size=512, progress=True):
+    """Encode every ``observed`` stamp of a dataset file into code maps [N, h, w] (numpy int64).
+
+    Parameters:
+        data:       Path of the dataset file.
+        vqvae:      A `galsim_vqvae.nn.vqvae.VQVAE` (moved to ``device`` and put in eval mode).
+        device:     Torch device to encode on. [default: "cpu"]
+        batch_size: Stamps per encoder call. [default: 512]
+        progress:   Show a progress bar. [default: True]
+    """
+    from ..data.dataset import load_arrays
+
+    n = _num_stamps(data)
+    vqvae = vqvae.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="encoding stamps",
+                          unit="batch"):
+            idx = np.arange(start, min(n, start + batch_size))
+            obs = load_arrays(data, indices=idx, keys=("observed",))["observed"]
+            x = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))[:, None].to(device)
+            out.append(vqvae.encode_codes(x).cpu().numpy().astype(np.int64))
+    return np.concatenate(out) if out else np.zeros((0, 0, 0), np.int64)
+
+
+def cached_codes(data, vqvae_checkpoint, out, device="cpu", progress=True):
+    """The dataset's code maps under the VQ-VAE, from ``out/codes.npz`` or freshly encoded.
+
+    The cache records the dataset's and the checkpoint's fingerprints; a cache that does not
+    match them is re-encoded (and replaced atomically).
+
+    Returns:
+        (codes [N, h, w] int64 numpy array, num_codes, fingerprint dict)
+    """
+    from ..data.dataset import read_header
+    from ..nn.vqvae import VQVAE
+
+    header = read_header(data)
+    n = _num_stamps(data)
+    fingerprint = {"dataset": _dataset_fingerprint(data, header, n),
+                   "vqvae_sha256": _sha256_file(vqvae_checkpoint)}
+    path = os.path.join(out, CODES_NAME)
+    if os.path.exists(path):
+        try:
+            with np.load(path) as cache:
+                stored = json.loads(str(cache["fingerprint"]))
+                if stored == fingerprint:
+                    return cache["codes"].astype(np.int64), int(cache["num_codes"]), fingerprint
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: encode again
+        if progress:
+            tqdm.write(f"{path} was made from another dataset or VQ-VAE; encoding again")
+    state = load_checkpoint(vqvae_checkpoint)
+    try:
+        vqvae = VQVAE(**state["config"])
+        vqvae.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise VQVAEFormatError(f"{vqvae_checkpoint} is not a VQ-VAE checkpoint: {err}") from None
+    codes = encode_dataset(data, vqvae, device=device, progress=progress)
+    num_codes = int(vqvae.config["num_codes"])
+    dtype = np.int16 if num_codes <= np.iinfo(np.int16).max + 1 else np.int32
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, codes=codes.astype(dtype), num_codes=num_codes,
+                     fingerprint=json.dumps(fingerprint, sort_keys=True))
+    return codes, num_codes, fingerprint
+
+
+def read_labels(data, names):
+    """Conditioning labels [N, len(names)] float64 from the dataset's ``params`` group."""
+    names = list(names)
+    with h5py.File(data, "r") as f:
+        group = f.get("params")
+        available = sorted(group.keys()) if isinstance(group, h5py.Group) else []
+        missing = [k for k in names if k not in available]
+        if missing:
+            raise VQVAEInputError(f"{data}: conditioning label(s) {missing} not in the dataset's "
+                                  f"'params' group; available: {available}")
+        columns = [np.asarray(group[k][()], dtype=np.float64) for k in names]
+    n = _num_stamps(data)
+    for k, col in zip(names, columns):
+        if col.shape != (n,):
+            raise VQVAEFormatError(f"{data}: params/{k} has shape {col.shape}, expected ({n},)")
+        bad = np.flatnonzero(~np.isfinite(col))
+        if bad.size:
+            raise VQVAEInputError(f"{data}: params/{k} is not finite at stamp {bad[0]} "
+                                  f"({bad.size} stamps)")
+    return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
+
+
+def label_normalisation(train_labels, names):
+    """{"names", "mean", "std", "min", "max"} (lists of floats) of the training labels."""
+    mean = train_labels.mean(0)
+    std = train_labels.std(0)
+    for k, s in zip(names, std):
+        if not s > 0:
+            raise VQVAEInputError(f"conditioning label {k!r} is constant on the training split; "
+                                  "it cannot condition the prior (leave it out of conditions)")
+    return {"names": list(names), "mean": mean.tolist(), "std": std.tolist(),
+            "min": train_labels.min(0).tolist(), "max": train_labels.max(0).tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+def _check_positive_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise VQVAEInputError(f"train_prior: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _evaluate(prior, codes, cond, index, batch_size, use_amp):
+    """Mean negative log-likelihood (nats per code) of the maps ``codes[index]``, as a tensor."""
+    prior.eval()
+    total = torch.zeros((), dtype=torch.float64, device=codes.device)
+    with torch.no_grad():
+        for start in range(0, index.numel(), batch_size):
+            idx = index[start:start + batch_size]
+            x = codes[idx]
+            with torch.autocast(device_type=codes.device.type, dtype=torch.bfloat16,
+                                enabled=use_amp):
+                logits = prior(x, cond[idx] if cond is not None else None)
+            total += F.cross_entropy(logits.float(), x, reduction="sum").double()
+    prior.train()
+    return total / max(1, index.numel() * codes.shape[1] * codes.shape[2])
+
+
+def _trim_log(path, step):
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+
+
+def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed=0, device="cpu",
+                conditions=("mag", "hlr"), model=None, log_every=50, checkpoint_every=500,
+                resume=False, progress=True):
+    """Train a `GatedPixelCNN` prior on the code maps of a dataset under a trained VQ-VAE.
+
+    Writes ``out/checkpoint.pt`` (atomic; keys ``model``, ``config``, ``optimizer``, ``step``,
+    ``seed``, ``history``, ``data``, ``conditions``, ``vqvae_checkpoint``, ``test_bits_per_code``,
+    ``train``, ``codes_fingerprint``), ``out/codes.npz`` (the cached code maps) and
+    ``out/log.jsonl`` (one JSON line per log). The directory is locked while the run lasts.
+
+    Parameters:
+        data:               Path of the dataset file (HDF5, `galsim_vqvae.data.dataset`).
+        vqvae_checkpoint:   Path of the trained VQ-VAE's ``checkpoint.pt``.
+        out:                Output directory (created if needed).
+        steps:              Total number of optimizer steps (a resumed run continues to it).
+        batch_size:         Code maps per step (at most the training split). [default: 64]
+        lr:                 Adam learning rate after a 100-step linear warm-up. [default: 3e-4]
+        seed:               Seed of the initial weights and of the batch schedule. [default: 0]
+        device:             Torch device; on CUDA the step runs under bf16 autocast. [default: "cpu"]
+        conditions:         Names of labels in the dataset's ``params`` group to condition on
+                            (normalised with the training split's mean and std); () for an
+                            unconditional prior. [default: ("mag", "hlr")]
+        model:              `GatedPixelCNN` keyword arguments (channels, layers, kernel_size,
+                            num_classes); num_codes and cond_dim follow the VQ-VAE and the
+                            conditions. [default: None, i.e. channels=128, layers=15, kernel_size=5]
+        log_every:          Steps between logs (training and held-out bits per code). [default: 50]
+        checkpoint_every:   Steps between checkpoints (one is always written at the end).
+                            [default: 500]
+        resume:             Continue from ``out/checkpoint.pt`` if it exists (it must come from
+                            the same data, VQ-VAE, conditions, model, seed and batch size); without
+                            it an existing checkpoint is an error. [default: False]
+        progress:           Show progress bars. [default: True]
+
+    Returns:
+        A summary dict: ``step``, ``train_bits_per_code``, ``test_bits_per_code``,
+        ``checkpoint``, ``num_parameters``, ``elapsed_s``.
+    """
+    steps = _check_positive_int("steps", steps, 0)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    log_every = _check_positive_int("log_every", log_every)
+    checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every)
+    seed = _check_positive_int("seed", seed, 0)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise VQVAEInputError(f"train_prior: lr must be a finite number > 0, got {lr!r}")
+    if isinstance(conditions, str):
+        conditions = tuple(c for c in conditions.split(",") if c)
+    conditions = tuple(conditions or ())
+    if len(set(conditions)) != len(conditions):
+        raise VQVAEInputError(f"train_prior: conditions repeat a label: {list(conditions)}")
+    model = dict(model or {})
+    for key in ("num_codes", "cond_dim"):
+        if key in model:
+            raise VQVAEInputError(f"train_prior: model[{key!r}] is set from the VQ-VAE and the "
+                                  "conditions; do not pass it")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise VQVAEInputError(f"train_prior: bad device {device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VQVAEInputError("train_prior: device 'cuda' requested but CUDA is not available")
+    for path, what in ((data, "dataset"), (vqvae_checkpoint, "VQ-VAE checkpoint")):
+        if not os.path.isfile(path):
+            raise VQVAEInputError(f"train_prior: {what} not found: {path}")
+    data, vqvae_checkpoint, out = (os.fspath(p) for p in (data, vqvae_checkpoint, out))
+    os.makedirs(out, exist_ok=True)
+    with RunLock(out):
+        state = _existing_checkpoint(out, resume)
+        inputs = prepare_inputs(data, vqvae_checkpoint, out, conditions, device, progress)
+        return _fit(inputs, out, state, steps, batch_size, float(lr), seed, device, conditions,
+                    model, log_every, checkpoint_every, progress)
+
+
+def _existing_checkpoint(out, resume):
+    path = os.path.join(out, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        return None
+    if not resume:
+        raise VQVAEInputError(f"{path} exists; pass resume=True to continue that run, "
+                              "or choose another output directory")
+    return load_checkpoint(path)
+
+
+def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progress=True):
+    """What the training loop needs from a dataset and a VQ-VAE checkpoint (see `train_prior`).
+
+    Returns:
+        dict: ``codes`` [N, h, w] int64, ``num_codes``, ``labels`` [N, C] float64,
+        ``fingerprint`` (of the dataset and VQ-VAE), ``data`` (header dict with ``path`` and
+        ``n``), ``vqvae_checkpoint`` (absolute path).
+    """
+    from ..data.dataset import read_header
+
+    header = dict(read_header(data))
+    codes, num_codes, fingerprint = cached_codes(data, vqvae_checkpoint, out, device, progress)
+    info = {k: _jsonable(header.get(k)) for k in
+            ("pixel_scale", "stamp_size", "band", "zeropoint", "flux_convention", "source",
+             "description", "seed")}
+    info.update(path=os.path.abspath(data), n=int(codes.shape[0]))
+    return {"codes": codes, "num_codes": num_codes, "labels": read_labels(data, conditions),
+            "fingerprint": fingerprint, "data": info,
+            "vqvae_checkpoint": os.path.abspath(vqvae_checkpoint)}
+
+
+def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, model, log_every,
+         checkpoint_every, progress):
+    """The training loop on prepared inputs; ``state`` is the checkpoint to resume or None."""
+    t0 = time.perf_counter()
+    ckpt_path = os.path.join(out, CHECKPOINT_NAME)
+    log_path = os.path.join(out, LOG_NAME)
+    codes_np, num_codes, labels = inputs["codes"], inputs["num_codes"], inputs["labels"]
+    fingerprint, data = inputs["fingerprint"], inputs["data"]["path"]
+    n = codes_np.shape[0]
+    test_mask = is_test(n)
+    train_index = np.flatnonzero(~test_mask)
+    test_index = np.flatnonzero(test_mask)
+    if train_index.size == 0:
+        raise VQVAEInputError(f"{data}: no training stamps (N={n})")
+    if batch_size > train_index.size:
+        raise VQVAEInputError(f"train_prior: batch_size {batch_size} exceeds the "
+                              f"{train_index.size} training code maps of {data}")
+    norm = label_normalisation(labels[train_index], conditions)
+    config = dict(DEFAULT_MODEL, num_classes=0)
+    config.update(model)
+    config.update(num_codes=num_codes, cond_dim=len(conditions))
+    unknown = sorted(set(config) - set(inspect.signature(GatedPixelCNN).parameters))
+    if unknown:
+        raise VQVAEInputError(f"train_prior: unknown model option(s) {unknown}")
+    if config["num_classes"]:
+        raise VQVAEInputError("train_prior: class-conditional training is not supported (the "
+                              "dataset has no class labels); leave num_classes at 0")
+    train_info = {"batch_size": batch_size, "seed": seed, "conditions": list(conditions)}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prior = GatedPixelCNN(**config)
+    prior.to(device).train()
+    use_amp = device.type == "cuda"
+    optimizer = torch.optim.Adam(prior.parameters(), lr=lr, fused=use_amp or None)
+    start = 0
+    history = {"step": [], "train_bits_per_code": [], "test_bits_per_code": [], "lr": []}
+    if state is not None:
+        for key, mine, theirs in (("config", config, state["config"]),
+                                  ("training settings", train_info, state.get("train")),
+                                  ("codes", fingerprint, state.get("codes_fingerprint"))):
+            if mine != theirs:
+                raise VQVAEInputError(f"cannot resume {ckpt_path}: its {key} {theirs} differ from "
+                                      f"this run's {mine}")
+        prior.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        history = {k: list(v) for k, v in state["history"].items()}
+        _trim_log(log_path, start)
+
+    codes = torch.from_numpy(codes_np).to(device)
+    cond = torch.from_numpy(((labels - np.asarray(norm["mean"])) / np.asarray(norm["std"]))
+                            .astype(np.float32)).to(device) if conditions else None
+    train_dev = torch.from_numpy(train_index).to(device)
+    test_dev = torch.from_numpy(test_index).to(device)
+    eval_batch = max(batch_size, 256)
+    per_epoch = train_index.size // batch_size
+    data_info = inputs["data"]
+    last = {"train": None, "test": None}
+
+    def checkpoint(step):
+        save_checkpoint({
+            "model": {k: v.detach().cpu() for k, v in prior.state_dict().items()},
+            "config": prior.config, "optimizer": optimizer.state_dict(), "step": step,
+            "seed": seed, "history": history, "data": data_info, "conditions": norm,
+            "vqvae_checkpoint": inputs["vqvae_checkpoint"],
+            "test_bits_per_code": last["test"], "train": train_info,
+            "codes_fingerprint": fingerprint}, ckpt_path)
+
+    def log(step, loss_sum, count, started):
+        train_bits = (loss_sum / count).item() / _LN2  # the host sync: at log time only
+        rate = count * batch_size / max(1e-9, time.perf_counter() - started)
+        if not math.isfinite(train_bits):
+            raise FloatingPointError(f"prior training diverged at step {step} (loss "
+                                     f"{train_bits}); lower lr (now {lr})")
+        test_bits = (_evaluate(prior, codes, cond, test_dev, eval_batch, use_amp).item() / _LN2
+                     if test_index.size else None)
+        last.update(train=train_bits, test=test_bits)
+        entry = {"step": step, "train_bits_per_code": train_bits, "test_bits_per_code": test_bits,
+                 "lr": learning_rate(step - 1, lr), "maps_per_s": rate,
+                 "elapsed_s": time.perf_counter() - t0}
+        for k in history:
+            history[k].append(entry[k])
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        bar.set_postfix(train=f"{train_bits:.3f}",
+                        test=f"{test_bits:.3f}" if test_bits is not None else "-")
+
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress,
+               desc="training prior", unit="step")
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    started = time.perf_counter()
+    perm_epoch, perm = None, None
+    try:
+        for step in range(start, steps):
+            epoch, k = divmod(step, per_epoch)
+            if epoch != perm_epoch:
+                perm = epoch_permutation(seed, epoch, train_index.size)
+                perm = perm.pin_memory() if device.type == "cuda" else perm
+                perm = perm.to(device, non_blocking=True)
+                perm_epoch = epoch
+            idx = train_dev[perm[k * batch_size:(k + 1) * batch_size]]
+            x = codes[idx]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = prior(x, cond[idx] if cond is not None else None)
+            loss = F.cross_entropy(logits.float(), x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            count += 1
+            bar.update(1)
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                log(done, loss_sum, count, started)
+                loss_sum.zero_()
+                count = 0
+                started = time.perf_counter()
+            if done % checkpoint_every == 0 or done == steps:
+                checkpoint(done)
+        if start >= steps:  # nothing left to train: report the held-out NLL as it stands
+            last["test"] = (_evaluate(prior, codes, cond, test_dev, eval_batch, use_amp).item()
+                            / _LN2 if test_index.size else None)
+            last["train"] = history["train_bits_per_code"][-1] if history["step"] else None
+    finally:
+        bar.close()
+    return {"step": max(start, steps), "train_bits_per_code": last["train"],
+            "test_bits_per_code": last["test"], "checkpoint": ckpt_path,
+            "num_parameters": sum(p.numel() for p in prior.parameters()),
+            "elapsed_s": time.perf_counter() - t0}

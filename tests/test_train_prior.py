@@ -1,0 +1,228 @@
+"""Training the prior: learning, exact resume, checkpoint contents, labels, batch schedule."""
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from galsim_vqvae.errors import VQVAEInputError
+from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
+from galsim_vqvae.train import prior as trainer
+from galsim_vqvae.train.checkpoint import load_checkpoint
+
+K = 8
+TINY = dict(channels=8, layers=2, kernel_size=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_inputs(n=200, size=5, seed=0):
+    """Structured code maps with one label: code(0,0) = floor(label*K); then each code is the sum
+    of its left and upper neighbours plus a 0/1 coin, mod K. A prior can learn most of it."""
+    rng = np.random.default_rng(seed)
+    label = rng.uniform(0, 1, n)
+    codes = np.zeros((n, size, size), np.int64)
+    codes[:, 0, 0] = np.floor(label * K)
+    for i in range(size):
+        for j in range(size):
+            if i == j == 0:
+                continue
+            left = codes[:, i, j - 1] if j else 0
+            up = codes[:, i - 1, j] if i else 0
+            codes[:, i, j] = (left + up + (rng.uniform(size=n) < 0.2)) % K
+    labels = np.stack([label, rng.normal(size=n)], axis=1)  # a useful label and a useless one
+    return {"codes": codes, "num_codes": K, "labels": labels,
+            "fingerprint": {"dataset": {"n": n}, "vqvae_sha256": "toy"},
+            "data": {"path": "toy.h5", "n": n, "pixel_scale": 0.03}, "vqvae_checkpoint": "toy.pt"}
+
+
+def fit(inputs, out, steps, resume=False, **kwargs):
+    """Run the real training loop on prepared inputs (what train_prior does after encoding)."""
+    out.mkdir(exist_ok=True)
+    settings = dict(batch_size=16, lr=3e-3, seed=3, device=torch.device("cpu"),
+                    conditions=("a", "b"), model=TINY, log_every=4, checkpoint_every=5,
+                    progress=False)
+    settings.update(kwargs)
+    state = trainer._existing_checkpoint(str(out), resume)
+    return trainer._fit(inputs, str(out), state, steps, **settings)
+
+
+def read_log(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_learns_the_toy_distribution(tmp_path):
+    inputs = toy_inputs()
+    summary = fit(inputs, tmp_path / "run", 160, lr=1e-2)
+    log = read_log(tmp_path / "run")
+    assert [e["step"] for e in log] == list(range(4, 161, 4))
+    first, final = log[0]["test_bits_per_code"], summary["test_bits_per_code"]
+    assert final == log[-1]["test_bits_per_code"]
+    assert first > 2.5  # close to log2(8) = 3 bits at the start
+    assert final < 0.75 * first  # and well below it after training
+    # the held-out figure is the real NLL of the saved model on the i % 10 == 9 maps
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    prior = GatedPixelCNN(**ckpt["config"])
+    prior.load_state_dict(ckpt["model"])
+    test = np.arange(200) % 10 == 9
+    norm = ckpt["conditions"]
+    cond = (inputs["labels"][test] - norm["mean"]) / norm["std"]
+    with torch.no_grad():
+        logits = prior(torch.from_numpy(inputs["codes"][test]), torch.tensor(cond).float())
+        nll = torch.nn.functional.cross_entropy(logits, torch.from_numpy(inputs["codes"][test]))
+    assert math.isclose(nll.item() / math.log(2), final, rel_tol=1e-5)
+
+
+def test_checkpoint_contents_and_normalisation(tmp_path):
+    inputs = toy_inputs()
+    summary = fit(inputs, tmp_path / "run", 6)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for key in ("model", "config", "optimizer", "step", "seed", "history", "data", "conditions",
+                "vqvae_checkpoint", "test_bits_per_code"):
+        assert key in ckpt
+    assert ckpt["step"] == 6 == summary["step"] and ckpt["seed"] == 3
+    assert ckpt["config"] == dict(num_codes=K, cond_dim=2, num_classes=0, **TINY)
+    assert ckpt["data"]["path"] == "toy.h5" and ckpt["vqvae_checkpoint"] == "toy.pt"
+    train = inputs["labels"][np.arange(200) % 10 != 9]
+    norm = ckpt["conditions"]
+    assert norm["names"] == ["a", "b"]
+    np.testing.assert_allclose(norm["mean"], train.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(norm["std"], train.std(0), rtol=1e-12)
+    np.testing.assert_array_equal(norm["min"], train.min(0))
+    np.testing.assert_array_equal(norm["max"], train.max(0))
+    assert ckpt["history"]["step"] == [4, 6]
+    assert ckpt["test_bits_per_code"] == ckpt["history"]["test_bits_per_code"][-1]
+    # an existing checkpoint is not overwritten without resume
+    with pytest.raises(VQVAEInputError, match="resume=True"):
+        fit(inputs, tmp_path / "run", 6)
+
+
+def test_resume_is_exact(tmp_path):
+    inputs = toy_inputs()
+    # 14 steps with 180 training maps / batch 16 = 11 batches per epoch: crosses an epoch
+    fit(inputs, tmp_path / "straight", 14)
+    fit(inputs, tmp_path / "halves", 7)
+    fit(inputs, tmp_path / "halves", 14, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "halves" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 14
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key]))
+    assert a["history"]["step"] == [4, 8, 12, 14]
+    assert b["history"]["step"] == [4, 7, 8, 12, 14]  # the first half also logged its end
+    bits_a = dict(zip(a["history"]["step"], a["history"]["test_bits_per_code"]))
+    bits_b = dict(zip(b["history"]["step"], b["history"]["test_bits_per_code"]))
+    assert all(bits_a[s] == bits_b[s] for s in bits_a)
+    assert [e["step"] for e in read_log(tmp_path / "halves")] == [4, 7, 8, 12, 14]
+    # resuming with other settings is refused, naming what differs
+    with pytest.raises(VQVAEInputError, match="training settings"):
+        fit(inputs, tmp_path / "halves", 20, resume=True, seed=4)
+    with pytest.raises(VQVAEInputError, match="config"):
+        fit(inputs, tmp_path / "halves", 20, resume=True, model=dict(TINY, channels=4))
+    # a run already at its step count just reports
+    again = fit(inputs, tmp_path / "halves", 14, resume=True)
+    assert again["step"] == 14
+    assert math.isclose(again["test_bits_per_code"], b["test_bits_per_code"], rel_tol=1e-6)
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    inputs = toy_inputs()
+    fit(inputs, tmp_path / "run", 8, checkpoint_every=4)  # log at 4, 8; checkpoint at 4, 8
+    run = tmp_path / "run"
+    # simulate a crash after the log at step 8 but before its checkpoint: put step 4 back
+    ckpt4 = tmp_path / "ckpt4"
+    fit(inputs, ckpt4, 4)
+    (run / "checkpoint.pt").write_bytes((ckpt4 / "checkpoint.pt").read_bytes())
+    fit(inputs, run, 8, resume=True, checkpoint_every=4)
+    assert [e["step"] for e in read_log(run)] == [4, 8]
+
+
+def test_epoch_permutation_schedule():
+    a = trainer.epoch_permutation(5, 0, 180)
+    assert torch.equal(a, trainer.epoch_permutation(5, 0, 180))
+    assert sorted(a.tolist()) == list(range(180))
+    assert not torch.equal(a, trainer.epoch_permutation(5, 1, 180))
+    assert not torch.equal(a, trainer.epoch_permutation(6, 0, 180))
+    assert trainer.learning_rate(0, 1.0) == pytest.approx(1 / trainer.WARMUP_STEPS)
+    assert trainer.learning_rate(10 ** 6, 1.0) == 1.0
+    np.testing.assert_array_equal(np.flatnonzero(trainer.is_test(30)), [9, 19, 29])
+
+
+def test_training_batches_never_touch_held_out_maps(tmp_path):
+    """Put garbage codes in the held-out maps: training must not change with them."""
+    inputs = toy_inputs()
+    other = toy_inputs()
+    test = np.arange(200) % 10 == 9
+    other["codes"][test] = (other["codes"][test] + 3) % K
+    fit(inputs, tmp_path / "a", 12, log_every=100)
+    fit(other, tmp_path / "b", 12, log_every=100)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_unconditional_and_bad_settings(tmp_path):
+    inputs = toy_inputs()
+    inputs["labels"] = inputs["labels"][:, :0]
+    summary = fit(inputs, tmp_path / "u", 4, conditions=())
+    ckpt = load_checkpoint(tmp_path / "u" / "checkpoint.pt")
+    assert ckpt["config"]["cond_dim"] == 0 and ckpt["conditions"]["names"] == []
+    assert summary["test_bits_per_code"] is not None
+    with pytest.raises(VQVAEInputError, match="batch_size 500 exceeds"):
+        fit(toy_inputs(), tmp_path / "x", 4, batch_size=500)
+    with pytest.raises(VQVAEInputError, match="unknown model option"):
+        fit(toy_inputs(), tmp_path / "y", 4, model=dict(TINY, depth=3))
+    constant = toy_inputs()
+    constant["labels"][:, 1] = 2.0
+    with pytest.raises(VQVAEInputError, match="'b' is constant"):
+        fit(constant, tmp_path / "z", 4)
+
+
+def test_train_prior_argument_checks(tmp_path):
+    data = tmp_path / "d.h5"
+    data.write_bytes(b"")
+    ckpt = tmp_path / "v.pt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(VQVAEInputError, match="lr"):
+        trainer.train_prior(data, ckpt, tmp_path / "o", 10, lr=-1)
+    with pytest.raises(VQVAEInputError, match="steps"):
+        trainer.train_prior(data, ckpt, tmp_path / "o", -1)
+    with pytest.raises(VQVAEInputError, match="num_codes"):
+        trainer.train_prior(data, ckpt, tmp_path / "o", 10, model=dict(num_codes=5))
+    with pytest.raises(VQVAEInputError, match="VQ-VAE checkpoint not found"):
+        trainer.train_prior(data, tmp_path / "missing.pt", tmp_path / "o", 10)
+
+
+def test_read_labels(tmp_path):
+    path = tmp_path / "labels.h5"
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observed", data=rng.normal(size=(12, 8, 8)).astype(np.float32))
+        g = f.create_group("params")
+        g.create_dataset("mag", data=rng.uniform(20, 25, 12).astype(np.float32))
+        g.create_dataset("hlr", data=rng.uniform(0.1, 1, 12).astype(np.float32))
+    labels = trainer.read_labels(path, ("hlr", "mag"))
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(labels[:, 0], f["params/hlr"][()])
+        np.testing.assert_array_equal(labels[:, 1], f["params/mag"][()])
+    with pytest.raises(VQVAEInputError, match=r"\['sersic_n'\].*available: \['hlr', 'mag'\]"):
+        trainer.read_labels(path, ("mag", "sersic_n"))
+    with h5py.File(path, "a") as f:
+        f["params/mag"][3] = np.nan
+    with pytest.raises(VQVAEInputError, match="params/mag is not finite at stamp 3"):
+        trainer.read_labels(path, ("mag",))
