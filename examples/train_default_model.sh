@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default model, galsim_vqvae/models/default/model.safetensors.
-# Run from the repository root on a machine with one CUDA GPU (an H100 took about 15 minutes).
-# PY may name the Python that has galsim_vqvae's dependencies; RUN the run directory.
+# Run from the repository root on a machine with one CUDA GPU:
+#   bash examples/train_default_model.sh [all | vqvae | prior]
+# ('vqvae' makes the dataset and trains the VQ-VAE; 'prior' trains the prior and writes the
+# bundle; each step skips what already exists under $RUN.)
+# PY names the Python that has galsim_vqvae's dependencies; RUN the run directory.
 set -euo pipefail
+STAGE=${1:-all}
 PY=${PY:-python3}
 RUN=${RUN:-runs/default}
 N=${N:-50000}
@@ -12,11 +16,15 @@ PRIOR_STEPS=${PRIOR_STEPS:-6000}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
 
-[ -f "$RUN/synthetic.h5" ] || cli make-dataset --source synthetic --n "$N" --seed 2026 \
-    --workers "$WORKERS" --out "$RUN/synthetic.h5"
-[ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" --out "$RUN/vqvae" \
-    --steps "$VQ_STEPS" --batch-size 256 --lr 1e-3 --seed 1 --device cuda
-cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
-    --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device cuda \
-    --conditions mag,hlr --channels 64 --layers 8 --kernel-size 5
-echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/)"
+if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
+  [ -f "$RUN/synthetic.h5" ] || cli make-dataset --source synthetic --n "$N" --seed 2026 \
+      --workers "$WORKERS" --out "$RUN/synthetic.h5"
+  [ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" \
+      --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 256 --lr 1e-3 --seed 1 --device cuda
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
+  cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
+      --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device cuda \
+      --conditions mag,hlr --channels 64 --layers 8 --kernel-size 5
+  echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/)"
+fi
