@@ -122,7 +122,11 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z_e.shape
         z = z_e.float().permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not self._initialized:
-            self.kmeans_init(z.detach())
+            if self.kmeans_iters > 0:
+                self.kmeans_init(z.detach())
+            else:
+                self.initialized.fill_(True)
+                self._initialized = True
         codes, _ = ops.nearest_code(z.detach(), self.codebook)
         q = F.embedding(codes, self.codebook)  # before this batch's update, as in the EMA papers
         if self.training:

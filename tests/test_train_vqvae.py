@@ -1,0 +1,169 @@
+"""The VQ-VAE training loop: it learns, resumes exactly, checkpoints, and refuses bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from galsim_vqvae.errors import VQVAEInputError
+from galsim_vqvae.nn.forward import convolve_psf
+from galsim_vqvae.train.checkpoint import load_checkpoint
+from galsim_vqvae.train.vqvae import BatchSchedule, pick_image_scale, train_vqvae
+
+TINY = dict(hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32, restart_every=7)
+
+
+def toy_dataset(n=64, size=32, seed=0, n_psf=3):
+    """Elliptical exponential galaxies convolved with Gaussian PSFs (pixel units) plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] - size // 2
+    truth = []
+    for _ in range(n):
+        r0, q, th = rng.uniform(1.0, 2.5), rng.uniform(0.4, 1.0), rng.uniform(0, np.pi)
+        dx, dy = rng.uniform(-1, 1, 2)
+        xr = (x - dx) * np.cos(th) + (y - dy) * np.sin(th)
+        yr = -(x - dx) * np.sin(th) + (y - dy) * np.cos(th)
+        img = np.exp(-np.hypot(xr, yr / q) / r0)
+        truth.append(img / img.sum() * rng.uniform(300, 1500))
+    truth = np.array(truth, np.float32)
+    bank = []
+    for k in range(n_psf):
+        p = np.exp(-(x ** 2 + y ** 2) / (2 * (1.0 + 0.3 * k) ** 2))
+        bank.append(p / p.sum())
+    psf_bank = np.array(bank, np.float32)
+    psf_index = rng.integers(0, n_psf, n).astype(np.int32)
+    clean = convolve_psf(torch.tensor(truth)[:, None],
+                         torch.tensor(psf_bank[psf_index])[:, None])[:, 0].numpy()
+    sigma = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    observed = (clean + sigma[:, None, None] * rng.standard_normal(clean.shape)).astype(np.float32)
+    return dict(observed=observed, truth=truth, psf_bank=psf_bank, psf_index=psf_index,
+                sigma=sigma, header={"pixel_scale": 0.1, "band": "toy", "source": "synthetic"})
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_dataset()
+
+
+def _run(data, out, steps, **kw):
+    kw.setdefault("model", TINY)
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("lr", 1e-3)
+    kw.setdefault("warmup", 10)
+    kw.setdefault("progress", False)
+    return train_vqvae(data, os.fspath(out), steps, **kw)
+
+
+def test_training_lowers_the_loss(toy, tmp_path):
+    summary = _run(toy, tmp_path, 240, log_every=20)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(20, 241, 20))
+    first, last = log[0]["chi2"], np.mean([r["chi2"] for r in log[-3:]])
+    assert last < 0.25 * first, (first, last)
+    assert last < 3.0  # close to the noise (chi^2/pixel = 1) for a 32-code model
+    assert summary["step"] == 240 and np.isfinite(summary["test_chi2"])
+    assert summary["perplexity"] > 4 and 0 < summary["usage"] <= 1
+    assert "test_rel_l2_truth" in summary
+    assert (tmp_path / "gallery.png").stat().st_size > 1000
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    for key in ("model", "config", "optimizer", "step", "seed", "history", "data"):
+        assert key in state
+    assert state["step"] == 240 and state["config"]["stamp_size"] == 32
+    assert state["config"]["image_scale"] == pytest.approx(pick_image_scale(
+        toy["observed"][[i for i in range(64) if i % 10 != 9]]))
+    assert state["data"]["pixel_scale"] == 0.1
+    assert state["history"]["chi2"] == [r["chi2"] for r in log]
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("psf_layers", [True, False])
+def test_resume_is_bit_identical(toy, tmp_path, psf_layers):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3)
+    _run(toy, straight, 16, **kw)
+    _run(toy, halves, 8, **kw)  # 8 steps: crosses a restart window (7) and an epoch (3 steps)
+    _run(toy, halves, 16, resume=True, **kw)
+    a = load_checkpoint(straight / "checkpoint.pt")
+    b = load_checkpoint(halves / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["model"]["quantizer.updates"].item() == 16
+    log = [json.loads(line)["step"] for line in open(halves / "log.jsonl")]
+    assert log == [4, 8, 12, 16]
+
+
+def test_batch_schedule_is_a_deterministic_permutation():
+    s = BatchSchedule(50, 16, seed=4, device="cpu")
+    epoch0 = torch.cat([s.indices(i) for i in range(3)])
+    assert len(set(epoch0.tolist())) == 48
+    again = BatchSchedule(50, 16, seed=4, device="cpu")
+    assert torch.equal(again.indices(4), s.indices(4))  # no history needed
+    assert not torch.equal(BatchSchedule(50, 16, seed=5, device="cpu").indices(0), s.indices(0))
+
+
+def test_clear_errors(toy, tmp_path):
+    with pytest.raises(VQVAEInputError, match="no checkpoint"):
+        _run(toy, tmp_path / "a", 4, resume=True)
+    _run(toy, tmp_path / "b", 2, log_every=1)
+    with pytest.raises(VQVAEInputError, match="exists"):
+        _run(toy, tmp_path / "b", 4)
+    with pytest.raises(VQVAEInputError, match="model config differs.*hidden"):
+        _run(toy, tmp_path / "b", 4, resume=True, model=dict(TINY, hidden=8))
+    with pytest.raises(VQVAEInputError, match="training settings differ.*batch_size"):
+        _run(toy, tmp_path / "b", 4, resume=True, batch_size=8)
+    with pytest.raises(VQVAEInputError, match="stamp_size is 64.*32x32"):
+        _run(toy, tmp_path / "c", 4, model=dict(TINY, stamp_size=64))
+    with pytest.raises(VQVAEInputError, match="batch_size 100 exceeds"):
+        _run(toy, tmp_path / "d", 4, batch_size=100)
+    with pytest.raises(VQVAEInputError, match="CUDA"):
+        if torch.cuda.is_available():
+            raise VQVAEInputError("CUDA present; nothing to check")
+        _run(toy, tmp_path / "e", 4, device="cuda")
+
+
+def _write_dataset_file(path, d):
+    """A dataset file following the contract exactly (format_version 1)."""
+    import h5py
+
+    n, s = d["observed"].shape[:2]
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="galsim_vqvae.dataset", format_version=1, pixel_scale=0.1,
+                       stamp_size=s, band="toy", zeropoint=25.0, source="synthetic",
+                       description="test_train_vqvae toy set", seed=0,
+                       flux_convention="pixel value = flux in the pixel (counts/s); "
+                                       "stamp sum = total flux")
+        for k in ("observed", "truth", "psf_bank", "psf_index", "sigma"):
+            f.create_dataset(k, data=d[k])
+        g = f.create_group("params")
+        flux = d["truth"].reshape(n, -1).sum(1).astype(np.float32)
+        g.create_dataset("flux", data=flux)
+        g.create_dataset("mag", data=(25.0 - 2.5 * np.log10(flux)).astype(np.float32))
+        for k in ("hlr", "sersic_n", "bulge_frac", "e1", "e2"):
+            g.create_dataset(k, data=np.zeros(n, np.float32))
+
+
+def test_trains_from_a_dataset_file(toy, tmp_path):
+    pytest.importorskip("galsim_vqvae.data.dataset")
+    from galsim_vqvae.errors import VQVAEFormatError
+
+    path = tmp_path / "toy.h5"
+    _write_dataset_file(path, toy)
+    summary = _run(os.fspath(path), tmp_path / "run", 6, log_every=3)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["data"]["path"] == os.path.abspath(path)
+    assert state["data"]["stamp_size"] == 32 and state["data"]["band"] == "toy"
+    assert "test_rel_l2_truth" in summary
+    # the same run from memory gives the same weights: the file path adds nothing
+    mem = _run(toy, tmp_path / "mem", 6, log_every=3)
+    assert mem["loss"] == summary["loss"]
+    # a missing or truncated file is the dataset module's clear error
+    with pytest.raises((VQVAEFormatError, FileNotFoundError)):
+        _run(os.fspath(tmp_path / "missing.h5"), tmp_path / "x", 2)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(VQVAEFormatError):
+        _run(os.fspath(cut), tmp_path / "y", 2)
