@@ -41,16 +41,15 @@ def per_sample_seeds(seed, n):
     return [int(w) >> 1 for w in words]
 
 
-def _check_seeds(seeds, n):
+def _check_seeds(seeds, n, who="sample_naive"):
     if seeds is None:
         return per_sample_seeds(None, n)
     seeds = list(seeds)
     if len(seeds) != n:
-        raise VQVAEInputError(f"sample_naive: got {len(seeds)} seeds for n={n} samples")
+        raise VQVAEInputError(f"{who}: got {len(seeds)} seeds for n={n} samples")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < _SEED_LIMIT:
-            raise VQVAEInputError(f"sample_naive: each seed must be an int in [0, 2**64), "
-                                  f"got {s!r}")
+            raise VQVAEInputError(f"{who}: each seed must be an int in [0, 2**64), got {s!r}")
     return [int(s) for s in seeds]
 
 
@@ -70,14 +69,56 @@ def gumbel_noise(seeds, shape, num_codes):
     return out
 
 
-def _check_shape(shape):
+def _check_shape(shape, who="sample_naive"):
     try:
         height, width = (int(s) for s in shape)
     except (TypeError, ValueError):
-        raise VQVAEInputError(f"sample_naive: shape must be (H, W), got {shape!r}") from None
+        raise VQVAEInputError(f"{who}: shape must be (H, W), got {shape!r}") from None
     if height < 1 or width < 1:
-        raise VQVAEInputError(f"sample_naive: shape must be positive, got {shape!r}")
+        raise VQVAEInputError(f"{who}: shape must be positive, got {shape!r}")
     return height, width
+
+
+def check_sampling_arguments(prior, n, shape, cond, class_label, seeds, temperature, batch_size,
+                             who="sample_naive"):
+    """Validate and normalise a sampler's arguments (shared by every sampler; errors name ``who``).
+
+    Returns:
+        dict: ``n``, ``shape`` (H, W), ``cond`` (tensor on the prior's device and dtype, or None),
+        ``class_label`` (int64 tensor on the prior's device, or None), ``seeds`` (list of n ints),
+        ``temperature`` (float), ``batch_size``, ``device``, ``dtype``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise VQVAEInputError(f"{who}: n must be an int >= 0, got {n!r}")
+    n = int(n)
+    shape = _check_shape(shape, who)
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise VQVAEInputError(f"{who}: temperature must be a number, "
+                              f"got {temperature!r}") from None
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise VQVAEInputError(f"{who}: temperature must be finite and > 0, got {temperature}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VQVAEInputError(f"{who}: batch_size must be an int >= 1, got {batch_size!r}")
+    seeds = _check_seeds(seeds, n, who)
+    param = next(prior.parameters())
+    device, dtype = param.device, param.dtype
+    if cond is not None:
+        cond = torch.as_tensor(np.asarray(cond) if not torch.is_tensor(cond) else cond)
+        cond = cond.to(device=device, dtype=dtype)
+        if cond.dim() != 2 or cond.shape[0] != n:
+            raise VQVAEInputError(f"{who}: cond must have shape [n={n}, cond_dim], got "
+                                  f"{list(cond.shape)}")
+    if class_label is not None:
+        class_label = torch.as_tensor(
+            np.asarray(class_label) if not torch.is_tensor(class_label) else class_label)
+        if class_label.is_floating_point() or class_label.shape != (n,):
+            raise VQVAEInputError(f"{who}: class_label must be {n} ints, got "
+                                  f"{class_label.dtype} {list(class_label.shape)}")
+        class_label = class_label.to(device=device, dtype=torch.int64)
+    return dict(n=n, shape=shape, cond=cond, class_label=class_label, seeds=seeds,
+                temperature=temperature, batch_size=batch_size, device=device, dtype=dtype)
 
 
 def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=None,
@@ -107,36 +148,11 @@ def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=No
     Returns:
         codes [n, H, W] int64 tensor on the prior's device.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise VQVAEInputError(f"sample_naive: n must be an int >= 0, got {n!r}")
-    n = int(n)
-    height, width = _check_shape(shape)
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise VQVAEInputError(f"sample_naive: temperature must be a number, "
-                              f"got {temperature!r}") from None
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise VQVAEInputError(f"sample_naive: temperature must be finite and > 0, got "
-                              f"{temperature}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise VQVAEInputError(f"sample_naive: batch_size must be an int >= 1, got {batch_size!r}")
-    seeds = _check_seeds(seeds, n)
-    param = next(prior.parameters())
-    device, dtype = param.device, param.dtype
-    if cond is not None:
-        cond = torch.as_tensor(np.asarray(cond) if not torch.is_tensor(cond) else cond)
-        cond = cond.to(device=device, dtype=dtype)
-        if cond.dim() != 2 or cond.shape[0] != n:
-            raise VQVAEInputError(f"sample_naive: cond must have shape [n={n}, cond_dim], got "
-                                  f"{list(cond.shape)}")
-    if class_label is not None:
-        class_label = torch.as_tensor(
-            np.asarray(class_label) if not torch.is_tensor(class_label) else class_label)
-        if class_label.is_floating_point() or class_label.shape != (n,):
-            raise VQVAEInputError(f"sample_naive: class_label must be {n} ints, got "
-                                  f"{class_label.dtype} {list(class_label.shape)}")
-        class_label = class_label.to(device=device, dtype=torch.int64)
+    args = check_sampling_arguments(prior, n, shape, cond, class_label, seeds, temperature,
+                                    batch_size)
+    n, (height, width), seeds = args["n"], args["shape"], args["seeds"]
+    cond, class_label, device = args["cond"], args["class_label"], args["device"]
+    temperature = args["temperature"]
 
     out = torch.empty(n, height, width, dtype=torch.int64, device=device)
     was_training = prior.training
