@@ -117,8 +117,10 @@ def test_resume_is_exact(tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "halves" / "checkpoint.pt")
     assert a["step"] == b["step"] == 14
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key in ("model", "model_raw"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert not torch.equal(a["model"]["embedding.weight"], a["model_raw"]["embedding.weight"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for key in pa:
             assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key]))
@@ -160,6 +162,8 @@ def test_epoch_permutation_schedule():
     assert trainer.learning_rate(0, 1.0) == pytest.approx(1 / trainer.WARMUP_STEPS)
     assert trainer.learning_rate(10 ** 6, 1.0) == 1.0
     np.testing.assert_array_equal(np.flatnonzero(trainer.is_test(30)), [9, 19, 29])
+    assert trainer.ema_decay(0) == pytest.approx(0.1)
+    assert trainer.ema_decay(10 ** 6) == trainer.EMA_DECAY
 
 
 def test_training_batches_never_touch_held_out_maps(tmp_path):

@@ -8,7 +8,9 @@ log-likelihood in bits per code at each log and at the end.
 
 Runs resume exactly: the batch of step s is a function of (seed, epoch, s) alone, the learning
 rate a function of s alone, and the model and optimizer state are in the checkpoint, so N steps
-straight and N/2 + N/2 resumed give the same weights on the CPU.
+straight and N/2 + N/2 resumed give the same weights on the CPU. Nothing depends on the total
+number of steps, so a run can also be extended. The shipped weights are an exponential moving
+average of the optimizer's weights (`ema_decay`), which plays the part of a learning-rate decay.
 """
 
 import hashlib
@@ -33,6 +35,7 @@ CODES_NAME = "codes.npz"
 LOG_NAME = "log.jsonl"
 DEFAULT_MODEL = dict(channels=128, layers=15, kernel_size=5)
 WARMUP_STEPS = 100
+EMA_DECAY = 0.999
 _LN2 = math.log(2.0)
 
 
@@ -49,6 +52,12 @@ def learning_rate(step, lr):
     It depends on the step alone (not on the run length), so resumed runs follow it exactly.
     """
     return lr * min(1.0, (step + 1) / WARMUP_STEPS)
+
+
+def ema_decay(step):
+    """Decay of the weights' moving average after step ``step``: ``min(EMA_DECAY,
+    (1 + step) / (10 + step))``, so early averages are not dominated by the initial weights."""
+    return min(EMA_DECAY, (1.0 + step) / (10.0 + step))
 
 
 def epoch_permutation(seed, epoch, n):
@@ -210,6 +219,7 @@ def _check_positive_int(name, value, low=1):
 
 def _evaluate(prior, codes, cond, index, batch_size, use_amp):
     """Mean negative log-likelihood (nats per code) of the maps ``codes[index]``, as a tensor."""
+    was_training = prior.training
     prior.eval()
     total = torch.zeros((), dtype=torch.float64, device=codes.device)
     with torch.no_grad():
@@ -220,7 +230,7 @@ def _evaluate(prior, codes, cond, index, batch_size, use_amp):
                                 enabled=use_amp):
                 logits = prior(x, cond[idx] if cond is not None else None)
             total += F.cross_entropy(logits.float(), x, reduction="sum").double()
-    prior.train()
+    prior.train(was_training)
     return total / max(1, index.numel() * codes.shape[1] * codes.shape[2])
 
 
@@ -244,8 +254,10 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
 
     Writes ``out/checkpoint.pt`` (atomic; keys ``model``, ``config``, ``optimizer``, ``step``,
     ``seed``, ``history``, ``data``, ``conditions``, ``vqvae_checkpoint``, ``test_bits_per_code``,
-    ``train``, ``codes_fingerprint``), ``out/codes.npz`` (the cached code maps) and
+    ``train``, ``codes_fingerprint``, ``model_raw``), ``out/codes.npz`` (the cached code maps) and
     ``out/log.jsonl`` (one JSON line per log). The directory is locked while the run lasts.
+    ``model`` holds a moving average of the weights (decay `ema_decay`), the model to ship and the
+    one whose held-out NLL is reported; ``model_raw`` holds the optimizer's current weights.
 
     Parameters:
         data:               Path of the dataset file (HDF5, `galsim_vqvae.data.dataset`).
@@ -373,6 +385,9 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
         torch.manual_seed(seed)
         prior = GatedPixelCNN(**config)
     prior.to(device).train()
+    average = GatedPixelCNN(**config).to(device).eval()  # moving average: what ships
+    average.load_state_dict(prior.state_dict())
+    average.requires_grad_(False)
     use_amp = device.type == "cuda"
     optimizer = torch.optim.Adam(prior.parameters(), lr=lr, fused=use_amp or None)
     start = 0
@@ -384,7 +399,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             if mine != theirs:
                 raise VQVAEInputError(f"cannot resume {ckpt_path}: its {key} {theirs} differ from "
                                       f"this run's {mine}")
-        prior.load_state_dict(state["model"])
+        prior.load_state_dict(state["model_raw"])
+        average.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         history = {k: list(v) for k, v in state["history"].items()}
@@ -402,7 +418,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
 
     def checkpoint(step):
         save_checkpoint({
-            "model": {k: v.detach().cpu() for k, v in prior.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in average.state_dict().items()},
+            "model_raw": {k: v.detach().cpu() for k, v in prior.state_dict().items()},
             "config": prior.config, "optimizer": optimizer.state_dict(), "step": step,
             "seed": seed, "history": history, "data": data_info, "conditions": norm,
             "vqvae_checkpoint": inputs["vqvae_checkpoint"],
@@ -415,7 +432,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
         if not math.isfinite(train_bits):
             raise FloatingPointError(f"prior training diverged at step {step} (loss "
                                      f"{train_bits}); lower lr (now {lr})")
-        test_bits = (_evaluate(prior, codes, cond, test_dev, eval_batch, use_amp).item() / _LN2
+        test_bits = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item() / _LN2
                      if test_index.size else None)
         last.update(train=train_bits, test=test_bits)
         entry = {"step": step, "train_bits_per_code": train_bits, "test_bits_per_code": test_bits,
@@ -434,6 +451,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     count = 0
     started = time.perf_counter()
     perm_epoch, perm = None, None
+    params = list(prior.parameters())
+    averaged = list(average.parameters())
     try:
         for step in range(start, steps):
             epoch, k = divmod(step, per_epoch)
@@ -452,6 +471,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(averaged, params, 1.0 - ema_decay(step))
             loss_sum += loss.detach()
             count += 1
             bar.update(1)
@@ -464,7 +485,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             if done % checkpoint_every == 0 or done == steps:
                 checkpoint(done)
         if start >= steps:  # nothing left to train: report the held-out NLL as it stands
-            last["test"] = (_evaluate(prior, codes, cond, test_dev, eval_batch, use_amp).item()
+            last["test"] = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item()
                             / _LN2 if test_index.size else None)
             last["train"] = history["train_bits_per_code"][-1] if history["step"] else None
     finally:
