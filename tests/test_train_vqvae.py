@@ -15,6 +15,15 @@ from galsim_vqvae.train.vqvae import BatchSchedule, pick_image_scale, train_vqva
 TINY = dict(hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32, restart_every=7)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is as fast and never stalls in OpenMP on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def toy_dataset(n=64, size=32, seed=0, n_psf=3):
     """Elliptical exponential galaxies convolved with Gaussian PSFs (pixel units) plus noise."""
     rng = np.random.default_rng(seed)

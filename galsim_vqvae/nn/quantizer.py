@@ -136,7 +136,7 @@ class VectorQuantizer(nn.Module):
             counts = stats["count"]
             self.apply_statistics(stats)
         else:
-            counts = torch.bincount(codes, minlength=self.num_codes).float()
+            counts = self._histogram(codes)
         commitment = self.beta * F.mse_loss(z, q.detach())
         z_q = z + (q - z).detach()
         z_q = z_q.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
@@ -155,7 +155,7 @@ class VectorQuantizer(nn.Module):
             replacements for dead codes.
         """
         z = z.float()
-        count = torch.bincount(codes, minlength=self.num_codes).to(z.dtype)
+        count = self._histogram(codes)
         total = torch.zeros(self.num_codes, z.shape[1], dtype=z.dtype, device=z.device)
         total.index_add_(0, codes, z)
         stats = {"count": count, "sum": total}
@@ -164,6 +164,11 @@ class VectorQuantizer(nn.Module):
             pick = torch.randint(z.shape[0], (self.num_codes,), generator=g, device=z.device)
             stats["candidates"] = z[pick]
         return stats
+
+    def _histogram(self, codes):
+        # not torch.bincount: on CUDA it reads the maximum back to the host, a sync per step
+        ones = torch.ones(codes.shape[0], dtype=torch.float32, device=codes.device)
+        return torch.zeros(self.num_codes, device=codes.device).index_add_(0, codes, ones)
 
     def _restart_due(self):
         return self.restart_every > 0 and (self._updates + 1) % self.restart_every == 0
@@ -216,7 +221,7 @@ class VectorQuantizer(nn.Module):
         count = torch.ones(self.num_codes, device=z.device)
         for _ in range(self.kmeans_iters):
             index, _ = ops.nearest_code(z, centres)
-            count = torch.bincount(index, minlength=self.num_codes).float()
+            count = self._histogram(index)
             total = torch.zeros_like(centres).index_add_(0, index, z)
             centres = torch.where(count[:, None] > 0, total / count.clamp_min(1.0)[:, None], centres)
         count = count.clamp_min(1.0)

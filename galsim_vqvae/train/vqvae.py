@@ -79,7 +79,7 @@ def load_split(data, split, keys, limit=None):
         n = int(header["n"]) if "n" in header else _count(dataset, path)
         index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
         index = index[:limit] if limit is not None else index
-        keys = [k for k in keys if k != "truth" or header.get("source") == "synthetic"]
+        keys = [k for k in keys if k != "truth" or header.get("has_truth", True)]
         arrays = dataset.load_arrays(path, indices=index, keys=tuple(keys) + ("psf_bank",))
         header["path"] = os.path.abspath(path)
     header = {k: _plain(v) for k, v in header.items()}
@@ -300,7 +300,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     if compile:
         net.encoder.compile()
         net.decoder.compile()
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=cuda or None)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     history = {k: list(v) for k, v in state["history"].items()} if state else \
