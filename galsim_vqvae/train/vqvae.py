@@ -76,7 +76,7 @@ def load_split(data, split, keys, limit=None):
 
         path = os.fspath(data)
         header = dict(dataset.read_header(path))
-        n = int(header["n"]) if "n" in header else _count(dataset, path)
+        n = int(header["n"])
         index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
         index = index[:limit] if limit is not None else index
         keys = [k for k in keys if k != "truth" or header.get("has_truth", True)]
@@ -89,10 +89,6 @@ def load_split(data, split, keys, limit=None):
             raise VQVAEFormatError(f"dataset {header.get('path')}: psf_index has values outside "
                                    f"[0, {len(arrays['psf_bank'])})")
     return arrays, header
-
-
-def _count(dataset, path):
-    return len(dataset.load_arrays(path, keys=("sigma",))["sigma"])
 
 
 def pick_image_scale(observed):
