@@ -3,7 +3,6 @@
 import json
 import math
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -161,7 +160,6 @@ def test_epoch_permutation_schedule():
     assert not torch.equal(a, trainer.epoch_permutation(6, 0, 180))
     assert trainer.learning_rate(0, 1.0) == pytest.approx(1 / trainer.WARMUP_STEPS)
     assert trainer.learning_rate(10 ** 6, 1.0) == 1.0
-    np.testing.assert_array_equal(np.flatnonzero(trainer.is_test(30)), [9, 19, 29])
     assert trainer.ema_decay(0) == pytest.approx(0.1)
     assert trainer.ema_decay(10 ** 6) == trainer.EMA_DECAY
 
@@ -212,21 +210,100 @@ def test_train_prior_argument_checks(tmp_path):
         trainer.train_prior(data, tmp_path / "missing.pt", tmp_path / "o", 10)
 
 
-def test_read_labels(tmp_path):
-    path = tmp_path / "labels.h5"
-    rng = np.random.default_rng(1)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("observed", data=rng.normal(size=(12, 8, 8)).astype(np.float32))
-        g = f.create_group("params")
-        g.create_dataset("mag", data=rng.uniform(20, 25, 12).astype(np.float32))
-        g.create_dataset("hlr", data=rng.uniform(0.1, 1, 12).astype(np.float32))
-    labels = trainer.read_labels(path, ("hlr", "mag"))
-    with h5py.File(path, "r") as f:
-        np.testing.assert_array_equal(labels[:, 0], f["params/hlr"][()])
-        np.testing.assert_array_equal(labels[:, 1], f["params/mag"][()])
-    with pytest.raises(VQVAEInputError, match=r"\['sersic_n'\].*available: \['hlr', 'mag'\]"):
-        trainer.read_labels(path, ("mag", "sersic_n"))
-    with h5py.File(path, "a") as f:
-        f["params/mag"][3] = np.nan
-    with pytest.raises(VQVAEInputError, match="params/mag is not finite at stamp 3"):
-        trainer.read_labels(path, ("mag",))
+# ------------------------------------------------------------------------------------------------
+# End to end: a dataset file and a VQ-VAE checkpoint
+STAMP = 16
+
+
+@pytest.fixture
+def dataset_and_vqvae(tmp_path):
+    from galsim_vqvae.data.dataset import DatasetWriter
+    from galsim_vqvae.nn.vqvae import VQVAE
+    from galsim_vqvae.train.checkpoint import save_checkpoint
+
+    rng = np.random.default_rng(4)
+    n = 60
+    y, x = np.mgrid[:STAMP, :STAMP] - STAMP // 2
+    size = rng.uniform(1.0, 3.0, n)
+    flux = rng.uniform(50, 500, n)
+    observed = (flux[:, None, None] * np.exp(-(x ** 2 + y ** 2) / (2 * size[:, None, None] ** 2))
+                / (2 * np.pi * size[:, None, None] ** 2) + rng.normal(0, 0.5, (n, STAMP, STAMP)))
+    psf = np.exp(-(x ** 2 + y ** 2) / 2.0)
+    data = tmp_path / "data.h5"
+    with DatasetWriter(data, stamp_size=STAMP, pixel_scale=0.1, band="F814W", zeropoint=25.0,
+                       source="synthetic", seed=1) as w:
+        w.add_psfs(psf / psf.sum())
+        w.append(observed=observed, sigma=np.full(n, 0.5), psf_index=np.zeros(n, np.int32),
+                 params={"mag": 25.0 - 2.5 * np.log10(flux), "hlr": 0.1 * 1.18 * size,
+                         "sersic_n": np.full(n, 1.0)})
+    torch.manual_seed(0)
+    vqvae = VQVAE(stamp_size=STAMP, hidden=8, res_blocks=1, res_hidden=4, embed_dim=4,
+                  num_codes=12, image_scale=10.0)
+    with torch.no_grad():
+        vqvae.quantizer.codebook.normal_()
+    ckpt = tmp_path / "vqvae.pt"
+    save_checkpoint({"model": vqvae.state_dict(), "config": vqvae.config}, ckpt)
+    return data, ckpt, vqvae, observed
+
+
+def test_train_prior_end_to_end(dataset_and_vqvae, tmp_path):
+    data, ckpt, vqvae, observed = dataset_and_vqvae
+    out = tmp_path / "prior"
+    summary = trainer.train_prior(data, ckpt, out, 6, batch_size=8, lr=1e-3, seed=1,
+                                  model=TINY, log_every=3, checkpoint_every=100, progress=False)
+    assert summary["step"] == 6 and summary["test_bits_per_code"] > 0
+    # the cached codes are the VQ-VAE's codes of every stamp
+    with torch.no_grad():
+        expected = vqvae.eval().encode_codes(torch.from_numpy(observed).float()[:, None])
+    with np.load(out / "codes.npz") as cache:
+        np.testing.assert_array_equal(cache["codes"], expected.numpy())
+        assert int(cache["num_codes"]) == 12
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["num_codes"] == 12 and state["config"]["cond_dim"] == 2
+    assert state["conditions"]["names"] == ["mag", "hlr"]
+    assert state["data"]["band"] == "F814W" and state["data"]["n"] == 60
+    assert state["vqvae_checkpoint"] == str(ckpt.resolve())
+    assert [e["step"] for e in read_log(out)] == [3, 6]
+    # resuming reuses the cache (not rewritten) and continues
+    mtime = (out / "codes.npz").stat().st_mtime_ns
+    trainer.train_prior(data, ckpt, out, 9, batch_size=8, lr=1e-3, seed=1, model=TINY,
+                        log_every=3, resume=True, progress=False)
+    assert (out / "codes.npz").stat().st_mtime_ns == mtime
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 9
+    # a different VQ-VAE: resuming is refused; a fresh run re-encodes
+    from galsim_vqvae.train.checkpoint import save_checkpoint
+    with torch.no_grad():
+        vqvae.quantizer.codebook.mul_(-1.0)
+    save_checkpoint({"model": vqvae.state_dict(), "config": vqvae.config}, ckpt)
+    with pytest.raises(VQVAEInputError, match="cannot resume.*codes"):
+        trainer.train_prior(data, ckpt, out, 12, batch_size=8, seed=1, model=TINY,
+                            resume=True, progress=False)
+    (out / "checkpoint.pt").unlink()
+    trainer.train_prior(data, ckpt, out, 3, batch_size=8, seed=1, model=TINY, progress=False)
+    with torch.no_grad():
+        expected = vqvae.encode_codes(torch.from_numpy(observed).float()[:, None])
+    with np.load(out / "codes.npz") as cache:
+        np.testing.assert_array_equal(cache["codes"], expected.numpy())
+
+
+def test_train_prior_labels(dataset_and_vqvae, tmp_path):
+    data, ckpt, _, _ = dataset_and_vqvae
+    with pytest.raises(VQVAEInputError,
+                       match=r"\['size'\].*available: \['hlr', 'mag', 'sersic_n'\]"):
+        trainer.train_prior(data, ckpt, tmp_path / "a", 3, batch_size=8, conditions=("mag", "size"),
+                            model=TINY, progress=False)
+    with pytest.raises(VQVAEInputError, match="'sersic_n' is constant"):
+        trainer.train_prior(data, ckpt, tmp_path / "b", 3, batch_size=8, conditions="sersic_n",
+                            model=TINY, progress=False)
+    labels = trainer.read_labels(data, ("hlr", "mag"))
+    from galsim_vqvae.data.dataset import load_arrays
+    arrays = load_arrays(data, keys=("params/hlr", "params/mag"))
+    np.testing.assert_array_equal(labels[:, 0], arrays["params/hlr"])
+    np.testing.assert_array_equal(labels[:, 1], arrays["params/mag"])
+    # the run directory is locked while a run lasts
+    from galsim_vqvae.train.checkpoint import RunLock
+    (tmp_path / "c").mkdir()
+    with RunLock(tmp_path / "c"):
+        with pytest.raises(VQVAEInputError, match="in use by another run"):
+            trainer.train_prior(data, ckpt, tmp_path / "c", 3, batch_size=8, model=TINY,
+                                progress=False)

@@ -20,7 +20,6 @@ import math
 import os
 import time
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,6 @@ _LN2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------------------
 # Splits, schedule
-def is_test(n):
-    """Boolean mask [n] of the held-out stamps (``i % 10 == 9``)."""
-    return np.arange(n) % 10 == 9
-
-
 def learning_rate(step, lr):
     """The learning rate of step ``step``: linear warm-up over `WARMUP_STEPS`, then constant.
 
@@ -100,13 +94,6 @@ def _jsonable(value):
     return value
 
 
-def _num_stamps(data):
-    with h5py.File(data, "r") as f:
-        if "observed" not in f:
-            raise VQVAEFormatError(f"{data}: no 'observed' dataset")
-        return int(f["observed"].shape[0])
-
-
 def encode_dataset(data, vqvae, device="cpu", batch_size=512, progress=True):
     """Encode every ``observed`` stamp of a dataset file into code maps [N, h, w] (numpy int64).
 
@@ -117,9 +104,9 @@ def encode_dataset(data, vqvae, device="cpu", batch_size=512, progress=True):
         batch_size: Stamps per encoder call. [default: 512]
         progress:   Show a progress bar. [default: True]
     """
-    from ..data.dataset import load_arrays
+    from ..data.dataset import load_arrays, read_header
 
-    n = _num_stamps(data)
+    n = read_header(data)["n"]
     vqvae = vqvae.to(device).eval()
     out = []
     with torch.no_grad():
@@ -145,7 +132,7 @@ def cached_codes(data, vqvae_checkpoint, out, device="cpu", progress=True):
     from ..nn.vqvae import VQVAE
 
     header = read_header(data)
-    n = _num_stamps(data)
+    n = header["n"]
     fingerprint = {"dataset": _dataset_fingerprint(data, header, n),
                    "vqvae_sha256": _sha256_file(vqvae_checkpoint)}
     path = os.path.join(out, CODES_NAME)
@@ -177,24 +164,24 @@ def cached_codes(data, vqvae_checkpoint, out, device="cpu", progress=True):
 
 def read_labels(data, names):
     """Conditioning labels [N, len(names)] float64 from the dataset's ``params`` group."""
+    from ..data.dataset import load_arrays, read_header
+
     names = list(names)
-    with h5py.File(data, "r") as f:
-        group = f.get("params")
-        available = sorted(group.keys()) if isinstance(group, h5py.Group) else []
-        missing = [k for k in names if k not in available]
-        if missing:
-            raise VQVAEInputError(f"{data}: conditioning label(s) {missing} not in the dataset's "
-                                  f"'params' group; available: {available}")
-        columns = [np.asarray(group[k][()], dtype=np.float64) for k in names]
-    n = _num_stamps(data)
+    header = read_header(data)
+    missing = [k for k in names if k not in header["params"]]
+    if missing:
+        raise VQVAEInputError(f"{data}: conditioning label(s) {missing} not in the dataset's "
+                              f"'params' group; available: {header['params']}")
+    if not names:
+        return np.zeros((header["n"], 0))
+    arrays = load_arrays(data, keys=[f"params/{k}" for k in names])
+    columns = [np.asarray(arrays[f"params/{k}"], dtype=np.float64) for k in names]
     for k, col in zip(names, columns):
-        if col.shape != (n,):
-            raise VQVAEFormatError(f"{data}: params/{k} has shape {col.shape}, expected ({n},)")
         bad = np.flatnonzero(~np.isfinite(col))
         if bad.size:
             raise VQVAEInputError(f"{data}: params/{k} is not finite at stamp {bad[0]} "
                                   f"({bad.size} stamps)")
-    return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
+    return np.stack(columns, axis=1)
 
 
 def label_normalisation(train_labels, names):
@@ -355,15 +342,16 @@ def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progre
 def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, model, log_every,
          checkpoint_every, progress):
     """The training loop on prepared inputs; ``state`` is the checkpoint to resume or None."""
+    from ..data.dataset import split_indices
+
     t0 = time.perf_counter()
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
     log_path = os.path.join(out, LOG_NAME)
     codes_np, num_codes, labels = inputs["codes"], inputs["num_codes"], inputs["labels"]
     fingerprint, data = inputs["fingerprint"], inputs["data"]["path"]
     n = codes_np.shape[0]
-    test_mask = is_test(n)
-    train_index = np.flatnonzero(~test_mask)
-    test_index = np.flatnonzero(test_mask)
+    train_index = split_indices(n, "train")
+    test_index = split_indices(n, "test")
     if train_index.size == 0:
         raise VQVAEInputError(f"{data}: no training stamps (N={n})")
     if batch_size > train_index.size:
