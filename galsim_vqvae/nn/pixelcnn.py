@@ -12,6 +12,10 @@ width, and the columns left of j in row i. There is no blind spot: two stacks wo
   stops at column c - 1 and has no residual connection, so a position never sees its own code.
 * Gated units ``tanh(a) * sigmoid(b)``; the vertical-to-horizontal link is a 1x1 convolution of the
   shifted vertical pre-activation; the horizontal stack is residual after the first layer.
+* Reach: each layer extends the context by k//2 columns to the left and, through the vertical
+  stack, by k//2 rows up and k//2 columns either side, so the context of a position is the whole
+  past only for enough layers; on a 21x21 map that takes 10 layers of k=5 (7 of k=7). Fewer layers
+  see a causal subset of the past (``tests/test_pixelcnn.py`` computes it exactly).
 * Conditioning: ``cond_dim`` continuous labels (already normalised) and/or a class label
   (``num_classes``) enter every gate of both stacks through a per-layer linear projection (an
   embedding for the class) added to the pre-activations.

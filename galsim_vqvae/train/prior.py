@@ -39,7 +39,7 @@ _LN2 = math.log(2.0)
 
 
 # ------------------------------------------------------------------------------------------------
-# Splits, schedule
+# Schedule
 def learning_rate(step, lr):
     """The learning rate of step ``step``: linear warm-up over `WARMUP_STEPS`, then constant.
 
