@@ -187,7 +187,7 @@ def _target_fwhm(psf, pixel_scale):
     if fwhm is None:
         # Measured on the drawn profile, at a scale fine enough to resolve it.
         scale = min(prof.nyquist_scale, 0.2 * (pixel_scale or prof.nyquist_scale))
-        fwhm = prof.calculateFWHM(scale=scale, Imax=prof.max_sb)
+        fwhm = prof.calculateFWHM(scale=scale)
     fwhm = float(fwhm)
     try:
         _fwhm_cache[key] = fwhm

@@ -1,0 +1,289 @@
+"""GalSim config types: the input ``vqvae_model`` and the object ``VQVAEGalaxy``.
+
+A config uses them with ``modules: [galsim_vqvae]``::
+
+    input:
+        vqvae_model: {file_name: default, device: cpu, batch_size: 32}
+    gal:
+        type: VQVAEGalaxy
+        conditions: {mag: {type: Catalog, col: mag}, hlr: 0.4}
+        flux: 1000.
+
+Reproducibility. Each galaxy's sampling seed comes from its own per-object rng
+(`galsim.config.GetRNG`), or from ``index`` if given, so the same ``random_seed`` gives the same
+galaxies whatever ``image.nproc``, ``output.nproc`` or ``galsim -n/-j`` split runs them.
+
+Batching. The network is not called once per galaxy. The objects of each image are split into
+fixed blocks of ``batch_size`` consecutive object numbers; when a galaxy of a block is first
+needed, the requests (seed and conditions) of the whole block are found by running GalSim's own
+stamp setup for each of its objects up to the galaxy (a dry run on a copy of the config) and
+the block is generated in one network call. A block's composition depends on the object numbers
+only, so even the floating-point results do not depend on how the work is split between
+processes. (With ``image.nproc`` > 1, processes that share a block each generate it: choose
+``batch_size`` no larger than ``nobjects / nproc``, or use ``output.nproc``.) Galaxies that
+are not found in their block (e.g. one rebuilt after ``stamp.reject``) are generated alone.
+
+The torch model is loaded lazily, once per process, on first use: after GalSim has forked its
+worker processes, so CUDA is initialised in the workers that use it.
+"""
+
+import os
+import re
+
+import galsim
+from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, ParseValue,
+                           RegisterInputType, RegisterObjectType)
+from galsim.errors import GalSimConfigError, GalSimConfigValueError
+
+from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, check_psf, generate,
+                      get_emulator, index_seed, rng_seed)
+
+__all__ = ["VQVAEModel", "VQVAEModelLoader", "BuildVQVAEGalaxy"]
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class VQVAEModel:
+    """The ``vqvae_model`` input: a handle on a galaxy model, loaded on first use in each process.
+
+    Parameters:
+        file_name:          ``"default"`` for the shipped model, or the path of a saved model.
+                            [default: "default"]
+        device:             Torch device for the networks: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+                            [default: "cpu"]
+        batch_size:         Galaxies generated per network call (a block of consecutive object
+                            numbers). [default: 32]
+        resolution_policy:  What to do when a galaxy is drawn through a PSF narrower than the
+                            training PSF: ``"warn"``, ``"raise"`` or ``"ignore"``.
+                            [default: "warn"]
+        num_threads:        Torch CPU threads per process; 0 leaves torch's own default. One
+                            thread per process is the GalSim way (parallelise with ``nproc``)
+                            and avoids oversubscribed, spinning torch threads, which can make
+                            sampling many times slower on a busy machine. [default: 1]
+    """
+
+    _req_params = {}
+    _opt_params = {"file_name": str, "device": str, "batch_size": int,
+                   "resolution_policy": str, "num_threads": int}
+    _single_params = []
+    _takes_rng = False
+
+    def __init__(self, file_name="default", device="cpu", batch_size=32,
+                 resolution_policy="warn", num_threads=1):
+        if file_name != "default" and not os.path.exists(file_name):
+            raise GalSimConfigValueError("vqvae_model.file_name: no such model file",
+                                         file_name)
+        if not _DEVICE_RE.match(str(device)):
+            raise GalSimConfigValueError("vqvae_model.device must be cpu, cuda, cuda:N or mps",
+                                         device)
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise GalSimConfigValueError("vqvae_model.batch_size must be an integer >= 1",
+                                         batch_size)
+        if resolution_policy not in RESOLUTION_POLICIES:
+            raise GalSimConfigValueError("vqvae_model.resolution_policy is invalid",
+                                         resolution_policy, RESOLUTION_POLICIES)
+        if num_threads < 0:
+            raise GalSimConfigValueError("vqvae_model.num_threads must be >= 0", num_threads)
+        self.file_name = file_name
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.resolution_policy = resolution_policy
+        self.num_threads = int(num_threads)
+        self._reset()
+
+    def _reset(self):
+        self._images = {}        # request key -> generated image, for the current image
+        self._blocks = set()     # blocks generated for the current image
+        self._checked_psfs = {}  # id of a PSF object -> (psf, checked)
+        self.calls = 0           # network calls made in this process (for tests and logs)
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.update(_images={}, _blocks=set(), _checked_psfs={})
+        return d
+
+    @property
+    def emulator(self):
+        """The `Emulator`, loaded on first use in this process."""
+        if self.__dict__.get("_threads_pid") != os.getpid():
+            self._threads_pid = os.getpid()
+            if self.num_threads:
+                import torch
+
+                torch.set_num_threads(self.num_threads)
+        return get_emulator(self.file_name, self.device)
+
+    @property
+    def info(self):
+        return _model_info(self.emulator)
+
+    # --------------------------------------------------------------------------------------------
+    def newImage(self, first_obj_num, nobjects):
+        """Start an image of ``nobjects`` objects numbered from ``first_obj_num``."""
+        self._images.clear()
+        self._blocks.clear()
+        self._image = (int(first_obj_num), int(nobjects))
+
+    def image_for(self, request, base, logger):
+        """The generated image for ``request`` (a `_Request`) of object ``base['obj_num']``."""
+        key = request.key
+        if key in self._images:
+            return self._images.pop(key)
+        obj_num = base.get("obj_num", 0)
+        block = self._block_of(obj_num)
+        if block is not None and block not in self._blocks:
+            self._blocks.add(block)
+            requests = _collect_block(base, range(*block), obj_num, request, logger)
+            self._generate(requests, logger, "objects %d..%d" % (block[0], block[1] - 1))
+            if key in self._images:
+                return self._images.pop(key)
+        logger.debug("obj %d: VQVAEGalaxy generated alone (not part of a generated block)",
+                     obj_num)
+        self._generate([request], logger, "object %d" % obj_num)
+        return self._images.pop(key)
+
+    def _block_of(self, obj_num):
+        image = getattr(self, "_image", None)
+        if image is None:
+            return None
+        first, nobj = image
+        if not first <= obj_num < first + nobj:
+            return None
+        start = first + (obj_num - first) // self.batch_size * self.batch_size
+        return (start, min(start + self.batch_size, first + nobj))
+
+    def _generate(self, requests, logger, what):
+        unique = list({r.key: r for r in requests}.values())
+        conditional = unique[0].conditions is not None
+        images = generate(self.emulator, [r.seed for r in unique],
+                          [r.conditions for r in unique] if conditional else None)
+        self.calls += 1
+        logger.info("VQVAEGalaxy: generated %d galaxies in one batch (%s)", len(unique), what)
+        for r, im in zip(unique, images):
+            self._images[r.key] = im
+
+    def check_psf(self, psf, pixel_scale, logger):
+        """Apply the resolution rule to the stamp's PSF, once per distinct PSF object."""
+        entry = self._checked_psfs.get(id(psf))
+        if entry is not None and entry[0] is psf:
+            return
+        ok = check_psf(self.info.psf_fwhm, psf, pixel_scale, self.resolution_policy)
+        if not ok:
+            logger.warning("VQVAEGalaxy: the PSF %s is narrower than the model's training PSF "
+                           "(FWHM %.4g\")", psf, self.info.psf_fwhm)
+        self._checked_psfs[id(psf)] = (psf, True)
+
+
+class VQVAEModelLoader(InputLoader):
+    """Loads `VQVAEModel` without a proxy (each process holds its own handle) and tells it where
+    each image's objects start, for the fixed batching blocks."""
+
+    def __init__(self):
+        super().__init__(VQVAEModel, use_proxy=False)
+
+    def setupImage(self, input_obj, config, base, logger):
+        image_num = base.get("image_num", 0)
+        nobj = galsim.config.GetNObjForImage(base, image_num, logger=logger)
+        input_obj.newImage(base.get("obj_num", 0), nobj)
+
+
+# ------------------------------------------------------------------------------------------------
+class _Request:
+    """What the network needs for one galaxy: its seed and conditions."""
+
+    __slots__ = ("seed", "conditions", "key")
+
+    def __init__(self, seed, conditions):
+        self.seed = seed
+        self.conditions = conditions
+        cond = None if conditions is None else tuple(sorted(conditions.items()))
+        self.key = (seed, cond)
+
+
+class _Collected(BaseException):
+    """Raised (as a BaseException, so that GalSim's retry and skip handlers let it through) by
+    the builder in a dry run, once it has recorded its request."""
+
+
+_IGNORE = ["conditions"]
+
+
+def _parse(config, base, model, ignore, logger):
+    """Parse a VQVAEGalaxy config dict into (request, kwargs for the galaxy)."""
+    opt = VQVAEGalaxy._opt_params
+    kwargs, _ = GetAllParams(config, base, opt=opt, ignore=ignore + _IGNORE)
+    info = model.info
+    conditions = None
+    if "conditions" in config:
+        cond = config["conditions"]
+        if not isinstance(cond, dict):
+            raise GalSimConfigError("VQVAEGalaxy.conditions must be a dict label: value, got "
+                                    f"{cond!r}")
+        unknown = sorted(set(cond) - set(info.condition_names))
+        if unknown:
+            raise GalSimConfigError(f"VQVAEGalaxy.conditions: unknown label(s) {unknown}; the "
+                                    f"model's labels are {info.condition_names}")
+        conditions = {k: ParseValue(cond, k, base, float)[0] for k in info.condition_names
+                      if k in cond}
+    conditions = info.check_conditions(conditions)
+    index = kwargs.pop("index", None)
+    if index is not None:
+        seed = index_seed(index)
+    else:
+        rng = GetRNG(config, base, logger, "VQVAEGalaxy")
+        if rng is None:  # pragma: no cover  (GalSim always sets one up)
+            raise GalSimConfigError("VQVAEGalaxy needs an rng or an index")
+        seed = rng_seed(rng)
+    kwargs.update(index=index, seed=seed, conditions=conditions)
+    return _Request(seed, conditions), kwargs
+
+
+def _collect_block(base, obj_nums, own_obj_num, own_request, logger):
+    """The requests of the objects ``obj_nums``, found by dry runs of their stamps."""
+    requests = []
+    for obj_num in obj_nums:
+        if obj_num == own_obj_num:
+            requests.append(own_request)
+            continue
+        cfg = galsim.config.CopyConfig(base)
+        cfg["extra_builder"] = {}
+        found = cfg["_vqvae_collect"] = []
+        try:
+            galsim.config.BuildStamp(cfg, obj_num=obj_num, do_noise=False, logger=None)
+        except _Collected:
+            pass
+        except Exception as err:  # the real run will report it, with GalSim's context
+            logger.debug("obj %d: dry run for batching failed: %s", obj_num, err)
+        if found:
+            requests.append(found[0])
+    return requests
+
+
+def BuildVQVAEGalaxy(config, base, ignore, gsparams, logger):
+    """The builder of the ``VQVAEGalaxy`` config type (see `galsim.config.RegisterObjectType`)."""
+    model = GetInputObj("vqvae_model", config, base, "VQVAEGalaxy")
+    request, kwargs = _parse(config, base, model, ignore, logger)
+    collect = base.get("_vqvae_collect")
+    if collect is not None:
+        collect.append(request)
+        raise _Collected()
+    image = model.image_for(request, base, logger)
+    if gsparams:
+        kwargs["gsparams"] = galsim.GSParams(**gsparams)
+    gal = VQVAEGalaxy._from_generated(image, model.info, **kwargs)
+    psf = _current_psf(base)
+    if psf is not None:
+        model.check_psf(psf, base.get("pixel_scale"), logger)
+    return gal, False
+
+
+def _current_psf(base):
+    """The PSF GalSim built for the current stamp, if any."""
+    current = base.get("psf", {}).get("current") if isinstance(base.get("psf"), dict) else None
+    if current and isinstance(current[0], galsim.GSObject):
+        return current[0]
+    return None
+
+
+RegisterInputType("vqvae_model", VQVAEModelLoader())
+RegisterObjectType("VQVAEGalaxy", BuildVQVAEGalaxy, input_type="vqvae_model")
