@@ -1,57 +1,226 @@
 """Python face of the compiled ops in ``csrc/``, each with its pure-PyTorch reference.
 
-The reference is the test oracle and the announced fallback when the compiled extension is not
-available (see `backend`).
+``nearest_code`` runs the op ``torch.ops.galsim_vqvae.nearest_code`` (C++ on the CPU, CUDA on the
+GPU) when the compiled extension is installed, else `nearest_code_reference`, which computes the
+same answer in PyTorch (it is also the test oracle's fast path). `backend` says which runs; the
+fallback is announced once with a warning that says why.
+
+Exactness: for float32 inputs (other floating dtypes are cast to float32 first) the index is the
+lowest ``k`` minimising the exact (real-valued, unrounded) squared distance
+``sum_j (z[n, j] - codebook[k, j])**2``. A float64 brute force agrees with it except where float64
+rounding itself misorders two distances equal to ~1e-15 relative. The returned distance is the
+float64 distance of the chosen code rounded to float32. See ``docs/ops.md``.
 """
 
+import math
+import os
 import warnings
+from fractions import Fraction
 
 import torch
 
+from .errors import VQVAEInputError
+
+__all__ = ["nearest_code", "nearest_code_reference", "backend", "load_error"]
+
 _BACKEND = None
+_CUDA_OK = False
+_LOAD_ERROR = None
+_ANNOUNCED = False
+
+
+def _load():
+    """Imports the compiled modules once; records what loaded and why not."""
+    global _BACKEND, _CUDA_OK, _LOAD_ERROR
+    if _BACKEND is not None:
+        return
+    if os.environ.get("GALSIM_VQVAE_FORCE_TORCH_OPS") == "1":
+        _BACKEND, _LOAD_ERROR = "torch", "GALSIM_VQVAE_FORCE_TORCH_OPS=1 is set"
+        return
+    try:
+        from . import _C  # noqa: F401  (registers galsim_vqvae::nearest_code and its CPU kernel)
+    except ImportError as exc:
+        _BACKEND = "torch"
+        _LOAD_ERROR = (f"the compiled extension galsim_vqvae._C is not importable ({exc}); build "
+                       "it with `pip install --no-build-isolation .` where a C++ compiler and torch "
+                       "are installed")
+        return
+    _BACKEND = "cpp"
+    try:
+        from . import _C_cuda  # noqa: F401  (registers the CUDA kernel)
+        _CUDA_OK = True
+    except ImportError as exc:
+        _LOAD_ERROR = f"the CUDA kernel galsim_vqvae._C_cuda is not importable ({exc})"
+
+
+def load_error():
+    """Why a compiled module is missing (a string), or None when everything loaded."""
+    _load()
+    return _LOAD_ERROR
 
 
 def backend():
     """Which implementation of the ops runs: ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
-    ``"torch"`` means the compiled extension could not be loaded; a warning said why when it was
-    first looked for.
+    ``"cuda"``: the CUDA kernel is compiled and a CUDA device is available (CPU tensors still run
+    the C++ kernel). ``"cpp"``: the C++ kernel. ``"torch"``: the compiled extension could not be
+    loaded; a warning says why, once.
     """
-    global _BACKEND
-    if _BACKEND is None:
-        _BACKEND = "torch"
-        warnings.warn("galsim_vqvae: compiled ops not built yet; using the pure-PyTorch reference",
+    global _ANNOUNCED
+    _load()
+    if _BACKEND == "torch" and not _ANNOUNCED:
+        _ANNOUNCED = True
+        warnings.warn(f"galsim_vqvae: using the pure-PyTorch nearest_code fallback: {_LOAD_ERROR}",
                       RuntimeWarning, stacklevel=2)
+    if _BACKEND == "cpp" and _CUDA_OK and torch.cuda.is_available():
+        return "cuda"
     return _BACKEND
 
 
+def _check(z, codebook):
+    if not (isinstance(z, torch.Tensor) and isinstance(codebook, torch.Tensor)):
+        raise VQVAEInputError("nearest_code: z and codebook must be torch tensors, got "
+                              f"{type(z).__name__} and {type(codebook).__name__}")
+    if z.dim() != 2 or codebook.dim() != 2:
+        raise VQVAEInputError(f"nearest_code: z must be [N, D] and codebook [K, D], got shapes "
+                              f"{tuple(z.shape)} and {tuple(codebook.shape)}")
+    if z.shape[1] != codebook.shape[1]:
+        raise VQVAEInputError(f"nearest_code: z has D={z.shape[1]} but the codebook has "
+                              f"D={codebook.shape[1]}")
+    if codebook.shape[0] < 1 or z.shape[1] < 1:
+        raise VQVAEInputError(f"nearest_code: empty codebook or D=0 (codebook shape "
+                              f"{tuple(codebook.shape)})")
+    if not (z.is_floating_point() and codebook.is_floating_point()):
+        raise VQVAEInputError(f"nearest_code: z and codebook must be floating point, got "
+                              f"{z.dtype} and {codebook.dtype}")
+    if z.device != codebook.device:
+        raise VQVAEInputError(f"nearest_code: z is on {z.device} but the codebook is on "
+                              f"{codebook.device}")
+
+
+def _score_bound(z, cmax2):
+    """Bound on the error of the float32 scores |c|^2 - 2 z.c (see csrc/cpu/nearest_code.cpp).
+
+    float32 matrix products may use any summation order and FMA; on GPUs that allow TF32 for
+    float32 products the bound would not hold, so the reference disables TF32 around its product.
+    """
+    d = z.shape[1]
+    u = 2.0 ** -24
+    gamma = (d + 4) * u / (1 - (d + 4) * u)
+    zn2 = z.double().square().sum(1)
+    return 2.0 * gamma * (2.0 * zn2 + 4.0 * cmax2) + (2.0 * d + 8.0) * 2.0 ** -149, zn2
+
+
+def _exact_distance(z_row, code):
+    """The exact squared distance of two float32 vectors, as a Fraction."""
+    return sum((Fraction(a) - Fraction(b)) ** 2 for a, b in zip(z_row.tolist(), code.tolist()))
+
+
+def _exact_argmin(z_row, codebook, cand, d64):
+    """Lowest index of the exact minimum among candidate codes ``cand`` (ascending), given their
+    float64 distances ``d64``; exact Fractions settle what the float64 bound cannot."""
+    d = z_row.shape[0]
+    rel = 2.0 * (d + 3) * 2.0 ** -53 / (1 - (d + 3) * 2.0 ** -53)
+    best, db, exact_best = cand[0], d64[0], None
+    for k, dk in zip(cand[1:], d64[1:]):
+        fk, fb = math.isfinite(dk), math.isfinite(db)
+        exact_k = None
+        if fk != fb:
+            take = fk
+        elif not fk:
+            take = False
+        elif dk < db - rel * (dk + db):
+            take = True
+        elif dk > db + rel * (dk + db):
+            take = False
+        else:
+            if exact_best is None:
+                exact_best = _exact_distance(z_row, codebook[best])
+            exact_k = _exact_distance(z_row, codebook[k])
+            take = exact_k < exact_best
+        if take:
+            best, db, exact_best = k, dk, exact_k
+    return best
+
+
 def nearest_code_reference(z, codebook):
-    """Pure-PyTorch nearest-codebook search: the oracle for the compiled op.
+    """Pure-PyTorch nearest-codebook search, exact as `nearest_code`: the oracle and the fallback.
+
+    A float32 pass scores every code (|c|^2 - 2 z.c, with a proven error bound); the candidates
+    within twice the bound of the best score are re-checked in float64, and exact rational
+    arithmetic settles any pair that float64 cannot separate (ties go to the lowest index).
 
     Parameters:
-        z:          Tensor [N, D], the vectors to quantize.
-        codebook:   Tensor [K, D], the code vectors.
+        z:          Tensor [N, D], the vectors to quantize (any floating dtype; used as float32).
+        codebook:   Tensor [K, D], the code vectors (any floating dtype; used as float32).
 
     Returns:
-        (index [N] int64, squared_distance [N] float32); ties go to the lowest index.
+        (index [N] int64, squared_distance [N] float32).
     """
-    z = z.float()
-    codebook = codebook.float()
-    if z.shape[0] == 0:
-        return (torch.zeros(0, dtype=torch.int64, device=z.device),
-                torch.zeros(0, dtype=torch.float32, device=z.device))
-    d = (z * z).sum(1, keepdim=True) - 2.0 * (z @ codebook.t()) + (codebook * codebook).sum(1)
-    index = d.argmin(1)
-    diff = z - codebook[index]
-    return index, (diff * diff).sum(1)
+    _check(z, codebook)
+    z = z.detach().float()
+    codebook = codebook.detach().float()
+    n, k = z.shape[0], codebook.shape[0]
+    index = torch.zeros(n, dtype=torch.int64, device=z.device)
+    if n == 0:
+        return index, torch.zeros(0, dtype=torch.float32, device=z.device)
+    c64 = codebook.double()
+    cn64 = c64.square().sum(1)
+    cmax2 = cn64.max()
+    bound, zn2 = _score_bound(z, cmax2)
+    safe = torch.finfo(torch.float32).max / 8.0
+    fast = (zn2 <= safe) & bool(cmax2 <= safe)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        chunk = max(1, (1 << 24) // k)
+        for start in range(0, n, chunk):
+            zc = z[start:start + chunk]
+            scores = cn64.float() - 2.0 * (zc @ codebook.t())
+            smin = scores.min(1).values.double()
+            thr = smin + 2.0 * bound[start:start + chunk]
+            mask = scores.double() <= thr[:, None]
+            mask[~fast[start:start + chunk]] = True
+            single = mask.sum(1) == 1
+            index[start:start + chunk] = torch.where(single, mask.int().argmax(1), 0)
+            for r in torch.nonzero(~single).flatten().tolist():
+                cand = torch.nonzero(mask[r]).flatten()
+                d64 = (zc[r].double() - c64[cand]).square().sum(1)
+                index[start + r] = _exact_argmin(zc[r], codebook, cand.tolist(), d64.tolist())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    dist = (z.double() - c64[index]).square().sum(1).float()
+    return index, dist
+
+
+def _register_fake():
+    if _BACKEND == "torch" or not hasattr(torch.library, "register_fake"):
+        return
+
+    @torch.library.register_fake("galsim_vqvae::nearest_code")
+    def _(z, codebook):
+        n = z.shape[0]
+        return (z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=torch.float32))
 
 
 def nearest_code(z, codebook):
-    """Index of the nearest code vector of ``codebook`` [K, D] for each row of ``z`` [N, D].
+    """Index of the nearest code vector of ``codebook`` for each row of ``z``: exact argmin of the
+    squared Euclidean distance, ties to the lowest index.
+
+    Parameters:
+        z:          Tensor [N, D] (float32, bfloat16 or float16; computed in float32; N may be 0).
+        codebook:   Tensor [K, D] on the same device, K >= 1.
 
     Returns:
         (index [N] int64, squared_distance [N] float32). No gradient flows through this op.
     """
     backend()
+    _check(z, codebook)
     with torch.no_grad():
-        return nearest_code_reference(z, codebook)
+        if _BACKEND == "torch" or (z.is_cuda and not _CUDA_OK):
+            return nearest_code_reference(z, codebook)
+        return torch.ops.galsim_vqvae.nearest_code(z.detach(), codebook.detach())
+
+
+_load()
+_register_fake()

@@ -1,0 +1,292 @@
+// CUDA kernel of galsim_vqvae::nearest_code: fused, exact nearest-codebook search.
+//
+// Same method as the CPU kernel (see csrc/cpu/nearest_code.cpp and csrc/exact.h), never
+// materialising the N x K distances:
+//   prep     codebook norms |c_k|^2 (float64 -> float32), max_k |c_k|^2, and the codebook
+//            transposed to [D][Kp] (padding codes score +inf);
+//   search   one block per 128 rows of z, z tile held in shared memory, codebook streamed through
+//            shared memory 64 codes at a time; each thread scores 8 rows x 4 codes in float32 and
+//            keeps, per row, the best score, its code and the second-best score. A row is settled
+//            when its second-best score exceeds the best by more than twice the proven error bound
+//            E of the scores; otherwise (near-ties, duplicates, huge values) its index is
+//            appended to a list;
+//   recheck  one warp per listed row scans every code with the exact order of exact.h (float64
+//            distance with its bound, exact fixed-point arithmetic where that cannot decide).
+// Extra memory: O(N + K D). No host synchronisation: the recheck grid reads the list's length
+// from device memory.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <cfloat>
+
+#include "../exact.h"
+#include "../nearest_code.h"
+
+namespace galsim_vqvae {
+namespace {
+
+constexpr int kBM = 128;          // rows per block
+constexpr int kBN = 64;           // codes per shared-memory tile
+constexpr int kTM = 8;            // rows per thread
+constexpr int kTN = 4;            // codes per thread (strided by 16)
+constexpr int kThreads = 256;     // 16 x 16
+constexpr int kZStride = kBM + 4; // padded row of the transposed z tile
+constexpr double kSafe = (double)FLT_MAX / 8.0;
+
+__global__ void prep_kernel(const float* __restrict__ cb, int64_t k, int64_t kp, int64_t d,
+                            float* __restrict__ ct, float* __restrict__ cn,
+                            unsigned long long* __restrict__ cmax2_bits) {
+  int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= kp) return;
+  if (c < k) {
+    double s = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      float x = cb[c * d + j];
+      s += (double)x * (double)x;
+      ct[j * kp + c] = x;
+    }
+    cn[c] = (float)s;
+    // Non-negative doubles order like their bit patterns; NaN (0x7ff8...) sorts above inf.
+    atomicMax(cmax2_bits, (unsigned long long)__double_as_longlong(s));
+  } else {
+    for (int64_t j = 0; j < d; ++j) ct[j * kp + c] = 0.0f;
+    cn[c] = INFINITY;
+  }
+}
+
+struct Top2 {
+  float s1, s2;
+  int k1;
+};
+
+__device__ __forceinline__ void merge(Top2& a, float s1, int k1, float s2) {
+  float hi = fmaxf(a.s1, s1);
+  if (s1 < a.s1 || (s1 == a.s1 && k1 < a.k1)) {
+    a.k1 = k1;
+  }
+  a.s1 = fminf(a.s1, s1);
+  a.s2 = fminf(fminf(a.s2, s2), hi);
+}
+
+__global__ void __launch_bounds__(kThreads)
+search_kernel(const float* __restrict__ z, const float* __restrict__ ct,
+              const float* __restrict__ cn, const float* __restrict__ cb,
+              const unsigned long long* __restrict__ cmax2_bits, int64_t n, int64_t k,
+              int64_t kp, int d, int64_t* __restrict__ index, float* __restrict__ dist,
+              int* __restrict__ list, int* __restrict__ list_len) {
+  extern __shared__ float smem[];
+  float* zs = smem;                   // [d][kZStride]
+  float* cs = smem + d * kZStride;    // [d][kBN]
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t r0 = (int64_t)blockIdx.x * kBM;
+
+  for (int i = tid; i < kBM * d; i += kThreads) {
+    int r = i / d, j = i - r * d;
+    zs[j * kZStride + r] = (r0 + r < n) ? z[(r0 + r) * d + j] : 0.0f;
+  }
+
+  Top2 best[kTM];
+#pragma unroll
+  for (int i = 0; i < kTM; ++i) best[i] = {INFINITY, INFINITY, 0};
+
+  for (int64_t c0 = 0; c0 < kp; c0 += kBN) {
+    __syncthreads();
+    for (int i = tid; i < d * (kBN / 4); i += kThreads) {
+      int j = i / (kBN / 4), q = i - j * (kBN / 4);
+      reinterpret_cast<float4*>(cs + j * kBN)[q] =
+          reinterpret_cast<const float4*>(ct + j * kp + c0)[q];
+    }
+    __syncthreads();
+    float acc[kTM][kTN];
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int jn = 0; jn < kTN; ++jn) acc[i][jn] = 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < d; ++j) {
+      float4 a0 = *reinterpret_cast<const float4*>(zs + j * kZStride + ty * kTM);
+      float4 a1 = *reinterpret_cast<const float4*>(zs + j * kZStride + ty * kTM + 4);
+      float a[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      float b[kTN];
+#pragma unroll
+      for (int jn = 0; jn < kTN; ++jn) b[jn] = cs[j * kBN + tx + 16 * jn];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i)
+#pragma unroll
+        for (int jn = 0; jn < kTN; ++jn) acc[i][jn] = fmaf(a[i], b[jn], acc[i][jn]);
+    }
+#pragma unroll
+    for (int jn = 0; jn < kTN; ++jn) {
+      int c = (int)c0 + tx + 16 * jn;
+      float cnc = cn[c];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) {
+        float s = cnc - 2.0f * acc[i][jn];
+        Top2& t = best[i];
+        if (s < t.s1) {
+          t.s2 = t.s1;
+          t.s1 = s;
+          t.k1 = c;
+        } else if (s < t.s2) {
+          t.s2 = s;
+        }
+      }
+    }
+  }
+
+  // Combine the 16 threads that share these rows (lanes of one half-warp).
+#pragma unroll
+  for (int i = 0; i < kTM; ++i) {
+#pragma unroll
+    for (int off = 8; off >= 1; off >>= 1) {
+      float s1 = __shfl_xor_sync(0xffffffffu, best[i].s1, off);
+      float s2 = __shfl_xor_sync(0xffffffffu, best[i].s2, off);
+      int k1 = __shfl_xor_sync(0xffffffffu, best[i].k1, off);
+      merge(best[i], s1, k1, s2);
+    }
+  }
+
+  // Lane tx < kTM settles row ty * kTM + tx.
+  if (tx < kTM) {
+    Top2 t = best[0];
+#pragma unroll
+    for (int i = 1; i < kTM; ++i)
+      if (tx == i) t = best[i];
+    const int rl = ty * kTM + tx;
+    const int64_t row = r0 + rl;
+    if (row < n) {
+      double zn2 = 0.0;
+      for (int j = 0; j < d; ++j) {
+        double x = zs[j * kZStride + rl];
+        zn2 += x * x;
+      }
+      const double cmax2 = __longlong_as_double((long long)*cmax2_bits);
+      const double e = 2.0 * exact::gamma(d + 4, 1.0 / 16777216.0) * (2.0 * zn2 + 4.0 * cmax2) +
+                       (2.0 * d + 8.0) * 1.401298464324817e-45;
+      const bool settled = zn2 <= kSafe && cmax2 <= kSafe && t.k1 < k &&
+                           (double)t.s2 > (double)t.s1 + 2.0 * e;
+      if (settled) {
+        double acc = 0.0;
+        const float* c = cb + (int64_t)t.k1 * d;
+        for (int j = 0; j < d; ++j) {
+          double x = (double)zs[j * kZStride + rl] - (double)c[j];
+          acc += x * x;
+        }
+        index[row] = t.k1;
+        dist[row] = (float)acc;
+      } else {
+        list[atomicAdd(list_len, 1)] = (int)row;
+      }
+    }
+  }
+}
+
+__global__ void recheck_kernel(const float* __restrict__ z, const float* __restrict__ cb,
+                               int64_t k, int d, const int* __restrict__ list,
+                               const int* __restrict__ list_len, int64_t* __restrict__ index,
+                               float* __restrict__ dist) {
+  const int lane = threadIdx.x & 31;
+  const int warps = (gridDim.x * blockDim.x) >> 5;
+  const double rel = exact::distance64_bound(d);
+  const int len = *list_len;
+  for (int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < len; w += warps) {
+    const int64_t row = list[w];
+    const float* zr = z + row * d;
+    int64_t bk = -1;
+    double bd = 0.0;
+    for (int64_t c = lane; c < k; c += 32) {
+      double dc = exact::distance64(zr, cb + c * d, d);
+      if (bk < 0 || exact::better(zr, cb, d, c, dc, bk, bd, rel)) {
+        bk = c;
+        bd = dc;
+      }
+    }
+    for (int off = 16; off >= 1; off >>= 1) {
+      int64_t ok = __shfl_xor_sync(0xffffffffu, bk, off);
+      double od = __shfl_xor_sync(0xffffffffu, bd, off);
+      if (ok >= 0 && (bk < 0 || exact::better(zr, cb, d, ok, od, bk, bd, rel))) {
+        bk = ok;
+        bd = od;
+      }
+    }
+    if (lane == 0) {
+      index[row] = bk;
+      dist[row] = (float)bd;
+    }
+  }
+}
+
+#define GVQ_CUDA_CHECK(expr)                                                            \
+  do {                                                                                  \
+    cudaError_t err_ = (expr);                                                          \
+    TORCH_CHECK(err_ == cudaSuccess, "nearest_code (CUDA): ", cudaGetErrorString(err_)); \
+  } while (0)
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
+                                                     const at::Tensor& codebook_in) {
+  auto [z, codebook] = prepare_nearest_code_inputs(z_in, codebook_in);
+  TORCH_CHECK(z.is_cuda(), "nearest_code_cuda: tensors must be on a CUDA device");
+  const at::cuda::CUDAGuard guard(z.device());
+  const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
+  TORCH_CHECK_VALUE(n < (int64_t)INT32_MAX && k < (int64_t)INT32_MAX && d < 65536,
+                    "nearest_code (CUDA): N and K must be below 2^31 and D below 65536");
+  auto index = at::empty({n}, z.options().dtype(at::kLong));
+  auto dist = at::empty({n}, z.options().dtype(at::kFloat));
+  if (n == 0) return {index, dist};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const int64_t kp = (k + kBN - 1) / kBN * kBN;
+  auto ct = at::empty({d, kp}, z.options());
+  auto cn = at::empty({kp}, z.options());
+  auto scratch = at::zeros({n + 3}, z.options().dtype(at::kInt));  // [len, pad, cmax2 (8 B), list]
+  int* list_len = scratch.data_ptr<int>();
+  auto* cmax2_bits = reinterpret_cast<unsigned long long*>(list_len + 2);  // 8-byte aligned
+  auto list_t = at::empty({n}, z.options().dtype(at::kInt));
+  int* list = list_t.data_ptr<int>();
+
+  prep_kernel<<<(unsigned)((kp + 255) / 256), 256, 0, stream>>>(
+      codebook.data_ptr<float>(), k, kp, d, ct.data_ptr<float>(), cn.data_ptr<float>(), cmax2_bits);
+  GVQ_CUDA_CHECK(cudaGetLastError());
+
+  const size_t smem = (size_t)d * (kZStride + kBN) * sizeof(float);
+  int dev = z.device().index(), smem_max = 0;
+  GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const unsigned blocks = (unsigned)((n + kBM - 1) / kBM);
+  if (smem <= (size_t)smem_max) {
+    GVQ_CUDA_CHECK(cudaFuncSetAttribute(search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem));
+    search_kernel<<<blocks, kThreads, smem, stream>>>(
+        z.data_ptr<float>(), ct.data_ptr<float>(), cn.data_ptr<float>(),
+        codebook.data_ptr<float>(), cmax2_bits, n, k, kp, (int)d, index.data_ptr<int64_t>(),
+        dist.data_ptr<float>(), list, list_len);
+    GVQ_CUDA_CHECK(cudaGetLastError());
+  } else {  // D too large for the shared-memory tiles: every row takes the exact scan
+    auto all = at::arange(n, z.options().dtype(at::kInt));
+    list_t.copy_(all);
+    scratch.narrow(0, 0, 1).fill_(n);
+  }
+  int sms = 0;
+  GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  recheck_kernel<<<(unsigned)(sms * 8), 128, 0, stream>>>(
+      z.data_ptr<float>(), codebook.data_ptr<float>(), k, (int)d, list, list_len,
+      index.data_ptr<int64_t>(), dist.data_ptr<float>());
+  GVQ_CUDA_CHECK(cudaGetLastError());
+  return {index, dist};
+}
+
+}  // namespace
+}  // namespace galsim_vqvae
+
+// Importing galsim_vqvae._C_cuda registers the CUDA kernel; the module itself is empty.
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY_IMPL(galsim_vqvae, CUDA, m) {
+  m.impl("nearest_code", &galsim_vqvae::nearest_code_cuda);
+}
