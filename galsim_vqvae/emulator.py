@@ -15,6 +15,7 @@ import torch
 from .errors import VQVAEFormatError, VQVAEInputError
 from .fileio import atomic_path
 from .nn.pixelcnn import GatedPixelCNN
+from .nn.fast_sampling import sample_fast
 from .nn.sampling import per_sample_seeds, sample_naive
 from .nn.vqvae import VQVAE
 
@@ -24,7 +25,7 @@ _DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "models", "default", "mo
 _REQUIRED_METADATA = ("format_version", "pixel_scale", "stamp_size", "latent_size", "num_codes",
                       "band", "zeropoint", "flux_convention", "psf_fwhm", "conditions",
                       "vqvae_config", "prior_config", "training_data")
-_SAMPLING_METHODS = ("naive",)
+_SAMPLERS = {"fast": sample_fast, "naive": sample_naive}
 OUT_OF_RANGE_POLICIES = ("error", "clip")
 
 
@@ -246,7 +247,7 @@ class Emulator:
 
     # ----------------------------------------------------------------------------------------
     # Generation
-    def sample_codes(self, n, conditions=None, seed=None, method="naive", temperature=1.0,
+    def sample_codes(self, n, conditions=None, seed=None, method="fast", temperature=1.0,
                      out_of_range="error", batch_size=256, progress=False):
         """Sample ``n`` code maps [n, latent, latent] (numpy int64) from the prior.
 
@@ -256,8 +257,10 @@ class Emulator:
             seed:           An int, None (fresh entropy), or a list of n ints, one per sample.
                             Each sample depends only on its own seed and conditions, never on the
                             batch it is drawn in. [default: None]
-            method:         ``"naive"``: the reference sampler, the whole network once per
-                            position. The cached fast sampler is not built yet. [default: "naive"]
+            method:         ``"fast"``: the cached sampler, each layer computed only where it
+                            changes; ``"naive"``: the reference, the whole network once per
+                            position. Both give the same code maps for the same seeds.
+                            [default: "fast"]
             temperature:    Softmax temperature, > 0. [default: 1.0]
             out_of_range:   Policy for conditions outside the training range. [default: "error"]
             batch_size:     Code maps per network call. [default: 256]
@@ -265,10 +268,9 @@ class Emulator:
         """
         n = _positive_count(n)
         batch_size = _positive_count(batch_size, "batch_size")
-        if method not in _SAMPLING_METHODS:
+        if method not in _SAMPLERS:
             raise VQVAEInputError(f"sampling method {method!r} is not available; choose from "
-                                  f"{list(_SAMPLING_METHODS)} (the fast cached sampler is not "
-                                  "built yet)")
+                                  f"{list(_SAMPLERS)}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise VQVAEInputError(f"temperature must be a number > 0, got {temperature!r}")
         seeds = self._seeds(seed, n)
@@ -279,7 +281,7 @@ class Emulator:
             stop = min(n, start + batch_size)
             c = None if cond is None else cond[start:stop].to(self.device)
             with torch.no_grad():
-                codes = sample_naive(self.prior, stop - start, (latent, latent), cond=c,
+                codes = _SAMPLERS[method](self.prior, stop - start, (latent, latent), cond=c,
                                      seeds=seeds[start:stop], temperature=float(temperature),
                                      progress=progress)
             out.append(codes.cpu())

@@ -189,3 +189,12 @@ def test_save_is_atomic(tiny_emulator, tmp_path, monkeypatch):
         tiny_emulator.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_fast_sampler_is_the_default_and_equals_the_naive_oracle(tiny_emulator):
+    cond = {"mag": [20.0, 23.0, 25.5, 21.0], "hlr": [0.2, 0.6, 1.5, 0.1]}
+    fast = tiny_emulator.sample_codes(4, cond, seed=99)
+    np.testing.assert_array_equal(fast, tiny_emulator.sample_codes(4, cond, seed=99,
+                                                                   method="fast"))
+    np.testing.assert_array_equal(fast, tiny_emulator.sample_codes(4, cond, seed=99,
+                                                                   method="naive"))
