@@ -113,7 +113,7 @@ class _Caches:
         self.pre = torch.empty(b, 2 * c, **kw)
         self.tanh = torch.empty(b, c, **kw)
         self.gate = torch.empty(b, c, **kw)
-        self.head = torch.empty(b, c, **kw)
+        self.head = torch.empty(b, c, **kw)  # h_out's output, then the head's hidden layer
         self.logits = torch.empty(b, num_codes, **kw)
 
     def tensors(self):
@@ -159,25 +159,44 @@ def _vertical_row(weights, caches, biases, codes_row, first_row):
             row += biases[l][:, None, :]
 
 
-def _position(weights, caches, j):
+class _PositionViews:
+    """Views into the caches for each (layer, column), made once per batch so that the loop over
+    positions only launches the arithmetic: ``window[l][j]`` [B, taps*C] (layer l's horizontal
+    input at columns j-p .. j, or .. j-1 for the first layer), ``row[l][j]`` [B, 2C],
+    ``resid[l][j]`` [B, C] (layer l's input at column j) and ``out[l][j]`` [B, C] (its output)."""
+
+    def __init__(self, caches):
+        p = caches.h[0].shape[1] - caches.row[0].shape[1]
+        batch, width, c2 = caches.row[0].shape
+        c = c2 // 2
+        layers = range(len(caches.row))
+        cols = range(width)
+        self.pad, self.channels = p, c
+        self.window = [[caches.h[l][:, j:j + (p if l == 0 else p + 1)].reshape(batch, -1)
+                        for j in cols] for l in layers]
+        self.row = [[caches.row[l][:, j] for j in cols] for l in layers]
+        self.resid = [[caches.h[l][:, p + j] for j in cols] for l in layers]
+        self.out = [[caches.h[l + 1][:, p + j] for j in cols] for l in layers]
+        self.last = [caches.h[-1][:, p + j] for j in cols]
+        self.pre_a, self.pre_b = caches.pre[:, :c], caches.pre[:, c:]
+
+
+def _position(weights, caches, views, j):
     """Run the horizontal stack and the head at column ``j``; fills ``caches.logits``."""
-    p = caches.h[0].shape[1] - caches.row[0].shape[1]
-    c = caches.gate.shape[1]
-    pre, tanh_a, gate = caches.pre, caches.tanh, caches.gate
+    pre, tanh_a, gate, lin = caches.pre, caches.tanh, caches.gate, caches.head
+    pre_a, pre_b = views.pre_a, views.pre_b
     for l, w in enumerate(weights.layers):
-        taps = p if l == 0 else p + 1
-        window = caches.h[l][:, j:j + taps].reshape(-1, taps * c)                   # a view
-        torch.addmm(caches.row[l][:, j], window, w["h_w"], out=pre)
-        torch.tanh(pre[:, :c], out=tanh_a)
-        torch.sigmoid(pre[:, c:], out=gate)
-        gate *= tanh_a
-        out = caches.h[l + 1][:, p + j]
-        torch.addmm(w["out_b"], gate, w["out_w"], out=out)
-        if l > 0:
-            out += caches.h[l][:, p + j]
-    head = caches.head
-    torch.addmm(weights.head1_b, F.elu(caches.h[-1][:, p + j]), weights.head1_w, out=head)
-    torch.addmm(weights.head2_b, F.elu(head), weights.head2_w, out=caches.logits)
+        torch.addmm(views.row[l][j], views.window[l][j], w["h_w"], out=pre)
+        torch.tanh(pre_a, out=tanh_a)
+        torch.sigmoid(pre_b, out=gate)
+        gate.mul_(tanh_a)
+        torch.addmm(w["out_b"], gate, w["out_w"], out=lin)  # contiguous out: no hidden copy
+        if l == 0:
+            views.out[l][j].copy_(lin)
+        else:
+            torch.add(lin, views.resid[l][j], out=views.out[l][j])
+    torch.addmm(weights.head1_b, F.elu(views.last[j]), weights.head1_w, out=lin)
+    torch.addmm(weights.head2_b, F.elu(lin), weights.head2_w, out=caches.logits)
 
 
 def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=None,
@@ -235,12 +254,13 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
                                  prior.num_codes, dtype, device)
                 codes = out[start:stop]
                 scores = torch.empty(batch, prior.num_codes, dtype=score_dtype, device=device)
+                views = _PositionViews(caches)
                 embed0 = caches.h[0]
                 for i in range(height):
                     _vertical_row(weights, caches, biases, codes[:, i - 1] if i else None,
                                   first_row=(i == 0))
                     for j in range(width):
-                        _position(weights, caches, j)
+                        _position(weights, caches, views, j)
                         # Exactly sample_naive's expression (same dtype promotion and order).
                         torch.add(caches.logits.to(score_dtype) / temperature, noise[:, i, j],
                                   out=scores)
