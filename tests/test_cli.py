@@ -22,7 +22,7 @@ def test_sample_writes_images_codes_and_conditions(tiny_emulator, tmp_path, caps
         images = hdus[0].data
         codes = hdus["CODES"].data
         table = hdus["CONDITIONS"].data
-        assert hdus[0].header["PIXSCALE"] == pytest.approx(0.06)
+        assert hdus[0].header["PIXSCALE"] == pytest.approx(tiny_emulator.metadata["pixel_scale"])
     expected = tiny_emulator.sample(3, {"mag": 22.5, "hlr": 0.4}, seed=4)
     np.testing.assert_array_equal(images, expected)
     np.testing.assert_array_equal(tiny_emulator.decode(codes), expected)
