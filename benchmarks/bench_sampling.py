@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from galsim_vqvae.nn.fast_sampling import sample_fast
+from galsim_vqvae.nn.fast_sampling import cache_bytes, sample_fast
 from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
 from galsim_vqvae.nn.sampling import gumbel_noise, per_sample_seeds, sample_naive
 
@@ -119,13 +119,6 @@ def format_table(results):
 
 # ---------------------------------------------------------------- cache memory
 
-def cache_bytes_formula(batch, layers, channels, width, pad, num_codes, itemsize=4):
-    """Bytes of `sample_fast`'s caches and scratch for one batch (docs/sampling.md derives it)."""
-    b, L, c, w, p, k = batch, layers, channels, width, pad, num_codes
-    return itemsize * b * (L * c * ((p + 1) * (w + 2 * p) + 2 * w) + (L + 1) * c * (w + p)
-                           + 5 * c + k)
-
-
 def _peak_rss_child(name, batch, queue):
     torch.set_num_threads(1)
     prior = make_prior(name)
@@ -147,7 +140,7 @@ def peak_memory(name, batch):
     proc.join()
     height, width = SHAPE
     cfg = PRIORS[name]
-    caches = cache_bytes_formula(batch, cfg["layers"], cfg["channels"], width, 2, NUM_CODES)
+    caches = cache_bytes(batch, cfg["layers"], cfg["channels"], width, 5, NUM_CODES)
     noise = 4 * batch * height * width * NUM_CODES
     codes = 8 * batch * height * width
     return dict(measured=measured, caches=caches, noise=noise, codes=codes,

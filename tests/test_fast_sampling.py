@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from galsim_vqvae.errors import VQVAEInputError
-from galsim_vqvae.nn.fast_sampling import sample_fast
+from galsim_vqvae.nn.fast_sampling import _Caches, cache_bytes, sample_fast
 from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
 from galsim_vqvae.nn.sampling import per_sample_seeds, sample_naive
 
@@ -215,3 +215,14 @@ def test_cuda_matches_cpu():
     b = sample_fast(prior.cuda(), 6, (5, 5), cond, seeds=seeds)
     assert b.device.type == "cuda"
     torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+
+
+def test_cache_bytes_formula():
+    for batch, layers, channels, width, kernel, codes, dtype in [
+            (16, 15, 128, 21, 5, 512, torch.float32), (3, 2, 6, 7, 7, 11, torch.float64),
+            (1, 1, 4, 1, 3, 2, torch.float32)]:
+        caches = _Caches(batch, layers, channels, width, kernel // 2, codes, dtype, "cpu")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        assert caches.nbytes == cache_bytes(batch, layers, channels, width, kernel, codes, itemsize)
+    # 15 layers, 128 channels, 21 wide, float32: 1.09 MB per map (docs/sampling.md)
+    assert cache_bytes(1, 15, 128, 21, 5, 512) == 1_091_584

@@ -64,6 +64,27 @@ def _check_arguments(prior, n, shape, cond, class_label, seeds, temperature, bat
     return n, (height, width), cond, class_label, seeds, temperature, device, dtype
 
 
+def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize=4):
+    """Bytes of the caches and scratch buffers `sample_fast` holds for one batch.
+
+    ``itemsize * batch * (L*C*((p+1)*(W+2p) + 2W) + (L+1)*C*(W+p) + 5C + K)`` with
+    ``p = kernel_size // 2`` (derived in ``docs/sampling.md``); independent of the map height. The
+    Gumbel noise of the batch (``4 * batch * H * W * K`` bytes, as in `sample_naive`) comes on top.
+
+    Parameters:
+        batch:          Maps sampled together (at most `sample_fast`'s batch_size).
+        layers:         The prior's number of layers L.
+        channels:       The prior's channels C.
+        width:          Map width W.
+        kernel_size:    The prior's kernel size (p = kernel_size // 2).
+        num_codes:      The prior's number of codes K.
+        itemsize:       Bytes per element of the prior's dtype. [default: 4]
+    """
+    b, L, c, w, p, k = batch, layers, channels, width, kernel_size // 2, num_codes
+    return itemsize * b * (L * c * ((p + 1) * (w + 2 * p) + 2 * w) + (L + 1) * c * (w + p)
+                           + 5 * c + k)
+
+
 class _Weights:
     """The prior's weights, reshaped once for channels-last matmuls (views or small copies).
 
