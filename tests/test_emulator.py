@@ -145,7 +145,7 @@ def test_bad_model_files(tiny_emulator, tmp_path):
         Emulator.load(_rewrite(src, tmp_path / "k.safetensors", codes))
 
     def channels(m):
-        m["prior_config"]["channels"] = 16
+        m["prior_config"]["channels"] *= 2
     with pytest.raises(VQVAEFormatError, match="has shape"):
         Emulator.load(_rewrite(src, tmp_path / "c.safetensors", channels))
 
