@@ -25,6 +25,6 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
       --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device cuda \
-      --conditions mag,hlr --channels 64 --layers 8 --kernel-size 5
+      --conditions mag,hlr --channels 64 --layers 10 --kernel-size 5 --resume
   echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/)"
 fi
