@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.forward import chi2, convolve_psf, psf_transform
+from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
@@ -124,7 +125,8 @@ class BatchSchedule:
 # One step
 # ----------------------------------------------------------------------------------------------
 
-def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False):
+def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
+                   quantize=True):
     """Losses of one batch.
 
     Parameters:
@@ -135,23 +137,32 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
         psf_layers: Compare ``convolve_psf(decoded)`` (True) or ``decoded`` (False) with the
                     stamps. [default: True]
         amp:        Run the conv nets under bf16 autocast (CUDA). [default: False]
+        quantize:   False decodes the encoder output directly (the autoencoder warm-up), with
+                    no commitment loss and no codebook update. [default: True]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment), ``chi2`` [B], ``decoded``,
         ``model`` (what was compared with the stamps), and the `QuantizerOutput` as ``quant``.
     """
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
-        decoded, quant = model(observed)
+        if quantize:
+            decoded, quant = model(observed)
+        else:
+            z_e = model.encode(observed)
+            decoded = model.decode(z_e)
+            zero = torch.zeros((), device=observed.device)
+            quant = QuantizerOutput(z_e, None, zero, zero, zero)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
     c2 = chi2(predicted, observed, sigma)
     return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
             "model": predicted, "quant": quant}
 
 
-def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False):
+def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
+               quantize=True):
     """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
     without synchronising with the device."""
-    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp)
+    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
@@ -199,7 +210,7 @@ def _psf_lookup(psf_bank, psf_index, device):
 
 def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
                 model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
-                progress=True, warmup=100, lr_schedule="constant", compile=False,
+                progress=True, warmup=100, ae_warmup=200, lr_schedule="constant", compile=False,
                 channels_last=None):
     """Train a `VQVAE` on the training split of a dataset; checkpoint, log and draw a gallery.
 
@@ -224,6 +235,10 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
         resume:             Continue from ``out/checkpoint.pt``. [default: False]
         progress:           Show a progress bar. [default: True]
         warmup:             Linear learning-rate warm-up steps. [default: 100]
+        ae_warmup:          Steps of plain autoencoder (no quantization) before the codebook is
+                            initialised by k-means on the encoder outputs: without it the
+                            commitment loss collapses the encoder onto one code before the
+                            decoder's (weak, mostly-empty-sky) gradient shapes it. [default: 200]
         lr_schedule:        ``"constant"`` or ``"cosine"`` (to lr/10 at ``steps``). [default: "constant"]
         compile:            ``torch.compile`` the encoder and decoder. [default: False]
         channels_last:      Channels-last convolutions [default: None, i.e. True on CUDA]
@@ -254,12 +269,13 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
         arrays, header = load_split(data, "train", TRAIN_KEYS)
         return _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed,
                     dev, psf_layers, dict(model or {}), log_every, checkpoint_every,
-                    gallery_every, progress, warmup, lr_schedule, compile, channels_last)
+                    gallery_every, progress, warmup, ae_warmup, lr_schedule, compile,
+                    channels_last)
 
 
 def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, dev,
          psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
-         lr_schedule, compile, channels_last):
+         ae_warmup, lr_schedule, compile, channels_last):
     observed = arrays["observed"]
     s = int(observed.shape[-1])
     if observed.ndim != 3 or observed.shape[1] != s:
@@ -277,7 +293,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     model_kwargs.setdefault("image_scale", pick_image_scale(observed))
     model_kwargs.setdefault("seed", seed)
     train_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
-                 "warmup": warmup, "lr_schedule": lr_schedule,
+                 "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
                  "horizon": steps if lr_schedule == "cosine" else None}
 
     torch.manual_seed(seed)
@@ -330,7 +346,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             acc += train_step(net, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
-                              psf_layers, amp)
+                              psf_layers, amp, quantize=step >= ae_warmup)
             n_acc += 1
             done = step + 1
             bar.update(1)
