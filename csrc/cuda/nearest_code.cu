@@ -22,6 +22,7 @@
 #include <Python.h>
 
 #include <cfloat>
+#include <cstdlib>
 
 #include "../exact.h"
 #include "../nearest_code.h"
@@ -70,6 +71,52 @@ __device__ __forceinline__ void merge(Top2& a, float s1, int k1, float s2) {
   }
   a.s1 = fminf(a.s1, s1);
   a.s2 = fminf(fminf(a.s2, s2), hi);
+}
+
+
+// Settles one row from its best score (code t.k1), second-best score t.s2 and the proven bound E
+// of the scores: the code is final when t.s2 > t.s1 + 2E (no other code can be as near); otherwise
+// the row is appended to the list for the exact re-check. `tensor_cores`: the scores came from
+// 3xTF32 tensor-core products (see search_tc_kernel), whose bound is wider.
+__device__ __forceinline__ void settle(const float* __restrict__ z, const float* __restrict__ cb,
+                                       int d, int64_t k, int64_t row, const Top2& t,
+                                       unsigned long long cmax2_bits, bool tensor_cores,
+                                       int64_t* __restrict__ index, float* __restrict__ dist,
+                                       int* __restrict__ list, int* __restrict__ list_len) {
+  const float* zr = z + row * d;
+  double zn2 = 0.0;
+  for (int j = 0; j < d; ++j) zn2 += (double)zr[j] * (double)zr[j];
+  const double cmax2 = __longlong_as_double((long long)cmax2_bits);
+  double e;
+  if (tensor_cores) {
+    // Products of the tf32 splits are exact; the dropped small*small term and the split errors
+    // are below 3 * 2^-22 |z_j c_j|; the tensor core's float32 accumulation (truncating) adds at
+    // most 2^-22 of the running magnitude per term (3D terms). Plus |c|^2 rounding, the last
+    // subtraction, and flushed subnormal parts. Twice all that.
+    e = 2.0 * ((3.0 * d + 8.0) * 2.384185791015625e-07) * (2.0 * zn2 + 4.0 * cmax2) +
+        8.0 * (3.0 * d + 4.0) * 1.1754943508222875e-38 * (1.0 + zn2 + cmax2);
+  } else {
+    e = 2.0 * exact::gamma(d + 4, 1.0 / 16777216.0) * (2.0 * zn2 + 4.0 * cmax2) +
+        (2.0 * d + 8.0) * 1.401298464324817e-45;
+  }
+  const bool settled = zn2 <= kSafe && cmax2 <= kSafe && t.k1 < k &&
+                       (double)t.s2 > (double)t.s1 + 2.0 * e;
+  if (settled) {
+    index[row] = t.k1;
+    dist[row] = (float)exact::distance64(zr, cb + (int64_t)t.k1 * d, d);
+  } else {
+    list[atomicAdd(list_len, 1)] = (int)row;
+  }
+}
+
+__device__ __forceinline__ void push(Top2& t, float s, int c) {
+  if (s < t.s1) {
+    t.s2 = t.s1;
+    t.s1 = s;
+    t.k1 = c;
+  } else if (s < t.s2) {
+    t.s2 = s;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -125,15 +172,7 @@ search_kernel(const float* __restrict__ z, const float* __restrict__ ct,
       float cnc = cn[c];
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
-        float s = cnc - 2.0f * acc[i][jn];
-        Top2& t = best[i];
-        if (s < t.s1) {
-          t.s2 = t.s1;
-          t.s1 = s;
-          t.k1 = c;
-        } else if (s < t.s2) {
-          t.s2 = s;
-        }
+        push(best[i], cnc - 2.0f * acc[i][jn], c);
       }
     }
   }
@@ -156,32 +195,146 @@ search_kernel(const float* __restrict__ z, const float* __restrict__ ct,
 #pragma unroll
     for (int i = 1; i < kTM; ++i)
       if (tx == i) t = best[i];
-    const int rl = ty * kTM + tx;
-    const int64_t row = r0 + rl;
-    if (row < n) {
-      double zn2 = 0.0;
-      for (int j = 0; j < d; ++j) {
-        double x = zs[j * kZStride + rl];
-        zn2 += x * x;
+    const int64_t row = r0 + ty * kTM + tx;
+    if (row < n) settle(z, cb, d, k, row, t, *cmax2_bits, false, index, dist, list, list_len);
+  }
+}
+
+
+// ---- Tensor-core search (sm_80+): 3xTF32 products, same settle / re-check as above. ----
+// Each float32 x is split into big = tf32(x) and small = tf32(x - big); z.c is accumulated as
+// big*big + big*small + small*big with mma.sync m16n8k8 (float32 accumulation). Block: 128 rows x
+// 128 codes per tile, D in chunks of 32 through shared memory; 8 warps of 32 rows x 64 codes.
+constexpr int tBM = 128, tBN = 128, tBD = 32, tStr = tBD + 4;
+
+__device__ __forceinline__ float tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__global__ void __launch_bounds__(256, 2)
+search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
+                 const float* __restrict__ cb, const unsigned long long* __restrict__ cmax2_bits,
+                 int64_t n, int64_t k, int64_t kp, int d, int64_t* __restrict__ index,
+                 float* __restrict__ dist, int* __restrict__ list, int* __restrict__ list_len) {
+  extern __shared__ float smem[];
+  float* zb = smem;                 // [tBM][tStr] big parts
+  float* zl = zb + tBM * tStr;      // small parts
+  float* cg = zl + tBM * tStr;      // [tBN][tStr]
+  float* cl = cg + tBN * tStr;
+  __shared__ Top2 red[tBM];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, t4 = lane & 3;
+  const int64_t r0 = (int64_t)blockIdx.x * tBM;
+
+  Top2 best[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) best[mi][h] = {INFINITY, INFINITY, 0};
+
+  for (int64_t c0 = 0; c0 < kp; c0 += tBN) {
+    float acc[2][8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+    for (int d0 = 0; d0 < d; d0 += tBD) {
+      __syncthreads();
+      for (int i = tid; i < tBM * tBD; i += 256) {
+        const int r = i / tBD, j = i % tBD;
+        float x = (r0 + r < n && d0 + j < d) ? z[(r0 + r) * d + d0 + j] : 0.0f;
+        float big = tf32(x);
+        zb[r * tStr + j] = big;
+        zl[r * tStr + j] = tf32(x - big);
+        x = (c0 + r < k && d0 + j < d) ? cb[(c0 + r) * d + d0 + j] : 0.0f;
+        big = tf32(x);
+        cg[r * tStr + j] = big;
+        cl[r * tStr + j] = tf32(x - big);
       }
-      const double cmax2 = __longlong_as_double((long long)*cmax2_bits);
-      const double e = 2.0 * exact::gamma(d + 4, 1.0 / 16777216.0) * (2.0 * zn2 + 4.0 * cmax2) +
-                       (2.0 * d + 8.0) * 1.401298464324817e-45;
-      const bool settled = zn2 <= kSafe && cmax2 <= kSafe && t.k1 < k &&
-                           (double)t.s2 > (double)t.s1 + 2.0 * e;
-      if (settled) {
-        double acc = 0.0;
-        const float* c = cb + (int64_t)t.k1 * d;
-        for (int j = 0; j < d; ++j) {
-          double x = (double)zs[j * kZStride + rl] - (double)c[j];
-          acc += x * x;
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < tBD; kk += 8) {
+        uint32_t ab[2][4], al[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int rb = wm * 32 + mi * 16 + g;
+          const int o[4] = {rb * tStr + kk + t4, (rb + 8) * tStr + kk + t4,
+                            rb * tStr + kk + t4 + 4, (rb + 8) * tStr + kk + t4 + 4};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            ab[mi][q] = __float_as_uint(zb[o[q]]);
+            al[mi][q] = __float_as_uint(zl[o[q]]);
+          }
         }
-        index[row] = t.k1;
-        dist[row] = (float)acc;
-      } else {
-        list[atomicAdd(list_len, 1)] = (int)row;
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) {
+          const int cbase = (wn * 64 + ni * 8 + g) * tStr + kk + t4;
+          const uint32_t bb[2] = {__float_as_uint(cg[cbase]), __float_as_uint(cg[cbase + 4])};
+          const uint32_t bl[2] = {__float_as_uint(cl[cbase]), __float_as_uint(cl[cbase + 4])};
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_tf32(acc[mi][ni], al[mi], bb);
+            mma_tf32(acc[mi][ni], ab[mi], bl);
+            mma_tf32(acc[mi][ni], ab[mi], bb);
+          }
+        }
       }
     }
+#pragma unroll
+    for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = (int)c0 + wn * 64 + ni * 8 + 2 * t4 + e;
+        const float cnc = cn[c];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) push(best[mi][h], cnc - 2.0f * acc[mi][ni][h * 2 + e], c);
+      }
+  }
+
+  // Merge the 4 lanes of a quad, then the two warps (wn = 0, 1) that share rows.
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        float s1 = __shfl_xor_sync(0xffffffffu, best[mi][h].s1, off);
+        float s2 = __shfl_xor_sync(0xffffffffu, best[mi][h].s2, off);
+        int k1 = __shfl_xor_sync(0xffffffffu, best[mi][h].k1, off);
+        merge(best[mi][h], s1, k1, s2);
+      }
+  if (wn == 1 && t4 == 0) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) red[wm * 32 + mi * 16 + h * 8 + g] = best[mi][h];
+  }
+  __syncthreads();
+  if (wn == 0 && t4 == 0) {
+    const unsigned long long cm = *cmax2_bits;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rl = wm * 32 + mi * 16 + h * 8 + g;
+        Top2 t = best[mi][h];
+        merge(t, red[rl].s1, red[rl].k1, red[rl].s2);
+        if (r0 + rl < n) settle(z, cb, d, k, r0 + rl, t, cm, true, index, dist, list, list_len);
+      }
   }
 }
 
@@ -239,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
   if (n == 0) return {index, dist};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const int64_t kp = (k + kBN - 1) / kBN * kBN;
+  const int64_t kp = (k + tBN - 1) / tBN * tBN;  // a multiple of both tiles
   auto ct = at::empty({d, kp}, z.options());
   auto cn = at::empty({kp}, z.options());
   auto scratch = at::zeros({n + 3}, z.options().dtype(at::kInt));  // [len, pad, cmax2 (8 B), list]
@@ -253,10 +406,21 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
   GVQ_CUDA_CHECK(cudaGetLastError());
 
   const size_t smem = (size_t)d * (kZStride + kBN) * sizeof(float);
-  int dev = z.device().index(), smem_max = 0;
+  int dev = z.device().index(), smem_max = 0, major = 0;
   GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   const unsigned blocks = (unsigned)((n + kBM - 1) / kBM);
-  if (smem <= (size_t)smem_max) {
+  const char* fp32_env = std::getenv("GALSIM_VQVAE_CUDA_FP32");
+  const bool use_tc = major >= 8 && !(fp32_env && fp32_env[0] == '1');
+  if (use_tc) {
+    const size_t tsmem = (size_t)4 * tBM * tStr * sizeof(float);
+    GVQ_CUDA_CHECK(cudaFuncSetAttribute(search_tc_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsmem));
+    search_tc_kernel<<<(unsigned)((n + tBM - 1) / tBM), 256, tsmem, stream>>>(
+        z.data_ptr<float>(), cn.data_ptr<float>(), codebook.data_ptr<float>(), cmax2_bits, n, k,
+        kp, (int)d, index.data_ptr<int64_t>(), dist.data_ptr<float>(), list, list_len);
+    GVQ_CUDA_CHECK(cudaGetLastError());
+  } else if (smem <= (size_t)smem_max) {
     GVQ_CUDA_CHECK(cudaFuncSetAttribute(search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int)smem));
     search_kernel<<<blocks, kThreads, smem, stream>>>(
