@@ -17,7 +17,7 @@ python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', ga
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader || true
 
 if [ "$STAGE" = vqvae ] || [ "$STAGE" = all ]; then
-  python3 benchmarks/train_throughput.py --device cuda 2>&1 | tee "$OUT/train_throughput.txt" || true
+  python3 benchmarks/train_throughput.py --device cuda --batch-sizes 256 1024 4096 2>&1 | tee "$OUT/train_throughput.txt" || true
   bash examples/train_default_model.sh vqvae \
       2>&1 | tee "$OUT/train_vqvae.txt"
   cp "$RUN/vqvae/log.jsonl" "$OUT/vqvae_log.jsonl" 2>/dev/null || true
