@@ -133,16 +133,19 @@ def resample(array, in_scale, out_scale, out_size=None):
     """Resample an image from ``in_scale`` to ``out_scale`` (arcsec) with GalSim, conserving flux.
 
     Finer inputs are drawn with the output pixel response, coarser ones interpolated; the centre
-    (pixel n//2) maps to pixel m//2 of the output. ``out_size`` None covers the input's extent.
+    (pixel n//2) maps to pixel m//2 of the output. ``out_size`` None covers the input's extent
+    (each axis separately), else the output is ``out_size`` x ``out_size``.
     """
     array = np.asarray(array, dtype=np.float64)
     if abs(in_scale - out_scale) <= 1e-6 * out_scale:
         return array if out_size is None else fit_to_size(array, out_size)
     if out_size is None:
-        out_size = max(1, int(np.ceil(max(array.shape) * in_scale / out_scale)))
+        ny, nx = (max(1, int(np.ceil(n * in_scale / out_scale))) for n in array.shape)
+    else:
+        ny = nx = int(out_size)
     method = "auto" if in_scale < out_scale else "no_pixel"
     image = _interpolated(array, in_scale, flux=array.sum()).drawImage(
-        nx=out_size, ny=out_size, scale=out_scale, method=method, use_true_center=False)
+        nx=nx, ny=ny, scale=out_scale, method=method, use_true_center=False)
     return image.array.astype(np.float64)
 
 

@@ -29,6 +29,8 @@ COUNT_SLOPE = 0.27         # d log10 N / d mag of the H-band number counts at 20
 SIGMA_RANGE = (0.0025, 0.02)  # per-pixel noise sigma (e-/s), log-uniform
 SOFTENING = 2.0 / 3.0      # resolution floor: Gaussian sigma in pixels convolved with every galaxy
 MERGER_FRACTION = 0.12
+MAX_LOST_FLUX = 0.03       # galaxies with more of their light beyond the stamp are redrawn
+MAX_KNOT_RADIUS = 2.5     # clumps lie within 2.5 disk half-light radii (pulled in if drawn further)
 PARAM_NAMES = ("flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2", "dx", "dy", "snr")
 
 # Effective-PSF images are built on a grid 2x finer than the stamp (accurate interpolation); the
@@ -134,11 +136,71 @@ def _lognormal(rng, median, dex):
     return median * 10 ** (dex * rng.normal())
 
 
-def galaxy_profile(rng, pixel_scale):
-    """Draw one galaxy's GalSim profile and its parameters from ``rng`` (a numpy Generator).
+class Galaxy:
+    """One synthetic galaxy: ``smooth`` (a GalSim profile: bulge, disk, companion disk), ``clumps``
+    (positions [M,2] in arcsec, flux of each [M], Gaussian sigma [M] in arcsec) and the Gaussian
+    ``softening`` (arcsec) convolved with all of it. `profile` is the full GalSim profile; `render`
+    draws it (and its convolution with a PSF) in one k-space pass that agrees with GalSim's
+    ``drawImage(method='no_pixel')`` of `profile` (a test checks this)."""
 
-    Returns (profile with flux set, dict of drawn parameters). See docs/data.md for the choices.
-    """
+    def __init__(self, smooth, clump_xy, clump_flux, clump_sigma, softening):
+        self.smooth = smooth
+        self.clump_xy = np.asarray(clump_xy, dtype=np.float64).reshape(-1, 2)
+        self.clump_flux = np.asarray(clump_flux, dtype=np.float64).reshape(-1)
+        self.clump_sigma = np.asarray(clump_sigma, dtype=np.float64).reshape(-1)
+        self.softening = float(softening)
+
+    @property
+    def profile(self):
+        """The galaxy as one GalSim profile."""
+        import galsim
+
+        clumps = [galsim.Gaussian(sigma=s, flux=f).shift(x, y)
+                  for (x, y), f, s in zip(self.clump_xy, self.clump_flux, self.clump_sigma)]
+        return galsim.Convolve(galsim.Add([self.smooth] + clumps),
+                               galsim.Gaussian(sigma=self.softening))
+
+    def kimage(self, grid):
+        """Fourier transform of the galaxy on ``grid`` (a `KGrid`), complex [M,M]."""
+        k = self.smooth.drawKImage(nx=grid.size, ny=grid.size, scale=grid.dk).array
+        kx = grid.k  # 1-D wavenumbers, index 0 = most negative
+        # clumps: sum_j f_j exp(-sigma_j^2 k^2 / 2) exp(-i k.x_j), separable in kx and ky, so one
+        # matrix product per clump size (all clumps of a galaxy share it)
+        for sig in np.unique(self.clump_sigma):
+            sel = self.clump_sigma == sig
+            g = np.exp(-0.5 * sig ** 2 * kx ** 2)
+            ax = np.exp(-1j * np.outer(self.clump_xy[sel, 0], kx)) * (self.clump_flux[sel, None]
+                                                                      * g[None, :])
+            ay = np.exp(-1j * np.outer(kx, self.clump_xy[sel, 1])) * g[:, None]
+            k += ay @ ax
+        g = np.exp(-0.5 * self.softening ** 2 * kx ** 2)
+        return k * np.outer(g, g)
+
+
+class KGrid:
+    """A Fourier grid for drawing S x S stamps at ``pixel_scale``: period ``period`` pixels (>= S,
+    so wrapped light comes from far outside the stamp), sampled to twice the stamp's Nyquist
+    frequency so that aliasing (GalSim's k-image wrapping) is reproduced on subsampling."""
+
+    def __init__(self, stamp_size, pixel_scale, period=None):
+        self.stamp_size = int(stamp_size)
+        self.period = int(period or max(128, 2 * ((3 * stamp_size // 2 + 1) // 2)))
+        self.size = 2 * self.period
+        self.dk = 2 * np.pi / (self.period * pixel_scale)
+        self.k = (np.arange(self.size) - self.size // 2) * self.dk
+
+    def to_stamp(self, kimage):
+        """Point samples (pixel value = surface brightness x pixel area) on the S x S stamp grid,
+        the origin on pixel (S//2, S//2), of a k-image on this grid."""
+        fine = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kimage))).real
+        c0 = self.period // 2 - self.stamp_size // 2
+        return 4.0 * fine[::2, ::2][c0:c0 + self.stamp_size, c0:c0 + self.stamp_size]
+
+
+def galaxy_profile(rng, pixel_scale):
+    """Draw one galaxy from ``rng`` (a numpy Generator): a `Galaxy` and a dict of its drawn
+    parameters (``sersic_n``, ``bulge_frac``, ``dx``, ``dy``, the F160W ``flux`` of the profile and
+    ``merger``). See docs/data.md for the choices and their sources."""
     import galsim
 
     u = rng.uniform()
@@ -147,8 +209,8 @@ def galaxy_profile(rng, pixel_scale):
     mag = math.log10(10 ** (a * m1) + u * (10 ** (a * m2) - 10 ** (a * m1))) / a
     flux = 10 ** (-0.4 * (mag - ZEROPOINT))
     # Disk size: lognormal, brighter galaxies larger (van der Wel et al. 2014 size-mass relation,
-    # translated into observed H-band magnitude at z~0.5-2).
-    r_disk = float(np.clip(_lognormal(rng, 0.45 * 10 ** (-0.08 * (mag - 22.5)), 0.2), 0.1, 1.2))
+    # seen in observed H-band magnitude at z~0.5-2).
+    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.08 * (mag - 22.5)), 0.18), 0.08, 0.9))
     kind = rng.choice(3, p=[0.45, 0.35, 0.20])  # disk-dominated, intermediate, bulge-dominated
     bulge_frac = float(rng.uniform(*[(0.0, 0.2), (0.2, 0.6), (0.6, 0.95)][kind]))
     n = float(np.clip(rng.normal(3.5, 1.0), 2.0, 6.0))
@@ -163,54 +225,65 @@ def galaxy_profile(rng, pixel_scale):
     n_clumps = int(rng.integers(5, 41))
     clump_sigma = rng.uniform(0.04, 0.08)
     knot_seed = int(rng.integers(1, 2 ** 31))
+    dx, dy = rng.uniform(-0.5, 0.5, size=2)
+    centre = np.array([dx, dy]) * pixel_scale
+
+    # primary: bulge + disk + clumps following the disk; weights sum to 1 before the companion
+    w_primary, shift_p, shift_c = 1.0, centre, centre
     if merger:
         ratio = rng.uniform(0.1, 0.6)
         sep = rng.uniform(0.3, 1.2)
         theta = rng.uniform(0, 2 * np.pi)
         q_comp = rng.uniform(0.3, 1.0)
         beta_comp = rng.uniform(0, np.pi)
-    dx, dy = rng.uniform(-0.5, 0.5, size=2)
-
-    disk_flux = 1.0 - bulge_frac
-    disk_shape = dict(q=q_disk, beta=beta * galsim.radians)
-    parts = []
+        n_comp = int(rng.integers(3, 15))
+        offset = sep * np.array([math.cos(theta), math.sin(theta)])
+        # the pair's light centre sits at the stamp centre (+ sub-pixel offset)
+        w_primary = 1 / (1 + ratio)
+        shift_p = centre - offset * ratio / (1 + ratio)
+        shift_c = centre + offset / (1 + ratio)
+    disk_shear = galsim.Shear(q=q_disk, beta=beta * galsim.radians)
+    disk_flux = (1.0 - bulge_frac) * w_primary * flux
+    parts = [galsim.Exponential(half_light_radius=r_disk, flux=disk_flux * (1 - clump_frac))
+             .shear(disk_shear).shift(*shift_p)]
     if bulge_frac > 0:
-        parts.append(galsim.Sersic(n, half_light_radius=r_bulge, flux=bulge_frac)
-                     .shear(q=q_bulge, beta=beta_bulge * galsim.radians))
-    parts.append(galsim.Exponential(half_light_radius=r_disk, flux=disk_flux * (1 - clump_frac))
-                 .shear(**disk_shape))
-    parts.append(_clumps(n_clumps, r_disk, disk_flux * clump_frac, clump_sigma, knot_seed)
-                 .shear(**disk_shape))
-    primary = galsim.Add(parts)
+        bulge = galsim.Sersic(n, half_light_radius=r_bulge, flux=bulge_frac * w_primary * flux,
+                              gsparams=_sersic_gsparams())
+        parts.append(bulge.shear(q=q_bulge, beta=beta_bulge * galsim.radians).shift(*shift_p))
+    xy = [_knot_positions(n_clumps, r_disk, disk_shear, knot_seed) + shift_p]
+    fl = [np.full(n_clumps, disk_flux * clump_frac / n_clumps)]
     if merger:
         r_comp = max(0.1, r_disk * math.sqrt(ratio))
-        companion = galsim.Add([
-            galsim.Exponential(half_light_radius=r_comp, flux=0.7)
-            .shear(q=q_comp, beta=beta_comp * galsim.radians),
-            _clumps(int(rng.integers(3, 15)), r_comp, 0.3, clump_sigma, knot_seed + 1)
-            .shear(q=q_comp, beta=beta_comp * galsim.radians)])
-        # companion offset from the primary; the pair's light centre sits near the stamp centre
-        ox, oy = sep * math.cos(theta), sep * math.sin(theta)
-        galaxy = galsim.Add([primary.withFlux(1 / (1 + ratio)).shift(-ox * ratio / (1 + ratio),
-                                                                      -oy * ratio / (1 + ratio)),
-                             companion.withFlux(ratio / (1 + ratio)).shift(ox / (1 + ratio),
-                                                                           oy / (1 + ratio))])
-    else:
-        galaxy = primary
-    galaxy = galsim.Convolve(galaxy, galsim.Gaussian(sigma=SOFTENING * pixel_scale))
-    galaxy = galaxy.withFlux(flux).shift(dx * pixel_scale, dy * pixel_scale)
-    params = dict(sersic_n=n, bulge_frac=bulge_frac, dx=dx, dy=dy, merger=merger)
-    return galaxy, params
+        comp_shear = galsim.Shear(q=q_comp, beta=beta_comp * galsim.radians)
+        comp_flux = (1 - w_primary) * flux
+        parts.append(galsim.Exponential(half_light_radius=r_comp, flux=0.7 * comp_flux)
+                     .shear(comp_shear).shift(*shift_c))
+        xy.append(_knot_positions(n_comp, r_comp, comp_shear, knot_seed + 1) + shift_c)
+        fl.append(np.full(n_comp, 0.3 * comp_flux / n_comp))
+    xy, fl = np.concatenate(xy), np.concatenate(fl)
+    galaxy = Galaxy(galsim.Add(parts), xy, fl, np.full(len(fl), clump_sigma),
+                    SOFTENING * pixel_scale)
+    return galaxy, dict(sersic_n=n, bulge_frac=bulge_frac, dx=dx, dy=dy, flux=flux,
+                        merger=bool(merger))
 
 
-def _clumps(n, r_disk, flux, sigma, seed):
-    """Star-forming clumps: ``n`` Gaussians (sigma arcsec) at positions that GalSim's RandomKnots
-    draws from an exponential disk of half-light radius ``r_disk``; total ``flux``."""
+def _sersic_gsparams():
+    import galsim
+
+    return galsim.GSParams(kvalue_accuracy=1e-4)  # 2-3x faster Sersic tables, still << noise
+
+
+def _knot_positions(n, r_disk, shear, seed):
+    """Positions [n,2] (arcsec) of star-forming clumps: GalSim's RandomKnots draws them from an
+    exponential disk of half-light radius ``r_disk``, then the disk's ``shear`` applies."""
     import galsim
 
     points = galsim.RandomKnots(n, profile=galsim.Exponential(half_light_radius=r_disk),
                                 rng=galsim.BaseDeviate(seed)).points
-    return galsim.Add([galsim.Gaussian(sigma=sigma, flux=flux / n).shift(x, y) for x, y in points])
+    points = np.asarray(points, dtype=np.float64)
+    radius = np.hypot(points[:, 0], points[:, 1])
+    points *= np.minimum(1.0, MAX_KNOT_RADIUS * r_disk / np.maximum(radius, 1e-12))[:, None]
+    return points @ shear.getMatrix().T
 
 
 def _measure(truth, pixel_scale, flux):
@@ -247,13 +320,19 @@ _CTX = {}
 def _init_worker(ctx):
     _CTX.clear()
     _CTX.update(ctx)
-    _CTX["interp"] = {}
+    if "fine" in ctx:
+        _CTX["grid"] = KGrid(ctx["stamp_size"], ctx["pixel_scale"])
+        _CTX["psf_k"] = {}
 
 
-def _interp(k):
-    cache = _CTX["interp"]
+def psf_kimage(k, ctx=None):
+    """Fourier transform of bank PSF ``k`` (its `psf_interpolant`) on the worker's `KGrid`."""
+    ctx = _CTX if ctx is None else ctx
+    cache = ctx["psf_k"]
     if k not in cache:
-        cache[k] = psf_interpolant(_CTX["fine"][k], _CTX["pixel_scale"])
+        grid = ctx["grid"]
+        cache[k] = psf_interpolant(ctx["fine"][k], ctx["pixel_scale"]).drawKImage(
+            nx=grid.size, ny=grid.size, scale=grid.dk).array
     return cache[k]
 
 
@@ -269,28 +348,29 @@ def _bank_entry(k):
 def draw_stamp(seed, i, ctx=None):
     """Draw stamp ``i`` of a synthetic dataset (randomness from ``SeedSequence([seed, i])``).
 
-    Returns a dict: ``observed``, ``truth``, ``noiseless`` [S,S] float32/64, ``sigma``,
-    ``psf_index`` and the parameters of `PARAM_NAMES`.
+    Returns a dict: ``observed``, ``truth``, ``noiseless`` [S,S] float64, ``sigma``,
+    ``psf_index``, ``galaxy`` (the `Galaxy`) and the parameters of `PARAM_NAMES`.
     """
     ctx = _CTX if ctx is None else ctx
-    s, scale = ctx["stamp_size"], ctx["pixel_scale"]
+    s, scale, grid = ctx["stamp_size"], ctx["pixel_scale"], ctx["grid"]
     rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-    galaxy, params = galaxy_profile(rng, scale)
+    for _ in range(100):  # redraw galaxies that do not fit the stamp (same random stream)
+        galaxy, params = galaxy_profile(rng, scale)
+        kimage = galaxy.kimage(grid)
+        truth = grid.to_stamp(kimage)
+        if truth.sum() >= (1 - MAX_LOST_FLUX) * params["flux"]:
+            break
     k = int(rng.integers(ctx["n_psf"]))
     sigma = float(math.exp(rng.uniform(math.log(SIGMA_RANGE[0]), math.log(SIGMA_RANGE[1]))))
     noise = rng.normal(size=(s, s))
-    draw = dict(nx=s, ny=s, scale=scale, method="no_pixel", use_true_center=False)
-    truth = galaxy.drawImage(**draw).array.astype(np.float64)
-    import galsim
-
-    noiseless = galsim.Convolve(galaxy, _interp(k)).drawImage(**draw).array.astype(np.float64)
-    flux = float(truth.sum())
+    noiseless = grid.to_stamp(kimage * psf_kimage(k, ctx))
+    flux = float(truth.sum())  # flux in the stamp (the profile's flux less light beyond it)
     hlr, e1, e2 = _measure(truth, scale, flux)
     params.pop("merger")
     params.update(flux=flux, mag=ZEROPOINT - 2.5 * math.log10(flux), hlr=hlr, e1=e1, e2=e2,
                   snr=float(np.sqrt(np.sum(noiseless ** 2)) / sigma))
     return dict(observed=noiseless + sigma * noise, truth=truth, noiseless=noiseless,
-                sigma=sigma, psf_index=k, **params)
+                sigma=sigma, psf_index=k, galaxy=galaxy, **params)
 
 
 def _draw_chunk(bounds):
@@ -302,17 +382,23 @@ def _draw_chunk(bounds):
     return out
 
 
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _pool(workers, ctx):
-    if workers <= 1:
-        _init_worker(ctx)
-        return None
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                    initargs=(ctx,))
-
-
-def _map(pool, func, items):
-    return map(func, items) if pool is None else pool.imap(func, items)
+    """A pool of fresh ("spawn") processes with one BLAS thread each: the per-stamp matrix
+    products are small, and threaded BLAS in every worker oversubscribes the cores badly."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                         initargs=(ctx,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,31 +459,28 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
     t0 = time.time()
     pool = _pool(workers, ctx)
     try:
-        bank_fine = list(tqdm(_map(pool, _bank_entry, range(n_psf)), total=n_psf,
+        bank_fine = list(tqdm(pool.imap(_bank_entry, range(n_psf)), total=n_psf,
                               desc="PSF bank", disable=not progress))
+        pool.close()
+        pool.join()
         ctx["fine"] = [fine for _, fine in bank_fine]
-        if pool is None:
-            _init_worker(ctx)
-        else:
-            pool.close()
-            pool.join()
-            pool = _pool(workers, ctx)
+        pool = _pool(workers, ctx)
         snr = []
         with DatasetWriter(out, stamp_size, pixel_scale, BAND, ZEROPOINT, "synthetic",
                            description=description, seed=seed, compression=compression) as w:
             w.add_psfs(np.stack([bank for bank, _ in bank_fine]))
+            chunk = max(1, min(chunk, -(-n // (4 * workers))))  # keep every worker busy
             bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
             with tqdm(total=n, desc="synthetic stamps", unit="stamp", disable=not progress) as bar:
-                for part in _map(pool, _draw_chunk, bounds):
+                for part in pool.imap(_draw_chunk, bounds):
                     w.append(observed=part["observed"], sigma=part["sigma"],
                              psf_index=part["psf_index"], truth=part["truth"],
                              params={k: part[k] for k in PARAM_NAMES})
                     snr.append(part["snr"])
                     bar.update(len(part["sigma"]))
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        pool.terminate()
+        pool.join()
     seconds = time.time() - t0
     snr = np.concatenate(snr)
     return dict(n=n, n_psf=n_psf, path=os.path.abspath(os.fspath(out)), seconds=seconds,
