@@ -55,7 +55,7 @@ def test_config_rebuilds_model():
     torch.testing.assert_close(m(x)[0], m2(x)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("upsample", ["resize", "transpose"])
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest", "transpose"])
 def test_decoder_output_non_negative(upsample):
     torch.manual_seed(3)
     m = VQVAE(**SMALL, upsample=upsample, image_scale=7.0)
@@ -66,7 +66,7 @@ def test_decoder_output_non_negative(upsample):
 
 
 def test_works_in_physical_units():
-    """A model with image_scale=a sees x the way a model with scale 1 sees x/a; outputs scale by a."""
+    """A model with image_scale=a sees x as a model with scale 1 sees x/a; outputs scale by a."""
     torch.manual_seed(5)
     a = VQVAE(**SMALL, image_scale=1.0).eval()
     b = VQVAE(**SMALL, image_scale=250.0).eval()

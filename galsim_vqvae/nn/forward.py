@@ -91,5 +91,6 @@ def chi2(model, observed, sigma):
         Tensor [B] float32: ``mean over pixels of ((model - observed) / sigma)**2``.
     """
     with torch.autocast(device_type=model.device.type, enabled=False):
-        r = (model.float() - observed.float()) / sigma.float().reshape(-1, *([1] * (model.dim() - 1)))
+        sigma = sigma.float().reshape(-1, *([1] * (model.dim() - 1)))
+        r = (model.float() - observed.float()) / sigma
         return (r * r).flatten(1).mean(1)

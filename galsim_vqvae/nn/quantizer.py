@@ -66,7 +66,8 @@ class VectorQuantizer(nn.Module):
                  kmeans_iters=10, restart_every=100, restart_threshold=1.0, seed=0):
         super().__init__()
         if num_codes < 2 or embed_dim < 1:
-            raise ValueError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, {embed_dim}")
+            raise ValueError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, "
+                             f"{embed_dim}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.num_codes = num_codes
@@ -114,7 +115,8 @@ class VectorQuantizer(nn.Module):
         """
         b, d, h, w = z_e.shape
         if d != self.embed_dim:
-            raise ValueError(f"latents have {d} channels, the codebook has dimension {self.embed_dim}")
+            raise ValueError(f"latents have {d} channels, the codebook has dimension "
+                             f"{self.embed_dim}")
         with torch.autocast(device_type=z_e.device.type, enabled=False):  # codes in float32
             return self._quantize(z_e)
 
@@ -223,7 +225,8 @@ class VectorQuantizer(nn.Module):
             index, _ = ops.nearest_code(z, centres)
             count = self._histogram(index)
             total = torch.zeros_like(centres).index_add_(0, index, z)
-            centres = torch.where(count[:, None] > 0, total / count.clamp_min(1.0)[:, None], centres)
+            means = total / count.clamp_min(1.0)[:, None]
+            centres = torch.where(count[:, None] > 0, means, centres)
         count = count.clamp_min(1.0)
         self.codebook.copy_(centres)
         self.ema_count.copy_(count)

@@ -61,20 +61,20 @@ class Encoder(nn.Module):
 
 def upsample2(c_in, c_out, mode):
     """Double the resolution: a stride-2 4x4 transposed convolution (``"transpose"``), or a
-    nearest-neighbour resize followed by a 3x3 convolution (``"resize"``, free of the
-    checkerboard pattern that transposed convolutions leave in what the PSF does not constrain)."""
+    ``"nearest"`` or ``"bilinear"`` resize followed by a 3x3 convolution (free of the checkerboard
+    that transposed convolutions leave in the frequencies the PSF does not constrain)."""
     if mode == "transpose":
         return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
-    if mode == "resize":
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+    if mode in ("nearest", "bilinear"):
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
                              nn.Conv2d(c_in, c_out, 3, padding=1))
-    raise ValueError(f"upsample must be 'transpose' or 'resize', got {mode!r}")
+    raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
 
 
 class Decoder(nn.Module):
     """Latents [B, embed_dim, S/4, S/4] -> pre-activation image [B, 1, S, S]."""
 
-    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="resize"):
+    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear"):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(embed_dim, hidden, 3, padding=1),
@@ -109,14 +109,14 @@ class VQVAE(nn.Module):
         restart_every:      Dead-code window in updates (0: never restart). [default: 100]
         restart_threshold:  Uses per window below which a code is dead. [default: 1.0]
         seed:               Seed of the quantizer's k-means and restart draws. [default: 0]
-        upsample:           Decoder upsampling, ``"resize"`` (nearest x2 + 3x3 conv) or
-                            ``"transpose"`` (4x4 stride-2 transposed conv, which leaves a
-                            checkerboard in the frequencies the PSF removes). [default: "resize"]
+        upsample:           Decoder upsampling: ``"bilinear"`` or ``"nearest"`` (x2 resize + 3x3
+                            conv) or ``"transpose"`` (4x4 stride-2 transposed conv, which leaves a
+                            checkerboard in the frequencies the PSF removes). [default: "bilinear"]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
-                 restart_every=100, restart_threshold=1.0, seed=0, upsample="resize"):
+                 restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise ValueError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")

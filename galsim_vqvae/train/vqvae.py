@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
-from ..nn.forward import chi2, convolve_psf, psf_transform
+from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
@@ -63,7 +63,8 @@ def load_split(data, split, keys, limit=None):
         if missing:
             raise VQVAEInputError(f"in-memory dataset lacks arrays {missing}")
         n = len(data["observed"])
-        index = np.array([i for i in range(n) if (i % 10 == 9) == (split == "test")], dtype=np.int64)
+        index = np.arange(n, dtype=np.int64)
+        index = index[(index % 10 == 9) == (split == "test")]
         index = index[:limit] if limit is not None else index
         arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
         arrays["psf_bank"] = np.asarray(data["psf_bank"], dtype=np.float32)
@@ -116,7 +117,10 @@ class BatchSchedule:
         epoch, k = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g).to(self.device)
+            perm = torch.randperm(self.n, generator=g)
+            if torch.device(self.device).type == "cuda":  # no wait on the queued steps
+                perm = perm.pin_memory()
+            self._perm = perm.to(self.device, non_blocking=True)
             self._epoch = epoch
         return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
 
@@ -196,7 +200,6 @@ def _psf_lookup(psf_bank, psf_index, device):
     bank = torch.as_tensor(psf_bank, dtype=torch.float32, device=device)
     idx = torch.as_tensor(psf_index, dtype=torch.int64, device=device)
     n = bank.shape[-1]
-    from ..nn.forward import padded_size
     m = padded_size(n)
     if len(bank) * m * (m // 2 + 1) * 8 <= PSF_FT_CACHE_BYTES:
         bank_ft = psf_transform(bank)
@@ -239,7 +242,8 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             initialised by k-means on the encoder outputs: without it the
                             commitment loss collapses the encoder onto one code before the
                             decoder's (weak, mostly-empty-sky) gradient shapes it. [default: 200]
-        lr_schedule:        ``"constant"`` or ``"cosine"`` (to lr/10 at ``steps``). [default: "constant"]
+        lr_schedule:        ``"constant"`` or ``"cosine"`` (to lr/10 at ``steps``).
+                            [default: "constant"]
         compile:            ``torch.compile`` the encoder and decoder. [default: False]
         channels_last:      Channels-last convolutions [default: None, i.e. True on CUDA]
 
