@@ -235,4 +235,4 @@ def test_cache_bytes_formula():
         itemsize = torch.empty(0, dtype=dtype).element_size()
         assert caches.nbytes == cache_bytes(batch, layers, channels, width, kernel, codes, itemsize)
     # 15 layers, 128 channels, 21 wide, float32: 1.09 MB per map (docs/sampling.md)
-    assert cache_bytes(1, 15, 128, 21, 5, 512) == 1_091_584
+    assert cache_bytes(1, 15, 128, 21, 5, 512) == 1_091_076

@@ -67,7 +67,7 @@ def _check_arguments(prior, n, shape, cond, class_label, seeds, temperature, bat
 def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize=4):
     """Bytes of the caches and scratch buffers `sample_fast` holds for one batch.
 
-    ``itemsize * batch * (L*C*((p+1)*(W+2p) + 2W) + (L+1)*C*(W+p) + 5C + K)`` with
+    ``itemsize * batch * (L*C*((p+1)*(W+2p) + 2W) + (L+1)*C*(W+p) + 4C + 1 + K)`` with
     ``p = kernel_size // 2`` (derived in ``docs/sampling.md``); independent of the map height. The
     Gumbel noise of the batch (``4 * batch * H * W * K`` bytes, as in `sample_naive`) comes on top.
 
@@ -82,7 +82,7 @@ def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize
     """
     b, L, c, w, p, k = batch, layers, channels, width, kernel_size // 2, num_codes
     return itemsize * b * (L * c * ((p + 1) * (w + 2 * p) + 2 * w) + (L + 1) * c * (w + p)
-                           + 5 * c + k)
+                           + 4 * c + 1 + k)
 
 
 class _Weights:
@@ -90,7 +90,8 @@ class _Weights:
 
     For layer l: ``v_conv`` [2C, C, p+1, k] (used as is by F.conv2d), ``v_conv_b`` [2C];
     ``h_w`` [taps*C, 2C] with row ``t*C + c`` = ``h_conv.weight[:, c, 0, t]``; ``h_b`` [2C];
-    ``vh_w`` [2C, 2C] (transposed ``v_to_h``), ``vh_b`` [2C]; ``out_w`` [C, C], ``out_b`` [C].
+    ``vh_w`` [2C, 2C] (transposed ``v_to_h``), ``vh_b`` [2C]; ``out_wb`` [C+1, C]: transposed
+    ``h_out`` weight with its bias as the last row (the gate buffer ends with a column of ones).
     """
 
     def __init__(self, prior):
@@ -102,7 +103,7 @@ class _Weights:
                 h_w=layer.h_conv.weight[:, :, 0, :].permute(2, 1, 0).reshape(-1, c2).contiguous(),
                 h_b=layer.h_conv.bias,
                 vh_w=layer.v_to_h.weight[:, :, 0, 0].t().contiguous(), vh_b=layer.v_to_h.bias,
-                out_w=layer.h_out.weight[:, :, 0, 0].t().contiguous(), out_b=layer.h_out.bias))
+                out_wb=torch.cat([layer.h_out.weight[:, :, 0, 0].t(), layer.h_out.bias[None]])))
         conv1, conv2 = prior.head[1], prior.head[3]
         self.head1_w = conv1.weight[:, :, 0, 0].t().contiguous()
         self.head1_b = conv1.bias
@@ -122,7 +123,8 @@ class _Caches:
     ``h[l]``     [B, W+p, C]: layer l's horizontal input along the current row, zero-padded left
                  by p (``h[0]`` holds the embeddings of the codes drawn so far in the row);
                  ``h[L]`` is the last layer's output, the head's input.
-    Plus per-position scratch: ``pre`` [B, 2C], ``gate`` [B, C] and the head's activations.
+    Plus per-position scratch: ``pre`` [B, 2C], ``gate`` [B, C+1] (the gated units and a
+    constant 1 that picks ``h_out``'s bias), ``head`` [B, C] and ``logits`` [B, K].
     """
 
     def __init__(self, batch, num_layers, channels, width, pad, num_codes, dtype, device):
@@ -132,14 +134,12 @@ class _Caches:
         self.row = [torch.empty(b, w, 2 * c, **kw) for _ in range(num_layers)]
         self.h = [torch.zeros(b, w + p, c, **kw) for _ in range(num_layers + 1)]
         self.pre = torch.empty(b, 2 * c, **kw)
-        self.tanh = torch.empty(b, c, **kw)
-        self.gate = torch.empty(b, c, **kw)
-        self.head = torch.empty(b, c, **kw)  # h_out's output, then the head's hidden layer
+        self.gate = torch.ones(b, c + 1, **kw)
+        self.head = torch.empty(b, c, **kw)
         self.logits = torch.empty(b, num_codes, **kw)
 
     def tensors(self):
-        return [*self.v, *self.row, *self.h, self.pre, self.tanh, self.gate, self.head,
-                self.logits]
+        return [*self.v, *self.row, *self.h, self.pre, self.gate, self.head, self.logits]
 
     @property
     def nbytes(self):
@@ -181,43 +181,46 @@ def _vertical_row(weights, caches, biases, codes_row, first_row):
 
 
 class _PositionViews:
-    """Views into the caches for each (layer, column), made once per batch so that the loop over
-    positions only launches the arithmetic: ``window[l][j]`` [B, taps*C] (layer l's horizontal
-    input at columns j-p .. j, or .. j-1 for the first layer), ``row[l][j]`` [B, 2C],
-    ``resid[l][j]`` [B, C] (layer l's input at column j) and ``out[l][j]`` [B, C] (its output)."""
+    """Views into the caches, made once per batch so that the loop over positions only launches
+    the arithmetic. For layer l and column j: ``window[l][j]`` [B, taps*C] (layer l's horizontal
+    input at columns j-p .. j, or .. j-1 for the first layer), ``row[l][j]`` [B, 2C], ``resid[l][j]``
+    [B, C] (layer l's input at column j) and ``out[l][j]`` [B, C] (its output); ``embed[j]`` [B, C]
+    (the first layer's input at column j: the drawn code's embedding); for position (i, j):
+    ``codes[i][j]`` [B] and ``noise[i][j]`` [B, K]."""
 
-    def __init__(self, caches):
+    def __init__(self, caches, codes, noise):
         p = caches.h[0].shape[1] - caches.row[0].shape[1]
         batch, width, c2 = caches.row[0].shape
         c = c2 // 2
         layers = range(len(caches.row))
         cols = range(width)
-        self.pad, self.channels = p, c
         self.window = [[caches.h[l][:, j:j + (p if l == 0 else p + 1)].reshape(batch, -1)
                         for j in cols] for l in layers]
         self.row = [[caches.row[l][:, j] for j in cols] for l in layers]
         self.resid = [[caches.h[l][:, p + j] for j in cols] for l in layers]
         self.out = [[caches.h[l + 1][:, p + j] for j in cols] for l in layers]
         self.last = [caches.h[-1][:, p + j] for j in cols]
-        self.pre_a, self.pre_b = caches.pre[:, :c], caches.pre[:, c:]
+        self.embed = [caches.h[0][:, p + j] for j in cols]
+        self.codes = [[codes[:, i, j] for j in cols] for i in range(codes.shape[1])]
+        self.noise = [[noise[:, i, j] for j in cols] for i in range(codes.shape[1])]
+        self.pre_a = caches.pre[:, :c]
+        self.gate = caches.gate[:, :c]
 
 
 def _position(weights, caches, views, j):
     """Run the horizontal stack and the head at column ``j``; fills ``caches.logits``."""
-    pre, tanh_a, gate, lin = caches.pre, caches.tanh, caches.gate, caches.head
-    pre_a, pre_b = views.pre_a, views.pre_b
+    pre, gate, pre_a, gated = caches.pre, caches.gate, views.pre_a, views.gate
     for l, w in enumerate(weights.layers):
         torch.addmm(views.row[l][j], views.window[l][j], w["h_w"], out=pre)
-        torch.tanh(pre_a, out=tanh_a)
-        torch.sigmoid(pre_b, out=gate)
-        gate.mul_(tanh_a)
-        torch.addmm(w["out_b"], gate, w["out_w"], out=lin)  # contiguous out: no hidden copy
-        if l == 0:
-            views.out[l][j].copy_(lin)
-        else:
-            torch.add(lin, views.resid[l][j], out=views.out[l][j])
-    torch.addmm(weights.head1_b, F.elu(views.last[j]), weights.head1_w, out=lin)
-    torch.addmm(weights.head2_b, F.elu(lin), weights.head2_w, out=caches.logits)
+        pre_a.tanh_()
+        torch._C._nn.glu(pre, 1, out=gated)  # F.glu with out=: tanh(a) * sigmoid(b)
+        if l == 0:  # 'A' layer: no residual
+            torch.mm(gate, w["out_wb"], out=views.out[l][j])
+        else:       # h_out(gate) + its bias (the ones column) + the residual, in one call
+            torch.addmm(views.resid[l][j], gate, w["out_wb"], out=views.out[l][j])
+    head = caches.head
+    torch.addmm(weights.head1_b, F.elu(views.last[j]), weights.head1_w, out=head)
+    torch.addmm(weights.head2_b, F.elu(head, inplace=True), weights.head2_w, out=caches.logits)
 
 
 def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=None,
@@ -275,19 +278,18 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
                                  prior.num_codes, dtype, device)
                 codes = out[start:stop]
                 scores = torch.empty(batch, prior.num_codes, dtype=score_dtype, device=device)
-                views = _PositionViews(caches)
-                embed0 = caches.h[0]
+                views = _PositionViews(caches, codes, noise)
                 for i in range(height):
                     _vertical_row(weights, caches, biases, codes[:, i - 1] if i else None,
                                   first_row=(i == 0))
                     for j in range(width):
                         _position(weights, caches, views, j)
-                        # Exactly sample_naive's expression (same dtype promotion and order).
-                        torch.add(caches.logits.to(score_dtype) / temperature, noise[:, i, j],
-                                  out=scores)
-                        drawn = scores.argmax(dim=1)
-                        codes[:, i, j] = drawn
-                        embed0[:, pad + j] = weights.embedding[drawn]
+                        # sample_naive's expression, same dtype promotion and order:
+                        # logits.to(score_dtype) / temperature + noise[:, i, j], then argmax.
+                        torch.div(caches.logits.to(score_dtype), temperature, out=scores)
+                        scores += views.noise[i][j]
+                        drawn = torch.argmax(scores, dim=1, out=views.codes[i][j])
+                        torch.index_select(weights.embedding, 0, drawn, out=views.embed[j])
                     bar.update(batch * width)
     finally:
         bar.close()
