@@ -13,6 +13,17 @@ def tiny_emulator(tmp_path_factory):
     Its weights are random (seeded), so its galaxies are smooth positive blobs, not realistic
     ones; it exercises every code path at a fraction of the cost of the real model.
     """
+    from galsim_vqvae.emulator import Emulator
+
+    path = tmp_path_factory.mktemp("tiny_model") / "model.safetensors"
+    save_tiny_emulator(path)
+    return Emulator.load(path)
+
+
+def save_tiny_emulator(path):
+    """Build the `tiny_emulator` and save it to ``path`` (also usable from scripts:
+    ``python -c "import sys; sys.path.insert(0, 'tests'); import conftest;
+    conftest.save_tiny_emulator('tiny.safetensors')"``)."""
     import galsim
     import torch
 
@@ -42,6 +53,4 @@ def tiny_emulator(tmp_path_factory):
         "vqvae_config": vqvae.config, "prior_config": prior.config,
         "training_data": {"source": "random weights (test fixture)"},
     }
-    path = tmp_path_factory.mktemp("tiny_model") / "model.safetensors"
     Emulator(vqvae, prior, metadata, psf).save(path)
-    return Emulator.load(path)

@@ -1,0 +1,225 @@
+"""The GalSim config types: input ``vqvae_model`` and object ``VQVAEGalaxy``.
+
+Reproducibility is checked byte for byte on the FITS files GalSim writes, across image.nproc,
+output.nproc and ``galsim -n/-j`` job splits (through `galsim.config.Process(njobs, job)`, which
+is what the ``galsim`` command calls).
+"""
+
+import copy
+import logging
+import warnings
+
+import galsim
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import galsim_vqvae  # noqa: F401  (registers the config types)
+from galsim_vqvae import VQVAEGalaxy
+from galsim_vqvae.profile import ResolutionWarning
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def survey_config(model_path, out_dir, nobj=10, nfiles=2, batch_size=4):
+    return {
+        "modules": ["galsim_vqvae"],
+        "input": {"vqvae_model": {"file_name": str(model_path), "batch_size": batch_size}},
+        "psf": {"type": "Kolmogorov", "fwhm": 0.7},
+        "gal": {
+            "type": "VQVAEGalaxy",
+            "conditions": {"mag": {"type": "Random", "min": 21, "max": 24},
+                           "hlr": {"type": "Random", "min": 0.3, "max": 1.2}},
+            "flux": {"type": "Random", "min": 500, "max": 3000},
+            "shear": {"type": "G1G2", "g1": 0.02, "g2": -0.01},
+            "rotate": {"type": "Random"},
+        },
+        "image": {"type": "Scattered", "size": 80, "pixel_scale": 0.2, "nobjects": nobj,
+                  "random_seed": 31415,
+                  "noise": {"type": "CCD", "sky_level": 50, "gain": 1.5, "read_noise": 4}},
+        "output": {"type": "Fits", "dir": str(out_dir), "nfiles": nfiles,
+                   "file_name": {"type": "FormattedStr", "format": "img%d.fits",
+                                 "items": [{"type": "Sequence", "first": 0}]},
+                   "truth": {"file_name": {"type": "FormattedStr", "format": "truth%d.fits",
+                                           "items": [{"type": "Sequence", "first": 0}]},
+                             "columns": {"mag": "gal.conditions.mag",
+                                         "hlr": "gal.conditions.hlr",
+                                         "flux": "gal.flux", "pos": "image_pos"}}},
+    }
+
+
+def run(config, **kwargs):
+    config = copy.deepcopy(config)
+    galsim.config.Process(config, except_abort=True, **kwargs)
+    return config
+
+
+def file_bytes(out_dir, nfiles=2):
+    return [(out_dir / f"{kind}{i}.fits").read_bytes() for i in range(nfiles)
+            for kind in ("img", "truth")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_emulator, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    config = survey_config(tiny_emulator.path, out)
+    run(config)
+    return config, out, file_bytes(out)
+
+
+def test_same_output_whatever_nproc(tiny_emulator, reference_run, tmp_path):
+    config, _, ref = reference_run
+    for where, key in (("image", "nproc"), ("output", "nproc")):
+        out = tmp_path / f"{where}_{key}"
+        out.mkdir()
+        cfg = survey_config(tiny_emulator.path, out)
+        cfg[where][key] = 2
+        run(cfg)
+        assert file_bytes(out) == ref, f"{where}.{key}=2 differs from nproc=1"
+
+
+def test_same_output_whatever_job_split(tiny_emulator, reference_run, tmp_path):
+    """``galsim -n 2 -j 1`` then ``-j 2`` writes the files a single job writes."""
+    _, _, ref = reference_run
+    cfg = survey_config(tiny_emulator.path, tmp_path)
+    run(cfg, njobs=2, job=1)
+    assert (tmp_path / "img0.fits").exists() and not (tmp_path / "img1.fits").exists()
+    run(cfg, njobs=2, job=2)
+    assert file_bytes(tmp_path) == ref
+
+
+def test_images_and_truth(reference_run):
+    config, out, _ = reference_run
+    for i in range(2):
+        image = fits.getdata(out / f"img{i}.fits")
+        truth = fits.getdata(out / f"truth{i}.fits")
+        assert image.shape == (80, 80) and np.all(np.isfinite(image))
+        assert len(truth) == 10
+        assert np.all((truth["mag"] >= 21) & (truth["mag"] <= 24))
+        assert np.all((truth["hlr"] >= 0.3) & (truth["hlr"] <= 1.2))
+        assert np.all((truth["flux"] >= 500) & (truth["flux"] <= 3000))
+        assert len(set(truth["mag"])) == 10
+        # The galaxies are there: the image minus the sky holds their total flux (CCD noise).
+        assert image.sum() > 0.5 * truth["flux"].sum()
+    a, b = (fits.getdata(out / f"img{i}.fits") for i in range(2))
+    assert not np.array_equal(a, b)
+
+
+def single_config(model_path, **gal):
+    return {
+        "modules": ["galsim_vqvae"],
+        "input": {"vqvae_model": {"file_name": str(model_path)}},
+        "psf": {"type": "Kolmogorov", "fwhm": 0.7},
+        "gal": dict({"type": "VQVAEGalaxy", "conditions": {"mag": 22.0, "hlr": 0.5},
+                     "flux": 1500.0, "shear": {"type": "G1G2", "g1": 0.03, "g2": 0.01}}, **gal),
+        "image": {"type": "Single", "size": 32, "pixel_scale": 0.2, "random_seed": 2718},
+    }
+
+
+def test_config_build_equals_python_build(tiny_emulator):
+    config = single_config(tiny_emulator.path)
+    image = galsim.config.BuildImage(config)
+    seed = config["obj_num_seed"]  # the per-object seed GalSim used for this object
+    gal = VQVAEGalaxy(tiny_emulator.path, conditions={"mag": 22.0, "hlr": 0.5}, flux=1500.0,
+                      rng=galsim.BaseDeviate(seed))
+    ref = galsim.Convolve(gal.shear(g1=0.03, g2=0.01), galsim.Kolmogorov(fwhm=0.7)).drawImage(
+        nx=32, ny=32, scale=0.2)
+    np.testing.assert_array_equal(image.array, ref.array)
+    # with index: independent of the rng and of the seed
+    config = single_config(tiny_emulator.path, index=17)
+    image = galsim.config.BuildImage(config)
+    gal = VQVAEGalaxy(tiny_emulator, index=17, conditions={"mag": 22.0, "hlr": 0.5}, flux=1500.)
+    ref = galsim.Convolve(gal.shear(g1=0.03, g2=0.01), galsim.Kolmogorov(fwhm=0.7)).drawImage(
+        nx=32, ny=32, scale=0.2)
+    np.testing.assert_array_equal(image.array, ref.array)
+
+
+def test_batched_generation(tiny_emulator, tmp_path):
+    """10 objects in blocks of 4: 3 network calls; each galaxy is its own seed's galaxy."""
+    records = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("test_vqvae_batching")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Handler())
+    config = survey_config(tiny_emulator.path, tmp_path, nfiles=1)
+    galsim.config.Process(copy.deepcopy(config), logger=logger, except_abort=True)
+    batches = [m for m in records if "in one batch" in m]
+    expected = ["VQVAEGalaxy: generated 4 galaxies in one batch (objects 0..3)",
+                "VQVAEGalaxy: generated 4 galaxies in one batch (objects 4..7)",
+                "VQVAEGalaxy: generated 2 galaxies in one batch (objects 8..9)"]
+    assert batches == expected
+
+
+def test_batch_matches_alone(tiny_emulator):
+    """A galaxy generated in a block equals (to float precision) the same seed generated alone."""
+    cfg = single_config(tiny_emulator.path)
+    cfg["image"] = {"type": "Tiled", "nx_tiles": 3, "ny_tiles": 1, "stamp_size": 24,
+                    "pixel_scale": 0.2, "random_seed": 99}
+    cfg["input"]["vqvae_model"]["batch_size"] = 3
+    cfg["gal"]["conditions"]["mag"] = {"type": "Sequence", "first": 21, "step": 1}
+    cfg["gal"]["index"] = "$obj_num + 100"
+    image = galsim.config.BuildImage(cfg)
+    for k in range(3):
+        gal = VQVAEGalaxy(tiny_emulator, index=100 + k, conditions={"mag": 21. + k, "hlr": 0.5},
+                          flux=1500.)
+        ref = galsim.Convolve(gal.shear(g1=0.03, g2=0.01), galsim.Kolmogorov(fwhm=0.7))
+        ref = ref.drawImage(nx=24, ny=24, scale=0.2)
+        stamp = image[galsim.BoundsI(1 + 24 * k, 24 * (k + 1), 1, 24)].array
+        np.testing.assert_allclose(stamp, ref.array, rtol=1e-5, atol=1e-5 * ref.array.max())
+
+
+def test_config_errors(tiny_emulator, tmp_path):
+    def build(cfg):
+        return galsim.config.BuildImage(cfg)
+
+    cfg = single_config(tiny_emulator.path, fluxx=3.0)
+    with pytest.raises(galsim.GalSimConfigError, match="fluxx"):
+        build(cfg)
+    cfg = single_config(tiny_emulator.path)
+    cfg["gal"]["conditions"] = {"mag": 22.0, "size": 0.5}
+    with pytest.raises(galsim.GalSimConfigError, match=r"unknown label\(s\) \['size'\].*"
+                                                       r"\['mag', 'hlr'\]"):
+        build(cfg)
+    cfg = single_config(tiny_emulator.path)
+    cfg["gal"]["conditions"] = {"mag": 30.0, "hlr": 0.5}
+    with pytest.raises(galsim.GalSimRangeError, match="'mag' = 30"):
+        build(cfg)
+    for field, value, match in (("file_name", str(tmp_path / "nope.safetensors"), "no such"),
+                                ("batch_size", 0, "batch_size"), ("device", "gpu", "device"),
+                                ("resolution_policy", "loud", "resolution_policy"),
+                                ("file_nam", "default", "file_nam")):
+        cfg = single_config(tiny_emulator.path)
+        cfg["input"]["vqvae_model"][field] = value
+        with pytest.raises(galsim.GalSimConfigError, match=match):
+            build(cfg)
+    cfg = single_config(tiny_emulator.path)
+    del cfg["input"]
+    with pytest.raises(galsim.GalSimConfigError, match="vqvae_model"):
+        build(cfg)
+
+
+def test_config_resolution_rule(tiny_emulator):
+    cfg = single_config(tiny_emulator.path)
+    cfg["psf"] = {"type": "Gaussian", "fwhm": 0.05}
+    cfg["image"]["pixel_scale"] = 0.01
+    with pytest.warns(ResolutionWarning, match="narrower"):
+        galsim.config.BuildImage(copy.deepcopy(cfg))
+    cfg["input"]["vqvae_model"]["resolution_policy"] = "raise"
+    with pytest.raises(galsim.GalSimRangeError, match="narrower"):
+        galsim.config.BuildImage(copy.deepcopy(cfg))
+    cfg["input"]["vqvae_model"]["resolution_policy"] = "ignore"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResolutionWarning)
+        galsim.config.BuildImage(copy.deepcopy(cfg))
