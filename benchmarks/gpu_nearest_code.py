@@ -257,6 +257,17 @@ def main():
     say("opcheck + torch.compile (inductor) on CUDA:", checks["opcheck_and_compile"])
     results["checks"] = checks
 
+    # How many rows take the exact re-check (diagnostic: synchronises, so not timed).
+    os.environ["GALSIM_VQVAE_CUDA_STATS"] = "1"
+    for kernel in KERNELS:
+        set_kernel(kernel)
+        for n, d, k in shapes:
+            g = torch.Generator(device="cuda").manual_seed(n + k)
+            ops.nearest_code(torch.randn(n, d, device="cuda", generator=g),
+                             torch.randn(k, d, device="cuda", generator=g))
+            torch.cuda.synchronize()
+    os.environ["GALSIM_VQVAE_CUDA_STATS"] = "0"
+
     # Timings.
     results["ceiling_tflops"] = ceil = ceilings()
     say(f"measured ceilings: fp32 {ceil['fp32']:.1f}, tf32 {ceil['tf32']:.1f} TFLOP/s")

@@ -22,6 +22,7 @@
 #include <Python.h>
 
 #include <cfloat>
+#include <cstdio>
 #include <cstdlib>
 
 #include "../exact.h"
@@ -89,11 +90,15 @@ __device__ __forceinline__ void settle(const float* __restrict__ z, const float*
   const double cmax2 = __longlong_as_double((long long)cmax2_bits);
   double e;
   if (tensor_cores) {
-    // Products of the tf32 splits are exact; the dropped small*small term and the split errors
-    // are below 3 * 2^-22 |z_j c_j|; the tensor core's float32 accumulation (truncating) adds at
-    // most 2^-22 of the running magnitude per term (3D terms). Plus |c|^2 rounding, the last
-    // subtraction, and flushed subnormal parts. Twice all that.
-    e = 2.0 * ((3.0 * d + 8.0) * 2.384185791015625e-07) * (2.0 * zn2 + 4.0 * cmax2) +
+    // z.c from 3xTF32 (see search_tc_kernel): splitting and the dropped small*small product
+    // cost at most 3 * 2^-22 sum_j |z_j c_j|; each block of 8 d's (24 exact products, three chained
+    // mma) is summed by the tensor core with at most 32 * 2^-23 = 2^-18 of its absolute sum
+    // (truncation, per Fasi et al. 2021; generous), and the D/8 blocks are added in float32
+    // (gamma_{D/8+1}). With sum |z_j c_j| <= (|z|^2 + |c|^2) / 2, the |c|^2 rounding and the last
+    // subtraction as for the float32 kernel, twice all that, plus flushed subnormal parts.
+    const double coef = 3.0 * 2.384185791015625e-07 + 3.814697265625e-06 +
+                        exact::gamma(d / 8 + 2, 1.0 / 16777216.0) + 1.1920928955078125e-07;
+    e = 2.0 * coef * (2.0 * zn2 + 4.0 * cmax2) +
         8.0 * (3.0 * d + 4.0) * 1.1754943508222875e-38 * (1.0 + zn2 + cmax2);
   } else {
     e = 2.0 * exact::gamma(d + 4, 1.0 / 16777216.0) * (2.0 * zn2 + 4.0 * cmax2) +
@@ -285,9 +290,14 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
           const uint32_t bl[2] = {__float_as_uint(cl[cbase]), __float_as_uint(cl[cbase + 4])};
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
-            mma_tf32(acc[mi][ni], al[mi], bb);
-            mma_tf32(acc[mi][ni], ab[mi], bl);
-            mma_tf32(acc[mi][ni], ab[mi], bb);
+            // One block of 8 d's from zero, then a rounded float32 add: the tensor core's
+            // truncating accumulation only ever sees these 24 exact products.
+            float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_tf32(tmp, al[mi], bb);
+            mma_tf32(tmp, ab[mi], bl);
+            mma_tf32(tmp, ab[mi], bb);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[mi][ni][q] += tmp[q];
           }
         }
       }
@@ -338,11 +348,26 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
   }
 }
 
+// One warp per listed row; 4 groups of 8 lanes each take one code at a time (lanes split D, so
+// code rows are read coalesced), keep the best code in the exact order of exact.h, and the four
+// groups' winners are merged at the end. The float64 distance is summed in a different order than
+// exact::distance64; its error bound (gamma_{D+3}) holds for any order.
+__device__ __forceinline__ double group_distance64(const float* zr, const float* c, int d, int sub) {
+  double acc = 0.0;
+  for (int j = sub; j < d; j += 8) {
+    double t = (double)zr[j] - (double)c[j];
+    acc = fma(t, t, acc);
+  }
+#pragma unroll
+  for (int off = 4; off >= 1; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
 __global__ void recheck_kernel(const float* __restrict__ z, const float* __restrict__ cb,
                                int64_t k, int d, const int* __restrict__ list,
                                const int* __restrict__ list_len, int64_t* __restrict__ index,
                                float* __restrict__ dist) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, grp = lane >> 3, sub = lane & 7;
   const int warps = (gridDim.x * blockDim.x) >> 5;
   const double rel = exact::distance64_bound(d);
   const int len = *list_len;
@@ -351,14 +376,16 @@ __global__ void recheck_kernel(const float* __restrict__ z, const float* __restr
     const float* zr = z + row * d;
     int64_t bk = -1;
     double bd = 0.0;
-    for (int64_t c = lane; c < k; c += 32) {
-      double dc = exact::distance64(zr, cb + c * d, d);
-      if (bk < 0 || exact::better(zr, cb, d, c, dc, bk, bd, rel)) {
+    for (int64_t c0 = 0; c0 < k; c0 += 4) {
+      const int64_t c = c0 + grp;
+      const bool valid = c < k;
+      const double dc = group_distance64(zr, cb + (valid ? c : 0) * d, d, sub);
+      if (valid && (bk < 0 || exact::better(zr, cb, d, c, dc, bk, bd, rel))) {
         bk = c;
         bd = dc;
       }
     }
-    for (int off = 16; off >= 1; off >>= 1) {
+    for (int off = 8; off <= 16; off <<= 1) {
       int64_t ok = __shfl_xor_sync(0xffffffffu, bk, off);
       double od = __shfl_xor_sync(0xffffffffu, bd, off);
       if (ok >= 0 && (bk < 0 || exact::better(zr, cb, d, ok, od, bk, bd, rel))) {
@@ -368,7 +395,7 @@ __global__ void recheck_kernel(const float* __restrict__ z, const float* __restr
     }
     if (lane == 0) {
       index[row] = bk;
-      dist[row] = (float)bd;
+      dist[row] = (float)exact::distance64(zr, cb + bk * d, d);
     }
   }
 }
@@ -439,6 +466,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
       z.data_ptr<float>(), codebook.data_ptr<float>(), k, (int)d, list, list_len,
       index.data_ptr<int64_t>(), dist.data_ptr<float>());
   GVQ_CUDA_CHECK(cudaGetLastError());
+  const char* stats_env = std::getenv("GALSIM_VQVAE_CUDA_STATS");
+  if (stats_env && stats_env[0] == '1') {  // diagnostics: how many rows took the exact re-check
+    int len = 0;
+    GVQ_CUDA_CHECK(cudaMemcpyAsync(&len, list_len, sizeof(int), cudaMemcpyDeviceToHost, stream));
+    GVQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    fprintf(stderr, "galsim_vqvae nearest_code (CUDA, %s): N=%lld D=%lld K=%lld, %d rows re-checked\n",
+            use_tc ? "3xTF32" : "fp32", (long long)n, (long long)d, (long long)k, len);
+  }
   return {index, dist};
 }
 
