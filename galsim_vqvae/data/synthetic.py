@@ -337,11 +337,15 @@ def psf_kimage(k, ctx=None):
 
 
 def _bank_entry(k):
+    import galsim
+
     ctx = _CTX
     if ctx["psf"] == "optical":
         profile = optical_psf(ctx["seed"], k)
     else:
         profile = ctx["profiles"][k]
+    if ctx.get("detector_pixel"):
+        profile = galsim.Convolve(profile, galsim.Pixel(ctx["detector_pixel"]))
     return effective_psf(profile, ctx["stamp_size"], ctx["pixel_scale"])
 
 
@@ -404,7 +408,7 @@ def _pool(workers, ctx):
 # ------------------------------------------------------------------------------------------------
 def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="optical",
                            psf_file=None, n_psf=64, workers=2, chunk=256, progress=True,
-                           compression=None, psf_pixel_scale=None):
+                           compression=None, psf_pixel_scale=None, detector_pixel=None):
     """Render a synthetic CANDELS-like F160W galaxy dataset with noiseless truth.
 
     Parameters:
@@ -425,6 +429,9 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
         compression:    HDF5 compression: None, "lzf" or "gzip". [default: None]
         psf_pixel_scale: Pixel scale of ``psf_file``'s images if their headers lack one.
                         [default: None, i.e. 0.03]
+        detector_pixel: Side (arcsec) of a native detector pixel to convolve every PSF with
+                        before the stamp pixel, e.g. 0.128 for WFC3/IR, whose drizzled F160W
+                        PSF (FWHM ~0.18") is broader than the optics alone. [default: None]
 
     Returns:
         dict: ``n``, ``n_psf``, ``path``, ``seconds``, ``stamps_per_second``, ``snr_percentiles``
@@ -444,7 +451,8 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
     if seed is None or int(seed) < 0:
         raise VQVAEInputError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
-    ctx = dict(seed=seed, stamp_size=int(stamp_size), pixel_scale=float(pixel_scale), psf=psf)
+    ctx = dict(seed=seed, stamp_size=int(stamp_size), pixel_scale=float(pixel_scale), psf=psf,
+               detector_pixel=float(detector_pixel) if detector_pixel else None)
     if psf == "optical":
         description = (f"synthetic CANDELS-like F160W galaxies (bulge+disk+clumps, "
                        f"{MERGER_FRACTION:.0%} mergers) through {n_psf} OpticalPSFs")
