@@ -210,8 +210,6 @@ _IGNORE = ["conditions"]
 
 def _parse(config, base, model, ignore, logger):
     """Parse a VQVAEGalaxy config dict into (request, kwargs for the galaxy)."""
-    opt = VQVAEGalaxy._opt_params
-    kwargs, _ = GetAllParams(config, base, opt=opt, ignore=ignore + _IGNORE)
     info = model.info
     conditions = None
     if "conditions" in config:
@@ -226,6 +224,8 @@ def _parse(config, base, model, ignore, logger):
         conditions = {k: ParseValue(cond, k, base, float)[0] for k in info.condition_names
                       if k in cond}
     conditions = info.check_conditions(conditions)
+    # After the conditions, so that e.g. flux: '$f(@gal.conditions.mag)' finds them evaluated.
+    kwargs, _ = GetAllParams(config, base, opt=VQVAEGalaxy._opt_params, ignore=ignore + _IGNORE)
     index = kwargs.pop("index", None)
     if index is not None:
         seed = index_seed(index)
