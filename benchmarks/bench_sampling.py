@@ -4,6 +4,9 @@ As a pytest-benchmark suite (prints the ratio table at the end; ``-s`` to see it
 
     PYTHONPATH=. python -m pytest benchmarks/bench_sampling.py -s
 
+The table gives code maps/s of both, their ratio, and the fast sampler's time over one full forward
+pass of the prior on the same batch (how far it is from its arithmetic floor).
+
 As a script that prints a table (``--threads N`` sets torch's thread count, ``--full-naive`` runs the
 naive sampler over every position instead of extrapolating)::
 
@@ -47,6 +50,18 @@ def time_fast(prior, batch, seed=0):
     start = time.perf_counter()
     sample_fast(prior, batch, SHAPE, seeds=seeds)
     return time.perf_counter() - start
+
+
+def time_forward(prior, batch):
+    """Seconds for one full forward pass of the prior on ``batch`` maps (the arithmetic floor of
+    the cached sampler, which does the same multiply-adds spread over H*W steps)."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, prior.num_codes, (batch, *SHAPE), generator=gen)
+    with torch.no_grad():
+        prior(codes)
+        start = time.perf_counter()
+        prior(codes)
+        return time.perf_counter() - start
 
 
 def time_naive(prior, batch, seed=0, positions=NAIVE_POSITIONS):
@@ -106,14 +121,17 @@ def test_sampling(benchmark, method, name, batch):
 def format_table(results):
     lines = [f"sampling {SHAPE[0]}x{SHAPE[1]} maps, K={NUM_CODES}, float32, CPU, "
              f"torch threads={torch.get_num_threads()}",
-             f"{'prior':>8} {'batch':>5} {'naive maps/s':>13} {'fast maps/s':>12} {'ratio':>7}"]
+             f"{'prior':>8} {'batch':>5} {'naive maps/s':>13} {'fast maps/s':>12} {'ratio':>7}"
+             f" {'fast/forward':>13}"]
     for name in PRIORS:
         for batch in BATCHES:
             naive, fast = results.get((name, batch, "naive")), results.get((name, batch, "fast"))
             if naive is None or fast is None:
                 continue
+            forward = results.get((name, batch, "forward"))
             lines.append(f"{name:>8} {batch:>5} {batch / naive:>13.4g} {batch / fast:>12.4g} "
-                         f"{naive / fast:>7.1f}")
+                         f"{naive / fast:>7.1f}"
+                         + (f" {fast / forward:>13.1f}" if forward else ""))
     return "\n".join(lines)
 
 
@@ -175,13 +193,15 @@ def main():
         prior = make_prior(name)
         sample_fast(prior, 1, (3, 3), seeds=[0])  # warm-up
         for batch in BATCHES:
-            fast, naive = [], []
+            fast, naive, forward = [], [], []
             for r in range(args.repeats):  # interleaved, so both see the same machine load
                 naive.append(time_naive(prior, batch, r,
                                         positions=None if args.full_naive else NAIVE_POSITIONS))
                 fast.append(time_fast(prior, batch, r))
+                forward.append(time_forward(prior, batch))
             results[(name, batch, "naive")] = min(naive)
             results[(name, batch, "fast")] = min(fast)
+            results[(name, batch, "forward")] = min(forward)
             print(f"{name} batch {batch}: naive {min(naive):.2f} s, fast {min(fast):.3f} s",
                   flush=True)
     print(format_table(results))

@@ -113,7 +113,7 @@ class _Weights:
 
 
 class _Caches:
-    """Every tensor the sampler keeps for one batch of B maps (channels-last).
+    """Every tensor the sampler keeps for one batch of B maps (the row buffers channels-last).
 
     ``v[l]``     [B, C, p+1, W+2p]: the last p+1 rows of layer l's vertical input, zero-padded
                  left and right by p (rows above the map are zeros: the top padding).
@@ -194,7 +194,7 @@ class _PositionViews:
         c = c2 // 2
         layers = range(len(caches.row))
         cols = range(width)
-        self.window = [[caches.h[l][:, j:j + (p if l == 0 else p + 1)].reshape(batch, -1)
+        self.window = [[caches.h[l][:, j:j + (p if l == 0 else p + 1)].view(batch, -1)
                         for j in cols] for l in layers]
         self.row = [[caches.row[l][:, j] for j in cols] for l in layers]
         self.resid = [[caches.h[l][:, p + j] for j in cols] for l in layers]
