@@ -183,11 +183,13 @@ def _target_fwhm(psf, pixel_scale):
     except (KeyError, TypeError):
         pass
     prof = psf if not pixel_scale else galsim.Convolve(psf, galsim.Pixel(pixel_scale))
-    fwhm = getattr(prof, "fwhm", None)
-    if fwhm is None:
-        # Measured on the drawn profile, at a scale fine enough to resolve it.
-        scale = min(prof.nyquist_scale, 0.2 * (pixel_scale or prof.nyquist_scale))
-        fwhm = prof.calculateFWHM(scale=scale)
+    try:
+        fwhm = prof.fwhm  # exact where GalSim knows it (Gaussian, Kolmogorov, Moffat...)
+    except (AttributeError, galsim.GalSimNotImplementedError):
+        # Measured on the profile drawn at a scale fine enough to resolve it.
+        scale = min(prof.nyquist_scale, 0.2 * (pixel_scale or prof.nyquist_scale)) / 2
+        image = prof.drawImage(scale=scale, method="no_pixel")
+        fwhm = image.calculateFWHM()
     fwhm = float(fwhm)
     try:
         _fwhm_cache[key] = fwhm
