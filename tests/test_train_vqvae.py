@@ -179,3 +179,15 @@ def test_trains_from_a_dataset_file(toy, tmp_path):
     cut.write_bytes(path.read_bytes()[:4096])
     with pytest.raises(VQVAEFormatError):
         _run(os.fspath(cut), tmp_path / "y", 2)
+
+
+def test_save_gallery(tmp_path):
+    from galsim_vqvae.plots import save_gallery
+
+    rng = np.random.default_rng(9)
+    cols = {"a": rng.random((3, 16, 16)), "b": rng.random((3, 24, 24))}
+    save_gallery(tmp_path / "g.png", cols, title="t", stretch="linear")
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(VQVAEInputError, match="one n"):
+        save_gallery(tmp_path / "h.png", {"a": cols["a"], "b": cols["b"][:2]})
+    assert not (tmp_path / "h.png").exists()
