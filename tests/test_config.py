@@ -223,3 +223,25 @@ def test_config_resolution_rule(tiny_emulator):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResolutionWarning)
         galsim.config.BuildImage(copy.deepcopy(cfg))
+
+
+def test_mock_survey_example_runs(tiny_emulator, tmp_path):
+    """examples/mock_survey.yaml (the main job) runs, here with the tiny model and 6 galaxies,
+    and its preview script writes a PNG."""
+    import importlib.util
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    config = galsim.config.ReadConfig(str(examples / "mock_survey.yaml"))[0]
+    galsim.config.Process(config, except_abort=True, new_params={
+        "input.vqvae_model.file_name": str(tiny_emulator.path), "image.nobjects": 6,
+        "image.size": 96, "output.dir": str(tmp_path)})
+    image = fits.getdata(tmp_path / "mock_survey.fits")
+    truth = fits.getdata(tmp_path / "mock_survey_truth.fits")
+    assert image.shape == (96, 96) and len(truth) == 6
+    np.testing.assert_allclose(truth["flux"], 10 ** (-0.4 * (truth["mag"] - 30.0)), rtol=1e-12)
+    spec = importlib.util.spec_from_file_location("preview", examples / "preview.py")
+    preview = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preview)
+    preview.main([str(tmp_path / "mock_survey.fits"), str(tmp_path / "preview.png")])
+    assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
