@@ -108,14 +108,16 @@ def main(argv=None):
           f"{args.stamp_size}x{args.stamp_size} stamps, default model, "
           f"compile={args.compile}, channels_last={cuda and not args.no_channels_last}, "
           f"median of {repeats} steps after {warmup}")
-    print(f"{'batch':>6} {'PSF layers':>11} {'ms/step':>9} {'images/s':>10}")
+    print(f"{'batch':>6} {'PSF layers':>11} {'ms/step':>9} {'images/s':>10} {'with/without':>13}")
     for b in args.batch_sizes:
+        sec = {}
         for layers in (True, False):
-            sec = time_steps(b, layers, args.device, warmup, repeats, compile=args.compile,
-                             channels_last=False if args.no_channels_last else None,
-                             stamp_size=args.stamp_size)
-            print(f"{b:>6} {'yes' if layers else 'no':>11} {1000 * sec:>9.2f} {b / sec:>10.0f}",
-                  flush=True)
+            sec[layers] = time_steps(b, layers, args.device, warmup, repeats, compile=args.compile,
+                                     channels_last=False if args.no_channels_last else None,
+                                     stamp_size=args.stamp_size)
+            ratio = f"{sec[True] / sec[False]:>13.3f}" if not layers else ""
+            print(f"{b:>6} {'yes' if layers else 'no':>11} {1000 * sec[layers]:>9.2f} "
+                  f"{b / sec[layers]:>10.0f} {ratio}", flush=True)
 
 
 if __name__ == "__main__":
