@@ -35,8 +35,8 @@ from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, Parse
                            RegisterInputType, RegisterObjectType)
 from galsim.errors import GalSimConfigError, GalSimConfigValueError
 
-from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, check_psf, generate,
-                      get_emulator, index_seed, rng_seed)
+from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, _target_fwhm, check_psf,
+                      generate, get_emulator, index_seed, rng_seed)
 
 __all__ = ["VQVAEModel", "VQVAEModelLoader", "BuildVQVAEGalaxy"]
 
@@ -94,12 +94,13 @@ class VQVAEModel:
     def _reset(self):
         self._images = {}        # request key -> generated image, for the current image
         self._blocks = set()     # blocks generated for the current image
-        self._checked_psfs = {}  # id of a PSF object -> (psf, checked)
+        self._last_psf = {}  # the last PSF checked and its pixel scale
+        self._warned = set()     # target FWHMs warned about
         self.calls = 0           # network calls made in this process (for tests and logs)
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d.update(_images={}, _blocks=set(), _checked_psfs={})
+        d.update(_images={}, _blocks=set(), _last_psf={}, _warned=set())
         return d
 
     @property
@@ -163,15 +164,21 @@ class VQVAEModel:
             self._images[r.key] = im
 
     def check_psf(self, psf, pixel_scale, logger):
-        """Apply the resolution rule to the stamp's PSF, once per distinct PSF object."""
-        entry = self._checked_psfs.get(id(psf))
-        if entry is not None and entry[0] is psf:
+        """Apply the resolution rule to the stamp's PSF; warn (and log) once per distinct
+        target FWHM in this process."""
+        if self.resolution_policy == "ignore":
             return
-        ok = check_psf(self.info.psf_fwhm, psf, pixel_scale, self.resolution_policy)
-        if not ok:
-            logger.warning("VQVAEGalaxy: the PSF %s is narrower than the model's training PSF "
-                           "(FWHM %.4g\")", psf, self.info.psf_fwhm)
-        self._checked_psfs[id(psf)] = (psf, True)
+        last = self._last_psf
+        if last.get("psf") is psf and last.get("scale") == pixel_scale:
+            return  # the same (safe, reused) PSF object as the previous stamp
+        fwhm = _target_fwhm(psf, pixel_scale)
+        if fwhm < self.info.psf_fwhm and round(fwhm, 4) not in self._warned:
+            # raises under "raise"; under "warn", warns once per distinct FWHM
+            check_psf(self.info.psf_fwhm, psf, pixel_scale, self.resolution_policy)
+            self._warned.add(round(fwhm, 4))
+            logger.warning("VQVAEGalaxy: a PSF of FWHM %.4g\" (pixel included) is narrower than "
+                           "the model's training PSF (FWHM %.4g\")", fwhm, self.info.psf_fwhm)
+        self._last_psf = {"psf": psf, "scale": pixel_scale}
 
 
 class VQVAEModelLoader(InputLoader):

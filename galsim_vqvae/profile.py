@@ -191,6 +191,8 @@ def _target_fwhm(psf, pixel_scale):
         image = prof.drawImage(scale=scale, method="no_pixel")
         fwhm = image.calculateFWHM()
     fwhm = float(fwhm)
+    if len(_fwhm_cache) > 4096:  # PSFs that vary per object: keep the cache bounded
+        _fwhm_cache.clear()
     try:
         _fwhm_cache[key] = fwhm
     except TypeError:
