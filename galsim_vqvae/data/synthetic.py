@@ -29,7 +29,8 @@ COUNT_SLOPE = 0.27         # d log10 N / d mag of the H-band number counts at 20
 SIGMA_RANGE = (0.0025, 0.02)  # per-pixel noise sigma (e-/s), log-uniform
 SOFTENING = 2.0 / 3.0      # resolution floor: Gaussian sigma in pixels convolved with every galaxy
 MERGER_FRACTION = 0.12
-MAX_LOST_FLUX = 0.03       # galaxies with more of their light beyond the stamp are redrawn
+MAX_LOST_FLUX = 0.03       # galaxies with more of their light beyond the stamp's interior
+EDGE_MARGIN = 3            # (the stamp less this many edge pixels) are redrawn
 MAX_KNOT_RADIUS = 2.5     # clumps lie within 2.5 disk half-light radii (pulled in if drawn further)
 PARAM_NAMES = ("flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2", "dx", "dy", "snr")
 
@@ -103,7 +104,6 @@ def read_psf_file(psf_file, n_psf, psf_pixel_scale=None):
                             header's WCS, else 0.03 (HST ACS drizzled, as in COSMOS).
                             [default: None]
     """
-    import galsim
     from astropy.io import fits
 
     from .fits import image_scale, psf_profile
@@ -126,7 +126,6 @@ def read_psf_file(psf_file, n_psf, psf_pixel_scale=None):
             profiles.append(psf_profile(np.asarray(hdu.data, dtype=np.float64), scale, where))
     if not profiles:
         raise VQVAEInputError(f"{psf_file}: no PSF image HDU")
-    del galsim
     return profiles
 
 
@@ -362,7 +361,8 @@ def draw_stamp(seed, i, ctx=None):
         galaxy, params = galaxy_profile(rng, scale)
         kimage = galaxy.kimage(grid)
         truth = grid.to_stamp(kimage)
-        if truth.sum() >= (1 - MAX_LOST_FLUX) * params["flux"]:
+        m = EDGE_MARGIN
+        if truth[m:-m, m:-m].sum() >= (1 - MAX_LOST_FLUX) * params["flux"]:
             break
     k = int(rng.integers(ctx["n_psf"]))
     sigma = float(math.exp(rng.uniform(math.log(SIGMA_RANGE[0]), math.log(SIGMA_RANGE[1]))))
