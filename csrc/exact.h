@@ -24,17 +24,42 @@ namespace exact {
 // gamma_n = n u / (1 - n u): the classic bound on the relative error of n floating-point steps.
 GVQ_HD double gamma(int n, double u) { return n * u / (1.0 - n * u); }
 
-// Float64 squared distance, summed in order of j. Its relative error is at most gamma(D + 3, 2^-53)
-// for any finite float32 inputs: the difference of two float32 values rounds once, its square
-// once, and no intermediate can overflow or underflow (every term is a multiple of 2^-298 and
-// below 2^259).
-GVQ_HD double distance64(const float* z, const float* c, int64_t d) {
+// Float64 squared distance in a fixed order that the CPU and a group of 8 GPU lanes both follow
+// (so both return the same bits): 8 partial sums p_s = sum over j = s, s+8, ... in order, then
+// ((p0+p4) + (p2+p6)) + ((p1+p5) + (p3+p7)); no FMA contraction. Its relative error is at most
+// gamma(D + 3, 2^-53) for any finite float32 inputs: the difference of two float32 values rounds
+// once, its square once, the sum of D non-negative terms at most D - 1 times, and nothing can
+// overflow or underflow (every term is a multiple of 2^-298 and below 2^259).
+GVQ_HD double dmul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+GVQ_HD double dadd(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Partial sum p_s of distance64 (lane `s` of a group of 8).
+GVQ_HD double distance64_part(const float* z, const float* c, int64_t d, int s) {
   double acc = 0.0;
-  for (int64_t j = 0; j < d; ++j) {
+  for (int64_t j = s; j < d; j += 8) {
     double t = (double)z[j] - (double)c[j];
-    acc += t * t;
+    acc = dadd(acc, dmul(t, t));
   }
   return acc;
+}
+
+GVQ_HD double distance64(const float* z, const float* c, int64_t d) {
+  double p[8];
+  for (int s = 0; s < 8; ++s) p[s] = distance64_part(z, c, d, s);
+  return dadd(dadd(dadd(p[0], p[4]), dadd(p[2], p[6])), dadd(dadd(p[1], p[5]), dadd(p[3], p[7])));
 }
 
 // Relative error bound of distance64, with a factor 2 of safety.

@@ -39,9 +39,19 @@ constexpr int kThreads = 256;     // 16 x 16
 constexpr int kZStride = kBM + 4; // padded row of the transposed z tile
 constexpr double kSafe = (double)FLT_MAX / 8.0;
 
+// Round to TF32 (nearest, ties away), as a float with the low 13 mantissa bits zero.
+__device__ __forceinline__ float tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+
+// Codebook preparation. ct: [D][Kp] transposed (CUDA-core kernel); cg/cl: [Kp][D] TF32 splits,
+// big = tf32(c) and small = tf32(c - big) (tensor-core kernel); cn: |c|^2; padding codes are zero
+// with |c|^2 = +inf.
 __global__ void prep_kernel(const float* __restrict__ cb, int64_t k, int64_t kp, int64_t d,
-                            float* __restrict__ ct, float* __restrict__ cn,
-                            unsigned long long* __restrict__ cmax2_bits) {
+                            float* __restrict__ ct, float* __restrict__ cg, float* __restrict__ cl,
+                            float* __restrict__ cn, unsigned long long* __restrict__ cmax2_bits) {
   int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (c >= kp) return;
   if (c < k) {
@@ -50,12 +60,15 @@ __global__ void prep_kernel(const float* __restrict__ cb, int64_t k, int64_t kp,
       float x = cb[c * d + j];
       s += (double)x * (double)x;
       ct[j * kp + c] = x;
+      float big = tf32(x);
+      cg[c * d + j] = big;
+      cl[c * d + j] = tf32(x - big);
     }
     cn[c] = (float)s;
     // Non-negative doubles order like their bit patterns; NaN (0x7ff8...) sorts above inf.
     atomicMax(cmax2_bits, (unsigned long long)__double_as_longlong(s));
   } else {
-    for (int64_t j = 0; j < d; ++j) ct[j * kp + c] = 0.0f;
+    for (int64_t j = 0; j < d; ++j) ct[j * kp + c] = cg[c * d + j] = cl[c * d + j] = 0.0f;
     cn[c] = INFINITY;
   }
 }
@@ -75,18 +88,32 @@ __device__ __forceinline__ void merge(Top2& a, float s1, int k1, float s2) {
 }
 
 
+__device__ __forceinline__ double group_distance64(const float* zr, const float* c, int d, int sub) {
+  double acc = exact::distance64_part(zr, c, d, sub);
+  // xor tree 4, 2, 1: every lane ends with ((p0+p4) + (p2+p6)) + ((p1+p5) + (p3+p7)), the order
+  // of exact::distance64 (addition is commutative, so each lane's operand order does not matter).
+#pragma unroll
+  for (int off = 4; off >= 1; off >>= 1) acc = __dadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
+  return acc;
+}
+
+
 // Settles one row from its best score (code t.k1), second-best score t.s2 and the proven bound E
 // of the scores: the code is final when t.s2 > t.s1 + 2E (no other code can be as near); otherwise
 // the row is appended to the list for the exact re-check. `tensor_cores`: the scores came from
 // 3xTF32 tensor-core products (see search_tc_kernel), whose bound is wider.
 __device__ __forceinline__ void settle(const float* __restrict__ z, const float* __restrict__ cb,
                                        int d, int64_t k, int64_t row, const Top2& t,
-                                       unsigned long long cmax2_bits, bool tensor_cores,
-                                       int64_t* __restrict__ index, float* __restrict__ dist,
+                                       unsigned long long cmax2_bits, bool tensor_cores, int sub,
+                                       bool live, int64_t* __restrict__ index, float* __restrict__ dist,
                                        int* __restrict__ list, int* __restrict__ list_len) {
+  // Called by the 8 lanes (sub = 0..7) of a group, all with the same row and t; writes nothing
+  // unless `live` (row < n).
   const float* zr = z + row * d;
   double zn2 = 0.0;
-  for (int j = 0; j < d; ++j) zn2 += (double)zr[j] * (double)zr[j];
+  for (int j = sub; j < d; j += 8) zn2 += (double)zr[j] * (double)zr[j];
+#pragma unroll
+  for (int off = 4; off >= 1; off >>= 1) zn2 += __shfl_xor_sync(0xffffffffu, zn2, off);
   const double cmax2 = __longlong_as_double((long long)cmax2_bits);
   double e;
   if (tensor_cores) {
@@ -106,11 +133,29 @@ __device__ __forceinline__ void settle(const float* __restrict__ z, const float*
   }
   const bool settled = zn2 <= kSafe && cmax2 <= kSafe && t.k1 < k &&
                        (double)t.s2 > (double)t.s1 + 2.0 * e;
-  if (settled) {
-    index[row] = t.k1;
-    dist[row] = (float)exact::distance64(zr, cb + (int64_t)t.k1 * d, d);
-  } else {
-    list[atomicAdd(list_len, 1)] = (int)row;
+  const double dk = group_distance64(zr, cb + (int64_t)(t.k1 < k ? t.k1 : 0) * d, d, sub);
+  if (live && sub == 0) {
+    if (settled) {
+      index[row] = t.k1;
+      dist[row] = (float)dk;
+    } else {
+      list[atomicAdd(list_len, 1)] = (int)row;
+    }
+  }
+}
+
+// The block's 128 rows, with their merged Top2 in shared memory, settled by 32 groups of 8 lanes.
+__device__ __forceinline__ void settle_block(const Top2* rows_best, int64_t r0, const float* z,
+                                             const float* cb, int d, int64_t n, int64_t k,
+                                             unsigned long long cmax2_bits, bool tensor_cores,
+                                             int64_t* index, float* dist, int* list, int* list_len) {
+  const int grp = threadIdx.x >> 3, sub = threadIdx.x & 7;
+  for (int rl = grp; rl < 128; rl += 32) {
+    // Rows past n stay in step (clamped to row r0, writing nothing): the shuffles need all lanes.
+    const bool live = r0 + rl < n;
+    const int64_t row = live ? r0 + rl : r0;
+    settle(z, cb, d, k, row, rows_best[rl], cmax2_bits, tensor_cores, sub, live, index, dist,
+           list, list_len);
   }
 }
 
@@ -194,29 +239,24 @@ search_kernel(const float* __restrict__ z, const float* __restrict__ ct,
     }
   }
 
-  // Lane tx < kTM settles row ty * kTM + tx.
+  // Lane tx < kTM records row ty * kTM + tx; then groups of 8 lanes settle the rows.
+  __shared__ Top2 rows_best[kBM];
   if (tx < kTM) {
     Top2 t = best[0];
 #pragma unroll
     for (int i = 1; i < kTM; ++i)
       if (tx == i) t = best[i];
-    const int64_t row = r0 + ty * kTM + tx;
-    if (row < n) settle(z, cb, d, k, row, t, *cmax2_bits, false, index, dist, list, list_len);
+    rows_best[ty * kTM + tx] = t;
   }
+  __syncthreads();
+  settle_block(rows_best, r0, z, cb, d, n, k, *cmax2_bits, false, index, dist, list, list_len);
 }
-
 
 // ---- Tensor-core search (sm_80+): 3xTF32 products, same settle / re-check as above. ----
 // Each float32 x is split into big = tf32(x) and small = tf32(x - big); z.c is accumulated as
 // big*big + big*small + small*big with mma.sync m16n8k8 (float32 accumulation). Block: 128 rows x
 // 128 codes per tile, D in chunks of 32 through shared memory; 8 warps of 32 rows x 64 codes.
 constexpr int tBM = 128, tBN = 128, tBD = 32, tStr = tBD + 4;
-
-__device__ __forceinline__ float tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
-}
 
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
@@ -228,7 +268,8 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
 
 __global__ void __launch_bounds__(256, 2)
 search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
-                 const float* __restrict__ cb, const unsigned long long* __restrict__ cmax2_bits,
+                 const float* __restrict__ cb, const float* __restrict__ cbig,
+                 const float* __restrict__ csmall, const unsigned long long* __restrict__ cmax2_bits,
                  int64_t n, int64_t k, int64_t kp, int d, int64_t* __restrict__ index,
                  float* __restrict__ dist, int* __restrict__ list, int* __restrict__ list_len) {
   extern __shared__ float smem[];
@@ -263,10 +304,9 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
         float big = tf32(x);
         zb[r * tStr + j] = big;
         zl[r * tStr + j] = tf32(x - big);
-        x = (c0 + r < k && d0 + j < d) ? cb[(c0 + r) * d + d0 + j] : 0.0f;
-        big = tf32(x);
-        cg[r * tStr + j] = big;
-        cl[r * tStr + j] = tf32(x - big);
+        const bool in = d0 + j < d;  // c0 + r < kp always
+        cg[r * tStr + j] = in ? cbig[(c0 + r) * d + d0 + j] : 0.0f;
+        cl[r * tStr + j] = in ? csmall[(c0 + r) * d + d0 + j] : 0.0f;
       }
       __syncthreads();
 #pragma unroll
@@ -335,7 +375,6 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
   }
   __syncthreads();
   if (wn == 0 && t4 == 0) {
-    const unsigned long long cm = *cmax2_bits;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -343,24 +382,11 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
         const int rl = wm * 32 + mi * 16 + h * 8 + g;
         Top2 t = best[mi][h];
         merge(t, red[rl].s1, red[rl].k1, red[rl].s2);
-        if (r0 + rl < n) settle(z, cb, d, k, r0 + rl, t, cm, true, index, dist, list, list_len);
+        red[rl] = t;
       }
   }
-}
-
-// One warp per listed row; 4 groups of 8 lanes each take one code at a time (lanes split D, so
-// code rows are read coalesced), keep the best code in the exact order of exact.h, and the four
-// groups' winners are merged at the end. The float64 distance is summed in a different order than
-// exact::distance64; its error bound (gamma_{D+3}) holds for any order.
-__device__ __forceinline__ double group_distance64(const float* zr, const float* c, int d, int sub) {
-  double acc = 0.0;
-  for (int j = sub; j < d; j += 8) {
-    double t = (double)zr[j] - (double)c[j];
-    acc = fma(t, t, acc);
-  }
-#pragma unroll
-  for (int off = 4; off >= 1; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  return acc;
+  __syncthreads();
+  settle_block(red, r0, z, cb, d, n, k, *cmax2_bits, true, index, dist, list, list_len);
 }
 
 __global__ void recheck_kernel(const float* __restrict__ z, const float* __restrict__ cb,
@@ -395,7 +421,7 @@ __global__ void recheck_kernel(const float* __restrict__ z, const float* __restr
     }
     if (lane == 0) {
       index[row] = bk;
-      dist[row] = (float)exact::distance64(zr, cb + bk * d, d);
+      dist[row] = (float)bd;
     }
   }
 }
@@ -421,6 +447,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
 
   const int64_t kp = (k + tBN - 1) / tBN * tBN;  // a multiple of both tiles
   auto ct = at::empty({d, kp}, z.options());
+  auto cbig = at::empty({kp, d}, z.options());
+  auto csmall = at::empty({kp, d}, z.options());
   auto cn = at::empty({kp}, z.options());
   auto scratch = at::zeros({n + 3}, z.options().dtype(at::kInt));  // [len, pad, cmax2 (8 B), list]
   int* list_len = scratch.data_ptr<int>();
@@ -429,7 +457,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
   int* list = list_t.data_ptr<int>();
 
   prep_kernel<<<(unsigned)((kp + 255) / 256), 256, 0, stream>>>(
-      codebook.data_ptr<float>(), k, kp, d, ct.data_ptr<float>(), cn.data_ptr<float>(), cmax2_bits);
+      codebook.data_ptr<float>(), k, kp, d, ct.data_ptr<float>(), cbig.data_ptr<float>(),
+      csmall.data_ptr<float>(), cn.data_ptr<float>(), cmax2_bits);
   GVQ_CUDA_CHECK(cudaGetLastError());
 
   const size_t smem = (size_t)d * (kZStride + kBN) * sizeof(float);
@@ -444,7 +473,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
     GVQ_CUDA_CHECK(cudaFuncSetAttribute(search_tc_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsmem));
     search_tc_kernel<<<(unsigned)((n + tBM - 1) / tBM), 256, tsmem, stream>>>(
-        z.data_ptr<float>(), cn.data_ptr<float>(), codebook.data_ptr<float>(), cmax2_bits, n, k,
+        z.data_ptr<float>(), cn.data_ptr<float>(), codebook.data_ptr<float>(),
+        cbig.data_ptr<float>(), csmall.data_ptr<float>(), cmax2_bits, n, k,
         kp, (int)d, index.data_ptr<int64_t>(), dist.data_ptr<float>(), list, list_len);
     GVQ_CUDA_CHECK(cudaGetLastError());
   } else if (smem <= (size_t)smem_max) {
