@@ -27,10 +27,15 @@ The torch model is loaded lazily, once per process, on first use: after GalSim h
 worker processes, so CUDA is initialised in the workers that use it.
 """
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
+import time
 
 import galsim
+import numpy as np
 from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, ParseValue,
                            RegisterInputType, RegisterObjectType)
 from galsim.errors import GalSimConfigError, GalSimConfigValueError
@@ -93,14 +98,15 @@ class VQVAEModel:
 
     def _reset(self):
         self._images = {}        # request key -> generated image, for the current image
-        self._blocks = set()     # blocks generated for the current image
-        self._last_psf = {}  # the last PSF checked and its pixel scale
+        self._blocks = set()     # blocks of the current image this process holds
+        self._store = None       # blocks shared with the other processes of this image
+        self._last_psf = {}      # the last PSF checked and its pixel scale
         self._warned = set()     # target FWHMs warned about
         self.calls = 0           # network calls made in this process (for tests and logs)
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d.update(_images={}, _blocks=set(), _last_psf={}, _warned=set())
+        d.update(_images={}, _blocks=set(), _store=None, _last_psf={}, _warned=set())
         return d
 
     @property
@@ -119,28 +125,28 @@ class VQVAEModel:
         return _model_info(self.emulator)
 
     # --------------------------------------------------------------------------------------------
-    def newImage(self, first_obj_num, nobjects):
-        """Start an image of ``nobjects`` objects numbered from ``first_obj_num``."""
+    def newImage(self, first_obj_num, nobjects, shared=False):
+        """Start an image of ``nobjects`` objects numbered from ``first_obj_num``; ``shared``:
+        its stamps will be built by several processes, which then share the generated blocks."""
         self._images.clear()
         self._blocks.clear()
+        if self._store is not None:
+            self._store.close()
+        self._store = _BlockStore() if shared else None
         self._image = (int(first_obj_num), int(nobjects))
 
     def image_for(self, request, base, logger):
         """The generated image for ``request`` (a `_Request`) of object ``base['obj_num']``."""
         key = request.key
-        if key in self._images:
-            return self._images.pop(key)
-        obj_num = base.get("obj_num", 0)
-        block = self._block_of(obj_num)
-        if block is not None and block not in self._blocks:
-            self._blocks.add(block)
-            requests = _collect_block(base, range(*block), obj_num, request, logger)
-            self._generate(requests, logger, "objects %d..%d" % (block[0], block[1] - 1))
-            if key in self._images:
-                return self._images.pop(key)
-        logger.debug("obj %d: VQVAEGalaxy generated alone (not part of a generated block)",
-                     obj_num)
-        self._generate([request], logger, "object %d" % obj_num)
+        if key not in self._images:
+            obj_num = base.get("obj_num", 0)
+            block = self._block_of(obj_num)
+            if block is not None and block not in self._blocks:
+                self._get_block(block, base, obj_num, request, logger)
+            if key not in self._images:
+                logger.debug("obj %d: VQVAEGalaxy generated alone (not found in its block)",
+                             obj_num)
+                self._generate([request], logger, "object %d" % obj_num)
         return self._images.pop(key)
 
     def _block_of(self, obj_num):
@@ -153,6 +159,59 @@ class VQVAEModel:
         start = first + (obj_num - first) // self.batch_size * self.batch_size
         return (start, min(start + self.batch_size, first + nobj))
 
+    def _get_block(self, block, base, obj_num, request, logger):
+        """Make ``block`` available in this process: generate it, or, when the image's stamps
+        are built by several processes, take it from the one that generated it (making other
+        blocks meanwhile)."""
+        store = self._store
+        if store is None:
+            self._make_block(block, base, obj_num, request, logger)
+            return
+        while block not in self._blocks:
+            if self._load(block):
+                break
+            if store.claim(block):
+                self._make_block(block, base, obj_num, request, logger)
+            elif store.abandoned(block):
+                self._make_block(block, base, obj_num, request, logger, publish=False)
+            else:  # another process is generating it: generate a later block meanwhile
+                other = self._claim_next(block)
+                if other is not None:
+                    self._make_block(other, base, None, None, logger)
+                else:
+                    time.sleep(0.002)
+
+    def _claim_next(self, block):
+        first, nobj = self._image
+        for start in range(block[1], first + nobj, self.batch_size):
+            other = self._block_of(start)
+            if other not in self._blocks and not self._store.done(other) and \
+                    self._store.claim(other):
+                return other
+        return None
+
+    def _make_block(self, block, base, obj_num, request, logger, publish=True):
+        requests = _collect_block(base, range(*block), obj_num, request, logger)
+        try:
+            done = self._generate(requests, logger, "objects %d..%d" % (block[0], block[1] - 1))
+        except BaseException:
+            if self._store is not None and publish:
+                self._store.fail(block)
+            raise
+        self._blocks.add(block)
+        if self._store is not None and publish:
+            names = self.info.condition_names
+            self._store.publish(block, done, names)
+
+    def _load(self, block):
+        found = self._store.load(block, self.info.condition_names)
+        if found is None:
+            return False
+        for r, image in found:
+            self._images[r.key] = image
+        self._blocks.add(block)
+        return True
+
     def _generate(self, requests, logger, what):
         unique = list({r.key: r for r in requests}.values())
         conditional = unique[0].conditions is not None
@@ -162,6 +221,7 @@ class VQVAEModel:
         logger.info("VQVAEGalaxy: generated %d galaxies in one batch (%s)", len(unique), what)
         for r, im in zip(unique, images):
             self._images[r.key] = im
+        return list(zip(unique, images))
 
     def check_psf(self, psf, pixel_scale, logger):
         """Apply the resolution rule to the stamp's PSF; warn (and log) once per distinct
@@ -191,7 +251,96 @@ class VQVAEModelLoader(InputLoader):
     def setupImage(self, input_obj, config, base, logger):
         image_num = base.get("image_num", 0)
         nobj = galsim.config.GetNObjForImage(base, image_num, logger=logger)
-        input_obj.newImage(base.get("obj_num", 0), nobj)
+        nproc = 1
+        if "nproc" in base.get("image", {}) and "current_nproc" not in base:
+            nproc = ParseValue(base["image"], "nproc", base, int)[0]
+        input_obj.newImage(base.get("obj_num", 0), nobj, shared=nproc != 1 and nobj > 1)
+
+
+class _BlockStore:
+    """Generated blocks shared by the processes that build one image's stamps.
+
+    GalSim forks its ``image.nproc`` workers from the process that set the image up, and hands
+    them stamps one at a time, so every worker meets every block. The first worker to need a
+    block claims it (an exclusive file), generates it and publishes it (an ``.npz`` written
+    atomically); the others take it from there, and while they wait they generate the next
+    unclaimed block. Each block is generated once, by one process, with its fixed composition.
+    """
+
+    _open = []
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="galsim_vqvae_blocks_")
+        self.owner = os.getpid()
+        _BlockStore._open.append(self)
+
+    def _path(self, block, ext):
+        return os.path.join(self.dir, "%d_%d.%s" % (block[0], block[1], ext))
+
+    def claim(self, block):
+        try:
+            fd = os.open(self._path(block, "claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def done(self, block):
+        return os.path.exists(self._path(block, "npz"))
+
+    def abandoned(self, block):
+        """Whether the block's claimer failed or is gone (then make it without publishing)."""
+        if os.path.exists(self._path(block, "failed")):
+            return True
+        try:
+            with open(self._path(block, "claim")) as f:
+                pid = int(f.read() or 0)
+        except (OSError, ValueError):
+            return False
+        if not pid:
+            return False  # being written
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return not self.done(block)
+        except PermissionError:
+            pass
+        return False
+
+    def fail(self, block):
+        open(self._path(block, "failed"), "w").close()
+
+    def publish(self, block, done, names):
+        seeds = np.array([r.seed for r, _ in done], dtype=np.uint64)
+        cond = np.array([[r.conditions[k] for k in names] if r.conditions else []
+                         for r, _ in done], dtype=np.float64)
+        images = np.stack([im for _, im in done])
+        tmp = self._path(block, "tmp.npz")
+        np.savez(tmp, seeds=seeds, cond=cond, images=images)
+        os.replace(tmp, self._path(block, "npz"))
+
+    def load(self, block, names):
+        path = self._path(block, "npz")
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as f:
+            seeds, cond, images = f["seeds"], f["cond"], f["images"]
+        out = []
+        for i, seed in enumerate(seeds):
+            conditions = dict(zip(names, map(float, cond[i]))) if names else None
+            out.append((_Request(int(seed), conditions), images[i]))
+        return out
+
+    def close(self):
+        if os.getpid() == self.owner:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@atexit.register
+def _close_block_stores():
+    for store in _BlockStore._open:
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -162,6 +162,33 @@ def test_batched_generation(tiny_emulator, tmp_path):
     assert batches == expected
 
 
+def test_image_nproc_generates_each_block_once(tiny_emulator, reference_run, tmp_path,
+                                               monkeypatch):
+    """With image.nproc=2 the two worker processes share the blocks: every block is generated
+    once (by one of them), and the image is the nproc=1 image."""
+    import os
+
+    import galsim_vqvae.config as gconfig
+
+    log = tmp_path / "calls.txt"
+    real = gconfig.generate
+
+    def counting(emulator, seeds, conditions=None):
+        with open(log, "a") as f:
+            f.write("%d %d\n" % (os.getpid(), len(seeds)))
+        return real(emulator, seeds, conditions)
+
+    monkeypatch.setattr(gconfig, "generate", counting)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = survey_config(tiny_emulator.path, out, nfiles=1)
+    cfg["image"]["nproc"] = 2
+    run(cfg)
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(n) for _, n in calls) == [2, 4, 4]  # blocks 0..3, 4..7, 8..9
+    assert (out / "img0.fits").read_bytes() == reference_run[2][0]
+
+
 def test_batch_matches_alone(tiny_emulator):
     """A galaxy generated in a block equals (to float precision) the same seed generated alone."""
     cfg = single_config(tiny_emulator.path)
