@@ -5,6 +5,8 @@ As a pytest-benchmark suite (prints the ratio table at the end; ``-s`` to see it
     PYTHONPATH=. python -m pytest benchmarks/bench_sampling.py -s
 
 (torch's default thread count; prefix ``OMP_NUM_THREADS=1`` on a busy machine, see docs/sampling.md).
+In pytest-benchmark's own table the naive rows time the ``NAIVE_POSITIONS`` timed positions; the
+ratio table printed at the end uses the extrapolation to all H*W positions.
 
 The table gives code maps/s of both, their ratio, and the fast sampler's time over one full forward
 pass of the prior on the same batch (how far it is from its arithmetic floor).
