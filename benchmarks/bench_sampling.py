@@ -4,15 +4,16 @@ As a pytest-benchmark suite (prints the ratio table at the end; ``-s`` to see it
 
     PYTHONPATH=. python -m pytest benchmarks/bench_sampling.py -s
 
-(torch's default thread count; prefix ``OMP_NUM_THREADS=1`` on a busy machine, see docs/sampling.md).
+(torch's default thread count; prefix ``OMP_NUM_THREADS=1`` on a busy machine, see
+docs/sampling.md).
 In pytest-benchmark's own table the naive rows time the ``NAIVE_POSITIONS`` timed positions; the
 ratio table printed at the end uses the extrapolation to all H*W positions.
 
 The table gives code maps/s of both, their ratio, and the fast sampler's time over one full forward
 pass of the prior on the same batch (how far it is from its arithmetic floor).
 
-As a script that prints a table (``--threads N`` sets torch's thread count, ``--full-naive`` runs the
-naive sampler over every position instead of extrapolating)::
+As a script that prints a table (``--threads N`` sets torch's thread count, ``--full-naive`` runs
+the naive sampler over every position instead of extrapolating)::
 
     PYTHONPATH=. python benchmarks/bench_sampling.py [--threads 1] [--repeats 3] [--full-naive]
 
@@ -21,8 +22,8 @@ Both samplers draw 21x21 maps from a float32 prior with K=512 codes and 5x5 kern
 The naive sampler runs the whole network once per position: H*W = 441 forward passes that all cost
 the same. At 15 layers / 128 channels that is about an hour per batch of 16 on a 2-core machine, so
 by default it is timed over its first ``NAIVE_POSITIONS`` positions (its own loop body: a forward
-pass, the Gumbel scores and the argmax) and scaled to H*W, plus the one-off noise draw; ``--full-naive``
-checks the extrapolation on the configurations where a full run is affordable.
+pass, the Gumbel scores and the argmax) and scaled to H*W, plus the one-off noise draw;
+``--full-naive`` checks the extrapolation on the configurations where a full run is affordable.
 """
 
 import argparse

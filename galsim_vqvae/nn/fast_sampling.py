@@ -1,8 +1,10 @@
-"""Fast, cached autoregressive sampling of a Gated PixelCNN (Ramachandran et al. 2017, arXiv:1704.06001).
+"""Fast, cached autoregressive sampling of a Gated PixelCNN (Ramachandran et al. 2017,
+arXiv:1704.06001).
 
 `sample_naive` runs the whole network once per position. `sample_fast` computes every layer's output
-only where it changes and returns exactly the same code maps for the same seeds (the same Gumbel noise,
-consumed in the same raster order with the same dtype promotion). The structure it exploits:
+only where it changes and returns the same code maps for the same seeds (the same Gumbel noise,
+consumed in the same raster order with the same dtype promotion; the logits differ from the naive
+ones only by floating-point rounding). The structure it exploits:
 
 * The vertical stack at row r depends only on rows r-p .. r of its input (p = kernel_size // 2), and
   reaches the horizontal stack only through ``v_to_h`` of its pre-activation shifted down one row.
@@ -10,12 +12,13 @@ consumed in the same raster order with the same dtype promotion). The structure 
   ``(p+1) x k`` convolution over a cache of the last p+1 rows of the layer's vertical input) gives
   everything the horizontal stack of row i needs from above: ``v_to_h`` of it is precomputed for the
   whole row, together with the ``h_conv`` bias and the conditioning bias.
-* The horizontal stack at (i, j) depends on its input at (i, j-p .. j) ('B' layers) or (i, j-p .. j-1)
-  (the first, 'A' layer), on that row term and on nothing else; the head is 1x1 convolutions. So at
-  each position only one column of each layer is computed, from a per-layer buffer of the current
-  row's horizontal inputs: one matmul for ``h_conv``, the gate, one matmul for ``h_out``.
+* The horizontal stack at (i, j) depends on its input at (i, j-p .. j) ('B' layers) or
+  (i, j-p .. j-1) (the first, 'A' layer), on that row term and on nothing else; the head is
+  1x1 convolutions. So at each position only one column of each layer is computed, from a
+  per-layer buffer of the current row's horizontal inputs: one matmul for ``h_conv``, the gate,
+  one matmul for ``h_out``.
 
-All state is kept channels-last so that a layer's window over the row buffer is a contiguous
+The row buffers are kept channels-last so that a layer's window over one is a contiguous
 ``[B, taps * C]`` view and ``h_conv`` is a single ``addmm`` with weights reshaped once. The caches'
 memory is derived and measured in ``docs/sampling.md``.
 """
@@ -183,10 +186,10 @@ def _vertical_row(weights, caches, biases, codes_row, first_row):
 class _PositionViews:
     """Views into the caches, made once per batch so that the loop over positions only launches
     the arithmetic. For layer l and column j: ``window[l][j]`` [B, taps*C] (layer l's horizontal
-    input at columns j-p .. j, or .. j-1 for the first layer), ``row[l][j]`` [B, 2C], ``resid[l][j]``
-    [B, C] (layer l's input at column j) and ``out[l][j]`` [B, C] (its output); ``embed[j]`` [B, C]
-    (the first layer's input at column j: the drawn code's embedding); for position (i, j):
-    ``codes[i][j]`` [B] and ``noise[i][j]`` [B, K]."""
+    input at columns j-p .. j, or .. j-1 for the first layer), ``row[l][j]`` [B, 2C],
+    ``resid[l][j]`` [B, C] (layer l's input at column j), ``out[l][j]`` [B, C] (its output) and
+    ``embed[j]`` [B, C] (the first layer's input at column j: the drawn code's embedding); for
+    position (i, j): ``codes[i][j]`` [B] and ``noise[i][j]`` [B, K]."""
 
     def __init__(self, caches, codes, noise):
         p = caches.h[0].shape[1] - caches.row[0].shape[1]
@@ -228,10 +231,11 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
     """Draw ``n`` code maps with per-layer caches: the same maps as `sample_naive`, much faster.
 
     The vertical stack runs once per row and the horizontal stack and head once per position, so a
-    map costs about one full forward pass of the prior instead of H * W of them. It consumes the same
-    per-sample Gumbel noise as `sample_naive` in the same order, so for the same seeds it returns
-    the same maps (bit for bit up to floating-point rounding of the logits, which differs from the
-    full convolutions only in summation order; see ``docs/sampling.md``).
+    map costs about one full forward pass of the prior instead of H * W of them. It consumes the
+    same per-sample Gumbel noise as `sample_naive` in the same order, so for the same seeds it
+    returns the same maps. The logits differ from the naive ones only by rounding (the same sums in
+    another order), so a code can differ only at a rounding-level tie of the two best scores: never
+    seen in float64, vanishingly rare in float32 (see ``docs/sampling.md``).
 
     Parameters:
         prior:          A `GatedPixelCNN` (any device and dtype; float32 or float64).
