@@ -80,10 +80,9 @@ def galaxies(model):
     gal = VQVAEGalaxy(emulator, index=1, conditions=None if cond is None else cond[0],
                       flux=1000.)
     ii = galsim.InterpolatedImage(gal.image, flux=1000., use_true_center=False)
-    hlr = max(0.3, gal.calculateHLR(scale=gal.pixel_scale))
-    bd = galsim.Add(galsim.DeVaucouleurs(half_light_radius=0.6 * hlr, flux=300.),
-                    galsim.Exponential(half_light_radius=hlr, flux=700.).shear(e1=0.3, e2=0.1))
-    return {"VQVAEGalaxy": gal, "InterpolatedImage": ii, "bulge+disk": bd}
+    bd = galsim.Add(galsim.DeVaucouleurs(half_light_radius=0.25, flux=300.),
+                    galsim.Exponential(half_light_radius=0.5, flux=700.).shear(e1=0.3, e2=0.1))
+    return {"VQVAEGalaxy": gal, "InterpolatedImage": ii, "bulge+disk": bd}  # hlr 0.25", 0.5"
 
 
 @pytest.mark.parametrize("kind", ["VQVAEGalaxy", "InterpolatedImage", "bulge+disk"])
@@ -126,7 +125,7 @@ def test_build_and_draw(benchmark, galaxies, model, kind):
 def survey_config(model_path, out_dir, nobjects, nproc):
     return {
         "modules": ["galsim_vqvae"],
-        "input": {"vqvae_model": {"file_name": model_path, "batch_size": 64}},
+        "input": {"vqvae_model": {"file_name": model_path, "batch_size": 32}},
         "psf": {"type": "Kolmogorov", "fwhm": 0.7},
         "gal": {"type": "VQVAEGalaxy", "flux": {"type": "Random", "min": 300, "max": 3000},
                 "rotate": {"type": "Random"}},
@@ -148,8 +147,6 @@ def test_config_galaxies_per_second(benchmark, model, nproc, tmp_path):
         config["gal"]["conditions"] = {
             k: {"type": "Random", "min": a + 0.2 * (b - a), "max": a + 0.8 * (b - a)}
             for k, a, b in zip(names, lo, hi)}
-    if nproc > 1:  # one block per process: no block is generated twice
-        config["input"]["vqvae_model"]["batch_size"] = -(-nobjects // nproc)
     benchmark.group = f"config path, {nobjects} galaxies (galaxies/s = {nobjects} / time)"
     times = []
 
