@@ -61,6 +61,11 @@ class VQVAEModel:
         resolution_policy:  What to do when a galaxy is drawn through a PSF narrower than the
                             training PSF: ``"warn"``, ``"raise"`` or ``"ignore"``.
                             [default: "warn"]
+        out_of_range:       A condition outside the model's training range: ``"error"`` stops
+                            the build (naming the label, value and range), ``"clip"`` clips it
+                            to the range (e.g. for catalog columns that overrun the training
+                            set; the truth catalog then records the value asked for).
+                            [default: "error"]
         num_threads:        Torch CPU threads per process; 0 leaves torch's own default. One
                             thread per process is the GalSim way (parallelise with ``nproc``)
                             and avoids oversubscribed, spinning torch threads, which can make
@@ -69,12 +74,12 @@ class VQVAEModel:
 
     _req_params = {}
     _opt_params = {"file_name": str, "device": str, "batch_size": int,
-                   "resolution_policy": str, "num_threads": int}
+                   "resolution_policy": str, "out_of_range": str, "num_threads": int}
     _single_params = []
     _takes_rng = False
 
     def __init__(self, file_name="default", device="cpu", batch_size=32,
-                 resolution_policy="warn", num_threads=1):
+                 resolution_policy="warn", out_of_range="error", num_threads=1):
         if file_name != "default" and not os.path.exists(file_name):
             raise GalSimConfigValueError("vqvae_model.file_name: no such model file",
                                          file_name)
@@ -87,12 +92,16 @@ class VQVAEModel:
         if resolution_policy not in RESOLUTION_POLICIES:
             raise GalSimConfigValueError("vqvae_model.resolution_policy is invalid",
                                          resolution_policy, RESOLUTION_POLICIES)
+        if out_of_range not in ("error", "clip"):
+            raise GalSimConfigValueError("vqvae_model.out_of_range is invalid", out_of_range,
+                                         ("error", "clip"))
         if num_threads < 0:
             raise GalSimConfigValueError("vqvae_model.num_threads must be >= 0", num_threads)
         self.file_name = file_name
         self.device = device
         self.batch_size = int(batch_size)
         self.resolution_policy = resolution_policy
+        self.out_of_range = out_of_range
         self.num_threads = int(num_threads)
         self._reset()
 
@@ -379,7 +388,7 @@ def _parse(config, base, model, ignore, logger):
                                     f"model's labels are {info.condition_names}")
         conditions = {k: ParseValue(cond, k, base, float)[0] for k in info.condition_names
                       if k in cond}
-    conditions = info.check_conditions(conditions)
+    conditions = info.check_conditions(conditions, clip=model.out_of_range == "clip")
     # After the conditions, so that e.g. flux: '$f(@gal.conditions.mag)' finds them evaluated.
     kwargs, _ = GetAllParams(config, base, opt=VQVAEGalaxy._opt_params, ignore=ignore + _IGNORE)
     index = kwargs.pop("index", None)

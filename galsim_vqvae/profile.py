@@ -90,8 +90,10 @@ class _ModelInfo:
         self.condition_min = [float(v) for v in cond.get("min", [])]
         self.condition_max = [float(v) for v in cond.get("max", [])]
 
-    def check_conditions(self, conditions):
-        """Validate physical conditions: a dict label -> number. Returns a dict of floats."""
+    def check_conditions(self, conditions, clip=False):
+        """Validate physical conditions: a dict label -> number. Returns a dict of floats.
+        A value outside its training range raises, or with ``clip`` is clipped to it (NaN
+        always raises)."""
         names = self.condition_names
         if not names:
             if conditions:
@@ -117,6 +119,8 @@ class _ModelInfo:
             except (TypeError, ValueError):
                 raise GalSimValueError(f"condition {name!r} must be a number.",
                                        conditions[name]) from None
+            if clip and value == value:
+                value = min(max(value, lo), hi)
             if not (lo <= value <= hi):  # also rejects NaN
                 raise GalSimRangeError(
                     f"condition {name!r} = {value:g} is outside the model's training range "

@@ -223,7 +223,15 @@ def test_config_errors(tiny_emulator, tmp_path):
     cfg["gal"]["conditions"] = {"mag": 30.0, "hlr": 0.5}
     with pytest.raises(galsim.GalSimRangeError, match="'mag' = 30"):
         build(cfg)
+    cfg = single_config(tiny_emulator.path)
+    cfg["gal"]["conditions"] = {"mag": 30.0, "hlr": 0.5}
+    cfg["input"]["vqvae_model"]["out_of_range"] = "clip"  # now mag 30 is clipped to 25.5
+    clipped = build(cfg)
+    cfg = single_config(tiny_emulator.path)
+    cfg["gal"]["conditions"] = {"mag": 25.5, "hlr": 0.5}
+    np.testing.assert_array_equal(clipped.array, build(cfg).array)
     for field, value, match in (("file_name", str(tmp_path / "nope.safetensors"), "no such"),
+                                ("out_of_range", "wrap", "out_of_range"),
                                 ("batch_size", 0, "batch_size"), ("device", "gpu", "device"),
                                 ("resolution_policy", "loud", "resolution_policy"),
                                 ("file_nam", "default", "file_nam")):
