@@ -77,7 +77,7 @@ def test_truth_psf_observed_consistent(datasets):
         # flux convention: stamp sum = flux
         assert abs(arrays["truth"][i].sum() / arrays["params/flux"][i] - 1) < 1e-4
     r = np.concatenate([x.ravel() for x in residuals])
-    assert abs(r.mean()) < 0.01 and abs(r.std() - 1) < 0.01
+    assert abs(r.mean()) < 0.02 and abs(r.std() - 1) < 0.015  # 5 sigma for 70,560 pixels
 
 
 def test_rendering_matches_galsim():
@@ -103,8 +103,9 @@ def test_psf_bank(datasets):
     np.testing.assert_allclose(bank.sum(axis=(1, 2)), 1, atol=1e-5)
     for psf in bank:
         assert np.unravel_index(psf.argmax(), psf.shape) == (S // 2, S // 2)
-        fwhm = galsim.InterpolatedImage(galsim.Image(psf, scale=SCALE)).calculateFWHM()
-        assert 0.10 < fwhm < 0.20  # diffraction (1.03 lambda/D = 0.14") with the 0.06" pixel
+        sigma = galsim.hsm.FindAdaptiveMom(galsim.Image(psf, scale=SCALE)).moments_sigma
+        fwhm = 2.355 * sigma * SCALE  # Gaussian-equivalent FWHM of the adaptive moments
+        assert 0.11 < fwhm < 0.16, fwhm  # diffraction (lambda/D = 0.1375") and the 0.06" pixel
     # the stored PSF is the optical PSF with the pixel response: compare with GalSim directly
     direct = galsim.Convolve(sy.optical_psf(SEED, 0), galsim.Pixel(SCALE)).drawImage(
         nx=S, ny=S, scale=SCALE, method="no_pixel", use_true_center=False).array
