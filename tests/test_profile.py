@@ -203,6 +203,22 @@ def test_pickle_copy_repr(gal, tiny_emulator):
     assert len(pickle.dumps(gal)) < 40_000
 
 
+def test_eq_hash_str(tiny_emulator, gal):
+    a = VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux=2.)
+    variants = [VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux=3.),
+                VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux_rescale=2.),
+                VQVAEGalaxy(tiny_emulator, index=5, conditions=COND, flux=2.),
+                VQVAEGalaxy(tiny_emulator, index=4, conditions={"mag": 22., "hlr": 0.6}, flux=2.),
+                VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux=2., pad_factor=6),
+                VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux=2.,
+                            x_interpolant="lanczos3"),
+                a.withGSParams(folding_threshold=1e-3)]
+    assert a == VQVAEGalaxy(tiny_emulator, index=4, conditions=COND, flux=2.)
+    assert len({hash(v) for v in variants} | {hash(a)}) == len(variants) + 1
+    assert all(v != a for v in variants)
+    assert str(a) == "galsim_vqvae.VQVAEGalaxy(index=4, conditions=%s, flux=2.0)" % COND
+
+
 def test_unpickles_without_the_network(gal):
     """A pickled galaxy draws in a fresh process that never imports torch."""
     code = ("import pickle, sys; g = pickle.loads(sys.stdin.buffer.read()); "
