@@ -19,9 +19,10 @@ needed, the requests (seed and conditions) of the whole block are found by runni
 stamp setup for each of its objects up to the galaxy (a dry run on a copy of the config) and
 the block is generated in one network call. A block's composition depends on the object numbers
 only, so even the floating-point results do not depend on how the work is split between
-processes. (With ``image.nproc`` > 1, processes that share a block each generate it: choose
-``batch_size`` no larger than ``nobjects / nproc``, or use ``output.nproc``.) Galaxies that
-are not found in their block (e.g. one rebuilt after ``stamp.reject``) are generated alone.
+processes. With ``image.nproc`` > 1 the worker processes share the blocks (`_BlockStore`):
+each block is generated once, by the first worker that needs it, while the others generate later
+blocks. Galaxies that are not found in their block (e.g. one rebuilt after ``stamp.reject``) are
+generated alone.
 
 The torch model is loaded lazily, once per process, on first use: after GalSim has forked its
 worker processes, so CUDA is initialised in the workers that use it.
