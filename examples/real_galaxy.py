@@ -5,8 +5,9 @@
 
 For instance, with the COSMOS galaxy of the project's shared test data:
 
-    python real_galaxy.py ../../shared/data/hst/cosmos_single/147246.0_150.416558_1.998697_masknoise.fits \\
-        --psf ../../shared/data/hst/cosmos_single/147246.0_150.416558_1.998697.psf.fits --input-scale 0.03
+    D=../../shared/data/hst/cosmos_single
+    python real_galaxy.py $D/147246.0_150.416558_1.998697_masknoise.fits \\
+        --psf $D/147246.0_150.416558_1.998697.psf.fits --input-scale 0.03
 
 Steps: the image and its PSF are resampled onto the model's grid (as the FITS dataset reader
 does: `galsim_vqvae.data.fits`), the noise sigma is estimated from the corners; the VQ-VAE

@@ -3,8 +3,8 @@
 The object is a thin layer over an `galsim.InterpolatedImage` of the decoded (pre-PSF, noiseless)
 galaxy image at the model's pixel scale, in the manner of `galsim.RealGalaxy`: its maxk is capped
 by that of the model's training PSF, because the model cannot know the galaxy at scales finer
-than the training resolution (its stepk comes from the image's own extent). It pickles without the network: the decoded image and
-the parameters travel, the emulator does not.
+than the training resolution (its stepk comes from the image's own extent). It pickles without
+the network: the decoded image and the parameters travel, the emulator does not.
 
 Resolution rule: a generated galaxy is only as sharp as the training data (its PSF FWHM is
 ``emulator.metadata["psf_fwhm"]``). Drawing it through a target PSF narrower than that invents
@@ -14,7 +14,6 @@ which calls it with each stamp's PSF) warns, raises or stays silent according to
 """
 
 import hashlib
-import math
 import os
 import sys
 import threading

@@ -49,8 +49,9 @@ def check_pickle(obj):
 def reference_ii(gal):
     """A plain InterpolatedImage of the galaxy's decoded image, maxk capped by the training PSF
     (GalSim's cap is in 1/pixel)."""
-    return galsim.InterpolatedImage(gal.image, calculate_maxk=gal.training_psf.maxk * gal.pixel_scale,
-                                    use_true_center=False, flux=gal.flux)
+    cap = gal.training_psf.maxk * gal.pixel_scale
+    return galsim.InterpolatedImage(gal.image, calculate_maxk=cap, use_true_center=False,
+                                    flux=gal.flux)
 
 
 @pytest.fixture(scope="module")
