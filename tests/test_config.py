@@ -86,6 +86,22 @@ def test_same_output_whatever_nproc(tiny_emulator, reference_run, tmp_path):
         assert file_bytes(out) == ref, f"{where}.{key}=2 differs from nproc=1"
 
 
+def test_skip_and_reject_same_output_whatever_nproc(tiny_emulator, tmp_path):
+    """Skipped stamps drop out of their block's dry run; a rejected, rebuilt galaxy (new seed)
+    is generated alone: either way the output does not depend on image.nproc."""
+    outputs = []
+    for nproc in (1, 2):
+        out = tmp_path / str(nproc)
+        out.mkdir()
+        cfg = survey_config(tiny_emulator.path, out, nfiles=1)
+        cfg["stamp"] = {"type": "Basic", "skip": "$obj_num % 5 == 2",
+                        "reject": "$obj_num % 3 == 0 and galsim.UniformDeviate(rng)() < 0.5"}
+        cfg["image"]["nproc"] = nproc
+        run(cfg)
+        outputs.append(file_bytes(out, nfiles=1))
+    assert outputs[0] == outputs[1]
+
+
 def test_same_output_whatever_job_split(tiny_emulator, reference_run, tmp_path):
     """``galsim -n 2 -j 1`` then ``-j 2`` writes the files a single job writes."""
     _, _, ref = reference_run
