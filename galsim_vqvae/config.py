@@ -29,6 +29,7 @@ worker processes, so CUDA is initialised in the workers that use it.
 """
 
 import atexit
+import multiprocessing
 import os
 import re
 import shutil
@@ -56,7 +57,9 @@ class VQVAEModel:
         file_name:          ``"default"`` for the shipped model, or the path of a saved model.
                             [default: "default"]
         device:             Torch device for the networks: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-                            [default: "cpu"]
+                            ``"cuda"`` on a machine with several GPUs spreads GalSim's worker
+                            processes over them (worker k on GPU (k - 1) mod n); ``"cuda:N"``
+                            pins every process to GPU N. [default: "cpu"]
         batch_size:         Galaxies generated per network call (a block of consecutive object
                             numbers). [default: 32]
         resolution_policy:  What to do when a galaxy is drawn through a PSF narrower than the
@@ -128,7 +131,13 @@ class VQVAEModel:
                 import torch
 
                 torch.set_num_threads(self.num_threads)
-        return get_emulator(self.file_name, self.device)
+        device = self.device
+        if device == "cuda":
+            import torch
+
+            device = _worker_device(device, multiprocessing.current_process().name,
+                                    torch.cuda.device_count())
+        return get_emulator(self.file_name, device)
 
     @property
     def info(self):
@@ -249,6 +258,15 @@ class VQVAEModel:
             logger.warning("VQVAEGalaxy: a PSF of FWHM %.4g\" (pixel included) is narrower than "
                            "the model's training PSF (FWHM %.4g\")", fwhm, self.info.psf_fwhm)
         self._last_psf = {"psf": psf, "scale": pixel_scale}
+
+
+def _worker_device(device, process_name, n_gpus):
+    """The GPU of GalSim worker process ``Process-k`` for ``device="cuda"``: ``cuda:(k-1) % n``
+    with n GPUs (the main process, or a single GPU: plain ``cuda``)."""
+    match = re.fullmatch(r"Process-(\d+)", process_name)
+    if device != "cuda" or n_gpus < 2 or not match:
+        return device
+    return "cuda:%d" % ((int(match.group(1)) - 1) % n_gpus)
 
 
 class VQVAEModelLoader(InputLoader):

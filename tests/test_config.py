@@ -296,3 +296,14 @@ def test_mock_survey_example_runs(tiny_emulator, tmp_path):
     spec.loader.exec_module(preview)
     preview.main([str(tmp_path / "mock_survey.fits"), str(tmp_path / "preview.png")])
     assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_worker_device():
+    from galsim_vqvae.config import _worker_device
+
+    assert _worker_device("cuda", "Process-1", 4) == "cuda:0"
+    assert _worker_device("cuda", "Process-6", 4) == "cuda:1"
+    assert _worker_device("cuda", "MainProcess", 4) == "cuda"
+    assert _worker_device("cuda", "Process-3", 1) == "cuda"
+    assert _worker_device("cuda:2", "Process-1", 4) == "cuda:2"
+    assert _worker_device("cpu", "Process-2", 4) == "cpu"
