@@ -9,17 +9,19 @@ ones only by floating-point rounding). The structure it exploits:
 * The vertical stack at row r depends only on rows r-p .. r of its input (p = kernel_size // 2), and
   reaches the horizontal stack only through ``v_to_h`` of its pre-activation shifted down one row.
   So once row i-1 is complete, one pass of the vertical stack over that single row (per layer, a
-  ``(p+1) x k`` convolution over a cache of the last p+1 rows of the layer's vertical input) gives
-  everything the horizontal stack of row i needs from above: ``v_to_h`` of it is precomputed for the
-  whole row, together with the ``h_conv`` bias and the conditioning bias.
+  ``(p+1) x k`` convolution, as one matmul, over a cache of the last p+1 rows of the layer's
+  vertical input) gives everything the horizontal stack of row i needs from above: ``v_to_h`` of
+  it is precomputed for the whole row, together with the ``h_conv`` bias and the conditioning
+  bias.
 * The horizontal stack at (i, j) depends on its input at (i, j-p .. j) ('B' layers) or
   (i, j-p .. j-1) (the first, 'A' layer), on that row term and on nothing else; the head is
   1x1 convolutions. So at each position only one column of each layer is computed, from a
   per-layer buffer of the current row's horizontal inputs: one matmul for ``h_conv``, the gate,
   one matmul for ``h_out``.
 
-The row buffers are kept channels-last so that a layer's window over one is a contiguous
-``[B, taps * C]`` view and ``h_conv`` is a single ``addmm`` with weights reshaped once. The caches'
+All state is kept channels-last so that a layer's window over its row buffer is a contiguous
+``[B, taps * C]`` view and ``h_conv`` is a single ``addmm`` with weights reshaped once (and the
+vertical convolution of a row one ``addmm`` of an im2col of the cached rows). The caches'
 memory is derived and measured in ``docs/sampling.md``.
 """
 
@@ -91,7 +93,8 @@ def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize
 class _Weights:
     """The prior's weights, reshaped once for channels-last matmuls (views or small copies).
 
-    For layer l: ``v_conv`` [2C, C, p+1, k] (used as is by F.conv2d), ``v_conv_b`` [2C];
+    For layer l: ``v_w`` [(p+1)*k*C, 2C] with row ``(dr*k + dc)*C + c`` =
+    ``v_conv.weight[:, c, dr, dc]`` (for a matmul with the im2col of the cached rows), ``v_b`` [2C];
     ``h_w`` [taps*C, 2C] with row ``t*C + c`` = ``h_conv.weight[:, c, 0, t]``; ``h_b`` [2C];
     ``vh_w`` [2C, 2C] (transposed ``v_to_h``), ``vh_b`` [2C]; ``out_wb`` [C+1, C]: transposed
     ``h_out`` weight with its bias as the last row (the gate buffer ends with a column of ones).
@@ -102,7 +105,8 @@ class _Weights:
         for layer in prior.layers:
             c2 = layer.h_conv.weight.shape[0]
             self.layers.append(dict(
-                v_w=layer.v_conv.weight, v_b=layer.v_conv.bias,
+                v_w=layer.v_conv.weight.permute(2, 3, 1, 0).reshape(-1, c2).contiguous(),
+                v_b=layer.v_conv.bias,
                 h_w=layer.h_conv.weight[:, :, 0, :].permute(2, 1, 0).reshape(-1, c2).contiguous(),
                 h_b=layer.h_conv.bias,
                 vh_w=layer.v_to_h.weight[:, :, 0, 0].t().contiguous(), vh_b=layer.v_to_h.bias,
@@ -116,9 +120,9 @@ class _Weights:
 
 
 class _Caches:
-    """Every tensor the sampler keeps for one batch of B maps (the row buffers channels-last).
+    """Every tensor the sampler keeps for one batch of B maps (all channels-last).
 
-    ``v[l]``     [B, C, p+1, W+2p]: the last p+1 rows of layer l's vertical input, zero-padded
+    ``v[l]``     [B, p+1, W+2p, C]: the last p+1 rows of layer l's vertical input, zero-padded
                  left and right by p (rows above the map are zeros: the top padding).
     ``row[l]``   [B, W, 2C]: what the horizontal pre-activation of layer l gets at each column of
                  the current row besides its own window: ``v_to_h`` of the vertical pre-activation
@@ -133,7 +137,7 @@ class _Caches:
     def __init__(self, batch, num_layers, channels, width, pad, num_codes, dtype, device):
         kw = dict(dtype=dtype, device=device)
         b, c, w, p = batch, channels, width, pad
-        self.v = [torch.zeros(b, c, p + 1, w + 2 * p, **kw) for _ in range(num_layers)]
+        self.v = [torch.zeros(b, p + 1, w + 2 * p, c, **kw) for _ in range(num_layers)]
         self.row = [torch.empty(b, w, 2 * c, **kw) for _ in range(num_layers)]
         self.h = [torch.zeros(b, w + p, c, **kw) for _ in range(num_layers + 1)]
         self.pre = torch.empty(b, 2 * c, **kw)
@@ -155,29 +159,34 @@ def _vertical_row(weights, caches, biases, codes_row, first_row):
 
     ``codes_row`` [B, W] are the codes of the row just completed (ignored when ``first_row``: then
     the row above is the zero padding, so ``v_to_h`` of it is its bias alone, as in the network).
+    Each layer's ``(p+1) x k`` convolution over its cached rows is one matmul of their im2col
+    [B*W, (p+1)*k*C] with the reshaped weight.
     """
-    p = caches.v[0].shape[2] - 1
-    width = caches.row[0].shape[1]
+    batch, rows, padded, channels = caches.v[0].shape
+    p = rows - 1
+    width = padded - 2 * p
     num_layers = len(weights.layers)
     if not first_row:
         cache = caches.v[0]
-        cache[:, :, :-1] = cache[:, :, 1:].clone()
-        cache[:, :, -1, p:p + width] = weights.embedding[codes_row].transpose(1, 2)
+        cache[:, :-1] = cache[:, 1:].clone()
+        cache[:, -1, p:p + width] = weights.embedding[codes_row]
     for l, w in enumerate(weights.layers):
         row = caches.row[l]
         if first_row:
             row.copy_(w["vh_b"].expand_as(row))
         else:
-            v_pre = F.conv2d(caches.v[l], w["v_w"], w["v_b"])[:, :, 0]          # [B, 2C, W]
-            torch.addmm(w["vh_b"], v_pre.transpose(1, 2).reshape(-1, v_pre.shape[1]), w["vh_w"],
-                        out=row.view(-1, row.shape[2]))
+            cols = caches.v[l].unfold(2, 2 * p + 1, 1)               # [B, p+1, W, C, k]
+            cols = cols.permute(0, 2, 1, 4, 3).reshape(batch * width, -1)
+            v_pre = torch.addmm(w["v_b"], cols, w["v_w"])            # [B*W, 2C]
+            torch.addmm(w["vh_b"], v_pre, w["vh_w"], out=row.view(batch * width, -1))
             if l + 1 < num_layers:
+                v_pre = v_pre.view(batch, width, -1)
                 if biases[l] is not None:
-                    v_pre = v_pre + biases[l][:, :, None]
-                a, b = v_pre.chunk(2, dim=1)
+                    v_pre = v_pre + biases[l][:, None, :]
                 nxt = caches.v[l + 1]
-                nxt[:, :, :-1] = nxt[:, :, 1:].clone()
-                torch.mul(torch.tanh(a), torch.sigmoid(b), out=nxt[:, :, -1, p:p + width])
+                nxt[:, :-1] = nxt[:, 1:].clone()
+                torch.mul(torch.tanh(v_pre[..., :channels]), torch.sigmoid(v_pre[..., channels:]),
+                          out=nxt[:, -1, p:p + width])
         row += w["h_b"]
         if biases[l] is not None:
             row += biases[l][:, None, :]
