@@ -250,9 +250,26 @@ def test_stepk_maxk_capped_by_training_psf(tiny_emulator, gal):
     assert free.maxk > 1.2 * psf_maxk  # so that the cap matters here
     # GalSim's maxk search steps by ~5%: capped means at most one step above the PSF's maxk.
     assert psf_maxk <= gal.maxk <= 1.1 * psf_maxk
-    assert gal.stepk == free.stepk
+    assert gal.stepk == free.stepk <= gal.training_psf.stepk  # an extended galaxy: no cap
     assert gal.training_psf_fwhm == pytest.approx(tiny_emulator.metadata["psf_fwhm"])
     assert gal.pixel_scale == tiny_emulator.metadata["pixel_scale"]
+
+
+def test_compact_galaxy_stepk_capped(tiny_emulator):
+    """A (decoded) galaxy more compact than the training PSF gets the PSF's stepk."""
+    md = tiny_emulator.metadata
+    point = galsim.Gaussian(sigma=0.01).drawImage(nx=32, ny=32, scale=md["pixel_scale"],
+                                                  method="no_pixel", use_true_center=False)
+    gal = VQVAEGalaxy._rebuild(point.array, md["pixel_scale"], tiny_emulator.psf_image,
+                               md["psf_fwhm"], "test")
+    psf_stepk = gal.training_psf.stepk
+    assert galsim.InterpolatedImage(point, use_true_center=False).stepk > psf_stepk
+    assert gal.stepk == pytest.approx(psf_stepk, rel=1e-12)
+    ref = galsim.InterpolatedImage(point, use_true_center=False, _force_stepk=psf_stepk,
+                                   _force_maxk=gal.maxk)
+    np.testing.assert_array_equal(gal.drawImage(nx=20, ny=20, scale=0.02).array,
+                                  ref.drawImage(nx=20, ny=20, scale=0.02).array)
+    check_pickle(gal)
 
 
 def test_errors(tiny_emulator):
