@@ -142,6 +142,8 @@ def test_fits_errors(tmp_path):
           "table.fits: no image HDU")
     fails(folder("noscale", lambda p: _write(p, rng.normal(size=(30, 30)))), psf,
           "noscale.fits: no pixel scale")
+    fails(folder("flat", lambda p: _write(p, np.full((30, 30), 2.0), PIXSCALE=0.06)), psf,
+          "flat.fits: the noise sigma")
     bad_psf = tmp_path / "neg.fits"
     _write(bad_psf, -np.ones((9, 9)), PIXSCALE=0.06)
     fails(good, bad_psf, "neg.fits: PSF sums to")

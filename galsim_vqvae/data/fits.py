@@ -183,7 +183,7 @@ def model_stamp(array, in_scale, stamp_size, pixel_scale, index):
     return fit_to_size(image, stamp_size, fill=lambda shape: rng.normal(0, sigma, shape)), sigma
 
 
-def stamp_params(stamp, zeropoint, pixel_scale):
+def stamp_params(stamp, zeropoint):
     """What a real stamp tells: ``flux`` (stamp sum), ``mag``."""
     flux = float(np.sum(stamp))
     mag = zeropoint - 2.5 * np.log10(flux) if flux > 0 else np.nan
@@ -249,7 +249,10 @@ def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
                 p_scale = image_scale(psf_header, psf_pixel_scale, psf_path, default=scale)
                 psf_index[psf_path] = int(w.add_psfs(
                     model_psf(psf_data, p_scale, stamp_size, pixel_scale, psf_path))[0])
-            params = stamp_params(stamp, zeropoint, pixel_scale)
+            if not sigma > 0:
+                raise VQVAEInputError(f"{path}: the noise sigma estimated from the corners is "
+                                      f"{sigma}; a noiseless image cannot be used for training")
+            params = stamp_params(stamp, zeropoint)
             w.append(observed=stamp[None], sigma=[sigma], psf_index=[psf_index[psf_path]],
                      params={k: [v] for k, v in params.items()})
         n, n_psf = w.n, w.n_psf
