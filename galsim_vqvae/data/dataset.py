@@ -159,6 +159,8 @@ def _read_rows(dset, indices, block=2048):
                 data = dset[start:stop]
                 rows[pos:pos + k] = data[uniq[pos:pos + k] - start]
                 pos += k
+    if len(uniq) == len(indices) and np.array_equal(uniq, indices):
+        return rows  # already in order: no second copy of a possibly large array
     return rows[inverse]
 
 
