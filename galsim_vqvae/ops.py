@@ -50,7 +50,9 @@ def _load():
         from . import _C_cuda  # noqa: F401  (registers the CUDA kernel)
         _CUDA_OK = True
     except ImportError as exc:
-        _LOAD_ERROR = f"the CUDA kernel galsim_vqvae._C_cuda is not importable ({exc})"
+        if torch.version.cuda:  # a CUDA torch without the CUDA kernel: CUDA tensors use PyTorch
+            _LOAD_ERROR = (f"the CUDA kernel galsim_vqvae._C_cuda is not importable ({exc}); CUDA "
+                           "tensors use the PyTorch reference")
 
 
 def load_error():
