@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from galsim_vqvae.nn.quantizer import VectorQuantizer
-from galsim_vqvae.nn.vqvae import VQVAE
+from galsim_vqvae.nn.vqvae import VQVAE, positive
 
 SMALL = dict(stamp_size=32, hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32)
 
@@ -63,6 +63,15 @@ def test_decoder_output_non_negative(upsample):
     out = m.decode(z)
     assert (out >= 0).all() and torch.isfinite(out).all()
     assert out.max() > 0
+
+
+def test_positive_is_softplus_with_a_leaky_gradient():
+    x = (30 * torch.randn(200, generator=_gen(40), dtype=torch.float64)).requires_grad_()
+    y = positive(x, leak=0.01)
+    assert torch.equal(y, torch.nn.functional.softplus(x))  # exactly, in value
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.sigmoid(x.detach()) + 0.01)
+    assert x.grad.min() >= 0.01  # even deep in the flat tail
 
 
 def test_works_in_physical_units():

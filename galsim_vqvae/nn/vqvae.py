@@ -2,11 +2,12 @@
 
 After rosinality's ``vq-vae-2-pytorch`` (one level): the encoder halves the stamp twice with
 stride-2 4x4 convolutions (84 -> 42 -> 21), refines with a 3x3 convolution and a residual stack,
-and projects to the code dimension with a 1x1 convolution; the decoder mirrors it with transposed
-convolutions. The model works in physical pixel units (flux per pixel): it divides its input by
-``image_scale`` and multiplies its output by it. The decoded image is the pre-PSF galaxy; it is
-``softplus`` of the last layer, hence non-negative by construction (and smooth, so that faint
-outskirts still receive gradient).
+and projects to the code dimension with a 1x1 convolution; the decoder mirrors it, upsampling by
+bilinear resizes + convolutions (or transposed convolutions). The model works in physical pixel
+units (flux per pixel): it divides its input by ``image_scale`` and multiplies its output by it.
+The decoded image is the pre-PSF galaxy, non-negative by construction: `positive` (softplus,
+with a leaky gradient so that the output can never die in softplus's flat tail) of the last
+layer.
 """
 
 import torch
@@ -69,6 +70,16 @@ def upsample2(c_in, c_out, mode):
         return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
                              nn.Conv2d(c_in, c_out, 3, padding=1))
     raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
+
+
+def positive(x, leak=0.01):
+    """``softplus(x)`` in value, with a gradient ``sigmoid(x) + leak`` that never vanishes.
+
+    Softplus alone lets the empty sky (where any positive value is too much) drive the whole
+    output into its flat negative tail, where gradients underflow and the decoder stays dark for
+    good; the leak (a straight-through term, exactly zero in value) keeps a way back.
+    """
+    return F.softplus(x) + leak * (x - x.detach())
 
 
 class Decoder(nn.Module):
@@ -165,7 +176,7 @@ class VQVAE(nn.Module):
 
     def decode(self, z_q):
         """Latents [B, D, S/4, S/4] -> pre-PSF images [B, 1, S, S] >= 0 in pixel units (float32)."""
-        return F.softplus(self.decoder(z_q).float()) * self.image_scale
+        return positive(self.decoder(z_q).float()) * self.image_scale
 
     def decode_codes(self, codes):
         """Code maps [B, S/4, S/4] int64 -> pre-PSF images [B, 1, S, S]."""
