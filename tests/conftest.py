@@ -32,13 +32,15 @@ def save_tiny_emulator(path):
     from galsim_vqvae.nn.vqvae import VQVAE
 
     stamp, scale, codes = 32, 0.03, 32
-    torch.manual_seed(1234)
-    vqvae = VQVAE(stamp_size=stamp, hidden=16, res_blocks=1, res_hidden=8, embed_dim=8,
-                  num_codes=codes, image_scale=0.05)
-    # Spread the codebook so that different codes decode to visibly different images.
-    with torch.no_grad():
-        vqvae.quantizer.codebook.mul_(3.0)
-    prior = GatedPixelCNN(num_codes=codes, channels=16, layers=3, kernel_size=3, cond_dim=2)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the global RNG left untouched
+        torch.manual_seed(1234)
+        vqvae = VQVAE(stamp_size=stamp, hidden=16, res_blocks=1, res_hidden=8, embed_dim=8,
+                      num_codes=codes, image_scale=0.05)
+        # Spread the codebook so that different codes decode to visibly different images.
+        with torch.no_grad():
+            vqvae.quantizer.codebook.mul_(3.0)
+        prior = GatedPixelCNN(num_codes=codes, channels=16, layers=3, kernel_size=3,
+                              cond_dim=2)
     psf = galsim.Gaussian(fwhm=0.12).drawImage(nx=stamp, ny=stamp, scale=scale,
                                                use_true_center=False).array
     psf = (psf / psf.sum()).astype(np.float32)
