@@ -256,7 +256,11 @@ search_kernel(const float* __restrict__ z, const float* __restrict__ ct,
 // Each float32 x is split into big = tf32(x) and small = tf32(x - big); z.c is accumulated as
 // big*big + big*small + small*big with mma.sync m16n8k8 (float32 accumulation). Block: 128 rows x
 // 128 codes per tile, D in chunks of 32 through shared memory; 8 warps of 32 rows x 64 codes.
-constexpr int tBM = 128, tBN = 128, tBD = 32, tStr = tBD + 4;
+// Rows of the shared tiles are padded to 40 floats: conflict-free 8-byte fragment loads. Within
+// each block of 8 columns, physical columns 2t and 2t+1 serve as the mma's k = t and k = t + 4
+// (the same permutation for z and codes, so the dot products are unchanged), which makes each
+// fragment pair one 8-byte load.
+constexpr int tBM = 128, tBN = 128, tBD = 32, tStr = tBD + 8;
 
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
@@ -315,19 +319,26 @@ search_tc_kernel(const float* __restrict__ z, const float* __restrict__ cn,
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           const int rb = wm * 32 + mi * 16 + g;
-          const int o[4] = {rb * tStr + kk + t4, (rb + 8) * tStr + kk + t4,
-                            rb * tStr + kk + t4 + 4, (rb + 8) * tStr + kk + t4 + 4};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            ab[mi][q] = __float_as_uint(zb[o[q]]);
-            al[mi][q] = __float_as_uint(zl[o[q]]);
-          }
+          const float2 b0 = *reinterpret_cast<const float2*>(zb + rb * tStr + kk + 2 * t4);
+          const float2 b8 = *reinterpret_cast<const float2*>(zb + (rb + 8) * tStr + kk + 2 * t4);
+          const float2 l0 = *reinterpret_cast<const float2*>(zl + rb * tStr + kk + 2 * t4);
+          const float2 l8 = *reinterpret_cast<const float2*>(zl + (rb + 8) * tStr + kk + 2 * t4);
+          ab[mi][0] = __float_as_uint(b0.x);  // (row g, k = t4)
+          ab[mi][1] = __float_as_uint(b8.x);  // (row g + 8, k = t4)
+          ab[mi][2] = __float_as_uint(b0.y);  // (row g, k = t4 + 4)
+          ab[mi][3] = __float_as_uint(b8.y);  // (row g + 8, k = t4 + 4)
+          al[mi][0] = __float_as_uint(l0.x);
+          al[mi][1] = __float_as_uint(l8.x);
+          al[mi][2] = __float_as_uint(l0.y);
+          al[mi][3] = __float_as_uint(l8.y);
         }
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni) {
-          const int cbase = (wn * 64 + ni * 8 + g) * tStr + kk + t4;
-          const uint32_t bb[2] = {__float_as_uint(cg[cbase]), __float_as_uint(cg[cbase + 4])};
-          const uint32_t bl[2] = {__float_as_uint(cl[cbase]), __float_as_uint(cl[cbase + 4])};
+          const int cbase = (wn * 64 + ni * 8 + g) * tStr + kk + 2 * t4;
+          const float2 cbv = *reinterpret_cast<const float2*>(cg + cbase);
+          const float2 clv = *reinterpret_cast<const float2*>(cl + cbase);
+          const uint32_t bb[2] = {__float_as_uint(cbv.x), __float_as_uint(cbv.y)};  // k = t4, t4 + 4
+          const uint32_t bl[2] = {__float_as_uint(clv.x), __float_as_uint(clv.y)};
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
             // One block of 8 d's from zero, then a rounded float32 add: the tensor core's
