@@ -247,7 +247,8 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
     seen in float64, vanishingly rare in float32 (see ``docs/sampling.md``).
 
     Parameters:
-        prior:          A `GatedPixelCNN` (any device and dtype; float32 or float64).
+        prior:          A `GatedPixelCNN` on any device; float32 or float64 (float16 and bfloat16
+                        run too, the scores in float32 as in `sample_naive`).
         n:              Number of code maps.
         shape:          (H, W) of the code maps. [default: (21, 21)]
         cond:           Normalised labels [n, cond_dim] (tensor or array), required iff
