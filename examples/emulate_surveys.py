@@ -69,11 +69,12 @@ def main(argv=None):
     for i in range(args.n):
         frac = (i + 0.5) / args.n
         # spread the labels over the middle of their training ranges, brighter for larger
-        values = {k: lo + (hi - lo) * (0.15 + 0.5 * (frac if k != "mag" else 1 - frac))
-                  for k, lo, hi in zip(names, cond.get("min", []), cond.get("max", []))}
-        gal = galsim_vqvae.VQVAEGalaxy(emulator, index=args.seed * 1000 + i,
-                                       conditions=values or None)
-        rows.append((gal, values))
+        rows.append({k: lo + (hi - lo) * (0.15 + 0.5 * (frac if k != "mag" else 1 - frac))
+                     for k, lo, hi in zip(names, cond.get("min", []), cond.get("max", []))})
+    gals = galsim_vqvae.VQVAEGalaxy.makeGalaxies(  # one network call for all of them
+        args.n, emulator, index=[args.seed * 1000 + i for i in range(args.n)],
+        conditions={k: [r[k] for r in rows] for k in names} if names else None)
+    rows = list(zip(gals, rows))
 
     table = surveys()
     rng = galsim.BaseDeviate(args.seed)

@@ -329,6 +329,63 @@ class VQVAEGalaxy(galsim.GSObject):
         self.rng = rng
 
     @classmethod
+    def makeGalaxies(cls, n, emulator=None, index=None, conditions=None, rng=None, flux=None,
+                     flux_rescale=None, **kwargs):
+        """Generate ``n`` galaxies in one network call (a list of `VQVAEGalaxy`).
+
+        Galaxy i is, up to the float rounding of batched network arithmetic, the galaxy that
+        ``VQVAEGalaxy(emulator, index=index[i], conditions={k: v[i]}, ...)`` gives, or with
+        ``rng``, the i-th of n successive ``VQVAEGalaxy(emulator, rng=rng, ...)``.
+
+        Parameters:
+            n:              How many galaxies.
+            emulator:       As for `VQVAEGalaxy`. [default: None]
+            index:          n galaxy numbers, or None to draw the seeds from ``rng``.
+                            [default: None]
+            conditions:     A dict label -> a number or n numbers. [default: None]
+            rng:            A `galsim.BaseDeviate` (without ``index``). [default: None]
+            flux:           A number or n numbers. [default: None]
+            flux_rescale:   A number or n numbers. [default: None]
+            **kwargs:       Further `VQVAEGalaxy` parameters (interpolants, pad_factor,
+                            gsparams), the same for all.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise GalSimValueError("n must be an integer >= 1.", n)
+        if rng is not None and not isinstance(rng, galsim.BaseDeviate):
+            raise TypeError("The rng provided to VQVAEGalaxy is not a galsim.BaseDeviate")
+        model = get_emulator(emulator)
+        info = _model_info(model)
+
+        def column(value, what):
+            if value is None or np.ndim(value) == 0:
+                return [value] * n
+            if len(value) != n:
+                raise GalSimValueError(f"{what} must be a number or {n} numbers.", value)
+            return list(value)
+
+        cond = None
+        if conditions is not None or info.condition_names:
+            if conditions is not None and not isinstance(conditions, dict):
+                raise GalSimValueError("conditions must be a dict label -> value(s).",
+                                       conditions)
+            cols = {k: column(v, f"conditions[{k!r}]") for k, v in (conditions or {}).items()}
+            cond = [info.check_conditions({k: c[i] for k, c in cols.items()} if cols else None)
+                    for i in range(n)]
+        if index is not None:
+            index = column(index, "index")
+            seeds = [index_seed(i) for i in index]
+        else:
+            rng = rng if rng is not None else galsim.BaseDeviate()
+            seeds = [rng_seed(rng) for _ in range(n)]
+            index = [None] * n
+        images = generate(model, seeds, cond)
+        fluxes, rescales = column(flux, "flux"), column(flux_rescale, "flux_rescale")
+        return [cls._from_generated(images[i], info, index=index[i], seed=seeds[i],
+                                    conditions=None if cond is None else cond[i],
+                                    flux=fluxes[i], flux_rescale=rescales[i], **kwargs)
+                for i in range(n)]
+
+    @classmethod
     def _from_generated(cls, image, info, **kwargs):
         """A galaxy from an image the model generated already (the batched config path)."""
         self = cls.__new__(cls)

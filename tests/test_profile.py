@@ -76,6 +76,28 @@ def test_same_rng_same_galaxy_different_rng_different(tiny_emulator):
     np.testing.assert_array_equal(g1.image.array, ref)
 
 
+def test_make_galaxies_in_one_batch(tiny_emulator):
+    mags = [21., 22.5, 24.]
+    gals = VQVAEGalaxy.makeGalaxies(3, tiny_emulator, index=[7, 8, 9],
+                                    conditions={"mag": mags, "hlr": 0.6}, flux=[1., 2., 3.])
+    for k, g in enumerate(gals):
+        one = VQVAEGalaxy(tiny_emulator, index=7 + k, conditions={"mag": mags[k], "hlr": 0.6},
+                          flux=1. + k)
+        assert g.seed == one.seed and g.conditions == one.conditions and g.flux == one.flux
+        np.testing.assert_allclose(g.image.array, one.image.array, rtol=1e-5, atol=1e-7)
+    rng = galsim.BaseDeviate(11)
+    batch = VQVAEGalaxy.makeGalaxies(2, tiny_emulator, conditions=COND, rng=rng)
+    rng2 = galsim.BaseDeviate(11)
+    seq = [VQVAEGalaxy(tiny_emulator, conditions=COND, rng=rng2) for _ in range(2)]
+    assert [g.seed for g in batch] == [g.seed for g in seq]
+    assert rng.raw() == rng2.raw()  # both advanced alike
+    with pytest.raises(galsim.GalSimValueError, match="2 numbers"):
+        VQVAEGalaxy.makeGalaxies(2, tiny_emulator, conditions={"mag": [21., 22., 23.],
+                                                               "hlr": 0.5})
+    with pytest.raises(galsim.GalSimRangeError, match="'mag' = 26"):
+        VQVAEGalaxy.makeGalaxies(2, tiny_emulator, conditions={"mag": [21., 26.], "hlr": 0.5})
+
+
 def test_index_and_code_map(tiny_emulator):
     g1 = VQVAEGalaxy(tiny_emulator, index=5, conditions=COND, rng=galsim.BaseDeviate(1))
     g2 = VQVAEGalaxy(tiny_emulator, index=5, conditions=COND, rng=galsim.BaseDeviate(2))
