@@ -145,6 +145,45 @@ def _exact_argmin(z_row, codebook, cand, d64):
     return best
 
 
+def _recheck_candidates(z, codebook, c64, mask):
+    """Exact nearest candidate for each row of ``z`` [n, D] (candidates: ``mask`` [n, K] True).
+
+    Vectorised: rows with one candidate take it; the others compare their candidates' float64
+    squared differences, ties to the lowest index (``argmin`` returns the first minimum). Only a
+    row whose runner-up lies within float64's error bound of the best *and* is a different code
+    vector (identical codes tie exactly, settled above) goes to exact rational arithmetic.
+    """
+    count = mask.sum(1)
+    index = mask.int().argmax(1)  # the lowest candidate: right where it is the only one
+    rows = torch.nonzero(count > 1).flatten()
+    if rows.numel() == 0:
+        return index
+    m = int(count[rows].max())
+    d = z.shape[1]
+    rel = 2.0 * (d + 3) * 2.0 ** -53 / (1 - (d + 3) * 2.0 ** -53)
+    step = max(1, (1 << 24) // (m * d))
+    for a in range(0, rows.numel(), step):
+        r = rows[a:a + step]
+        # Candidate indices in ascending order, padded with each row's first candidate.
+        order = torch.argsort((~mask[r]).to(torch.int8), dim=1, stable=True)[:, :m]
+        valid = torch.arange(m, device=z.device)[None] < count[r][:, None]
+        cand = torch.where(valid, order, order[:, :1])
+        codes = c64[cand]
+        d64 = (z[r].double()[:, None, :] - codes).square().sum(2)
+        d64 = torch.where(valid, d64, torch.full_like(d64, float("inf")))
+        arg = d64.argmin(1, keepdim=True)
+        best = cand.gather(1, arg).squeeze(1)
+        index[r] = best
+        dbest = d64.gather(1, arg)
+        close = valid & (d64 <= dbest + rel * (d64 + dbest))
+        same = (codes == c64[best][:, None, :]).all(2)
+        for i in torch.nonzero((close & ~same).any(1)).flatten().tolist():
+            keep = torch.nonzero(close[i]).flatten()
+            index[r[i]] = _exact_argmin(z[r[i]], codebook, cand[i, keep].tolist(),
+                                        d64[i, keep].tolist())
+    return index
+
+
 def nearest_code_reference(z, codebook):
     """Pure-PyTorch nearest-codebook search, exact as `nearest_code`: the oracle and the fallback.
 
@@ -183,12 +222,7 @@ def nearest_code_reference(z, codebook):
             thr = smin + 2.0 * bound[start:start + chunk]
             mask = scores.double() <= thr[:, None]
             mask[~fast[start:start + chunk]] = True
-            single = mask.sum(1) == 1
-            index[start:start + chunk] = torch.where(single, mask.int().argmax(1), 0)
-            for r in torch.nonzero(~single).flatten().tolist():
-                cand = torch.nonzero(mask[r]).flatten()
-                d64 = (zc[r].double() - c64[cand]).square().sum(1)
-                index[start + r] = _exact_argmin(zc[r], codebook, cand.tolist(), d64.tolist())
+            index[start:start + chunk] = _recheck_candidates(zc, codebook, c64, mask)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     dist = (z.double() - c64[index]).square().sum(1).float()
