@@ -11,7 +11,7 @@ PY=${PY:-python3}
 RUN=${RUN:-runs/default}
 N=${N:-50000}
 WORKERS=${WORKERS:-$(nproc)}
-VQ_STEPS=${VQ_STEPS:-6000}
+VQ_STEPS=${VQ_STEPS:-4000}
 PRIOR_STEPS=${PRIOR_STEPS:-6000}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
@@ -20,7 +20,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
   [ -f "$RUN/synthetic.h5" ] || cli make-dataset --source synthetic --n "$N" --seed 2026 \
       --workers "$WORKERS" --out "$RUN/synthetic.h5"
   [ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" \
-      --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 256 --lr 1e-3 --seed 1 --device cuda
+      --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 512 --lr 5e-4 --lr-schedule cosine --ae-warmup 500 \
+      --warmup 200 --log-every 100 --checkpoint-every 1000 --seed 1 --device cuda
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \

@@ -81,7 +81,9 @@ def cmd_train_vqvae(args):
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
                           psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
-                          progress=not args.quiet)
+                          progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
+                          lr_schedule=args.lr_schedule, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every)
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
             + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                         if isinstance(v, float)))
@@ -211,6 +213,12 @@ def build_parser():
     p.add_argument("--embed-dim", type=_positive_int)
     p.add_argument("--num-codes", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)
+    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    p.add_argument("--ae-warmup", type=int, default=200,
+                   help="steps as a plain autoencoder before the codebook is k-means initialised")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=500)
     p.add_argument("--resume", action="store_true")
 
     p = add("train-prior", cmd_train_prior,
