@@ -12,7 +12,8 @@
 
 The model: ``VQVAE_BENCH_MODEL`` (a path, or ``default``); by default the shipped model if it is
 installed, else the tests' tiny random-weight model (say which when you quote a figure: each
-benchmark's ``extra_info`` records it).
+benchmark's ``extra_info`` records it). ``VQVAE_BENCH_NOBJ`` (128) galaxies per config run,
+``VQVAE_BENCH_BATCH`` (32) galaxies per network call, ``VQVAE_BENCH_THREADS`` (1) torch threads.
 """
 
 import copy
@@ -125,7 +126,8 @@ def test_build_and_draw(benchmark, galaxies, model, kind):
 def survey_config(model_path, out_dir, nobjects, nproc):
     return {
         "modules": ["galsim_vqvae"],
-        "input": {"vqvae_model": {"file_name": model_path, "batch_size": 32}},
+        "input": {"vqvae_model": {"file_name": model_path,
+                                  "batch_size": int(os.environ.get("VQVAE_BENCH_BATCH", "32"))}},
         "psf": {"type": "Kolmogorov", "fwhm": 0.7},
         "gal": {"type": "VQVAEGalaxy", "flux": {"type": "Random", "min": 300, "max": 3000},
                 "rotate": {"type": "Random"}},
