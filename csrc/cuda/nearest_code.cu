@@ -4,7 +4,9 @@
 // materialising the N x K distances:
 //   prep     codebook norms |c_k|^2 (float64 -> float32), max_k |c_k|^2, and the codebook
 //            transposed to [D][Kp] (padding codes score +inf);
-//   search   one block per 128 rows of z, z tile held in shared memory, codebook streamed through
+//   search   (CUDA cores, default for D <= 128; the 3xTF32 tensor-core variant below is the
+//            default for larger D)
+//            one block per 128 rows of z, z tile held in shared memory, codebook streamed through
 //            shared memory 64 codes at a time; each thread scores 8 rows x 4 codes in float32 and
 //            keeps, per row, the best score, its code and the second-best score. A row is settled
 //            when its second-best score exceeds the best by more than twice the proven error bound
@@ -477,8 +479,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
   GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   GVQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   const unsigned blocks = (unsigned)((n + kBM - 1) / kBM);
+  // Kernel choice. Measured on an H100 (benchmarks/README.md): the CUDA-core kernel is faster at
+  // D = 64, the 3xTF32 tensor-core kernel at D = 256 (and it needs no D-sized shared tiles).
+  // GALSIM_VQVAE_CUDA_FP32=1 forces the CUDA-core kernel, =0 the tensor-core kernel (sm_80+).
   const char* fp32_env = std::getenv("GALSIM_VQVAE_CUDA_FP32");
-  const bool use_tc = major >= 8 && !(fp32_env && fp32_env[0] == '1');
+  bool use_tc = d > 128;
+  if (fp32_env && fp32_env[0] == '1') use_tc = false;
+  if (fp32_env && fp32_env[0] == '0') use_tc = true;
+  use_tc = use_tc && major >= 8;
   if (use_tc) {
     const size_t tsmem = (size_t)4 * tBM * tStr * sizeof(float);
     GVQ_CUDA_CHECK(cudaFuncSetAttribute(search_tc_kernel,
