@@ -23,6 +23,7 @@ from ..nn.vqvae import VQVAE
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
 TRAIN_KEYS = ("observed", "sigma", "psf_index")
+GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
 PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
 GALLERY_ROWS = 8
@@ -163,12 +164,16 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-               quantize=True):
+               quantize=True, grad_clip=GRAD_CLIP):
     """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
     without synchronising with the device."""
     out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    if grad_clip:
+        # Global-norm clipping (no host sync). Adam is scale-invariant, so this only damps the
+        # gradient spikes that bright, high-S/N stamps give the chi^2 loss.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     q = out["quant"]
     return torch.stack([out["loss"].detach(), out["chi2"].detach().mean(),
