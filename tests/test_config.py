@@ -307,3 +307,24 @@ def test_worker_device():
     assert _worker_device("cuda", "Process-3", 1) == "cuda"
     assert _worker_device("cuda:2", "Process-1", 4) == "cuda:2"
     assert _worker_device("cpu", "Process-2", 4) == "cpu"
+
+
+def test_conditions_from_an_input_catalog(tiny_emulator, tmp_path):
+    """Conditions read from catalog columns (the usual survey use), one row per object."""
+    rows = np.array([[21.0, 0.3], [22.5, 0.8], [24.0, 1.2], [23.0, 0.5]])
+    np.savetxt(tmp_path / "cat.txt", rows, header="mag hlr")
+    cfg = single_config(tiny_emulator.path)
+    cfg["input"]["catalog"] = {"file_name": str(tmp_path / "cat.txt")}
+    cfg["gal"]["conditions"] = {"mag": {"type": "Catalog", "col": 0},
+                                "hlr": {"type": "Catalog", "col": 1}}
+    cfg["gal"]["index"] = "$obj_num"
+    cfg["image"] = {"type": "Tiled", "nx_tiles": 4, "ny_tiles": 1, "stamp_size": 24,
+                    "pixel_scale": 0.2, "random_seed": 5}
+    image = galsim.config.BuildImage(cfg)
+    for k, (mag, hlr) in enumerate(rows):
+        gal = VQVAEGalaxy(tiny_emulator, index=k, conditions={"mag": mag, "hlr": hlr},
+                          flux=1500.)
+        ref = galsim.Convolve(gal.shear(g1=0.03, g2=0.01), galsim.Kolmogorov(fwhm=0.7))
+        ref = ref.drawImage(nx=24, ny=24, scale=0.2)
+        stamp = image[galsim.BoundsI(1 + 24 * k, 24 * (k + 1), 1, 24)].array
+        np.testing.assert_allclose(stamp, ref.array, rtol=1e-5, atol=1e-5 * ref.array.max())
