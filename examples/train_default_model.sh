@@ -9,10 +9,10 @@ set -euo pipefail
 STAGE=${1:-all}
 PY=${PY:-python3}
 RUN=${RUN:-runs/default}
-N=${N:-50000}
+N=${N:-40000}
 WORKERS=${WORKERS:-$(nproc)}
 VQ_STEPS=${VQ_STEPS:-4000}
-PRIOR_STEPS=${PRIOR_STEPS:-6000}
+PRIOR_STEPS=${PRIOR_STEPS:-5000}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
 
@@ -21,7 +21,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
       --workers "$WORKERS" --out "$RUN/synthetic.h5"
   [ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" \
       --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 \
-      --warmup 200 --log-every 100 --checkpoint-every 1000 --seed 1 --device cuda
+      --warmup 200 --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 \
+      --device cuda
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \

@@ -77,7 +77,8 @@ def cmd_train_vqvae(args):
     from .train.vqvae import train_vqvae
 
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
-                               ("hidden", args.hidden)) if v is not None}
+                               ("hidden", args.hidden), ("restart_every", args.restart_every))
+             if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
                           psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
@@ -213,6 +214,8 @@ def build_parser():
     p.add_argument("--embed-dim", type=_positive_int)
     p.add_argument("--num-codes", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)
+    p.add_argument("--restart-every", type=int,
+                   help="dead-code restart window in updates (0: never) [default: 100]")
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     p.add_argument("--ae-warmup", type=int, default=200,
                    help="steps as a plain autoencoder before the codebook is k-means initialised")

@@ -123,11 +123,16 @@ class VQVAE(nn.Module):
         upsample:           Decoder upsampling: ``"bilinear"`` or ``"nearest"`` (x2 resize + 3x3
                             conv) or ``"transpose"`` (4x4 stride-2 transposed conv, which leaves a
                             checkerboard in the frequencies the PSF removes). [default: "bilinear"]
+        normalize_latents:  Put each encoder output vector on the unit sphere (as in improved
+                            VQGAN, Yu et al. 2021). It bounds the commitment loss: without it the
+                            latents' scale drifts during the autoencoder warm-up and the commitment
+                            term blew training up on a GPU run. [default: True]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
-                 restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear"):
+                 restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
+                 normalize_latents=True):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise ValueError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
@@ -141,9 +146,10 @@ class VQVAE(nn.Module):
                             image_scale=float(image_scale), beta=float(beta), decay=float(decay),
                             kmeans_iters=int(kmeans_iters), restart_every=int(restart_every),
                             restart_threshold=float(restart_threshold), seed=int(seed),
-                            upsample=str(upsample))
+                            upsample=str(upsample), normalize_latents=bool(normalize_latents))
         self.stamp_size = int(stamp_size)
         self.image_scale = float(image_scale)
+        self.normalize_latents = bool(normalize_latents)
         self.encoder = Encoder(hidden, res_blocks, res_hidden, embed_dim)
         self.quantizer = VectorQuantizer(num_codes, embed_dim, beta=beta, decay=decay,
                                          kmeans_iters=kmeans_iters, restart_every=restart_every,
@@ -172,7 +178,8 @@ class VQVAE(nn.Module):
     def encode(self, x):
         """Images [B, 1, S, S] in pixel units -> encoder outputs z_e [B, D, S/4, S/4]."""
         self._check(x)
-        return self.encoder(x / self.image_scale)
+        z = self.encoder(x / self.image_scale)
+        return F.normalize(z.float(), dim=1) if self.normalize_latents else z
 
     def decode(self, z_q):
         """Latents [B, D, S/4, S/4] -> pre-PSF images [B, 1, S, S] >= 0 in pixel units (float32)."""
