@@ -1,10 +1,11 @@
 """pytest-benchmark suite: ``ops.nearest_code`` against torch cdist+argmin and matmul+argmin on the
 CPU, at the issue's shapes (N = 14,112 = 32 stamps x 21 x 21, and N = 112,896; D = 64, K = 512).
 
-    cd benchmarks && pytest bench_nearest_code.py --benchmark-group-by=param:n \
-        --benchmark-columns=median,iqr,rounds
+    cd benchmarks && pytest bench_nearest_code.py --benchmark-columns=median,iqr,rounds
 
 Each group pairs the op with both torch paths in the same run; compare medians within a group.
+``python benchmarks/bench_nearest_code.py`` times the three paths interleaved call by call instead,
+which is fairer when the machine is shared.
 """
 
 import pytest
@@ -41,3 +42,30 @@ def test_nearest_code_cpu(benchmark, inputs, path):
     out = benchmark.pedantic(PATHS[path], args=(z, codebook), rounds=rounds, warmup_rounds=1)
     index = out[0] if isinstance(out, tuple) else out
     assert index.shape == (n,)
+
+
+def interleaved(repeats=((14_112, 30), (112_896, 8)), seed=0):
+    """The three paths timed call by call in turn (fairer on a shared, noisy machine); medians."""
+    import statistics
+    import time
+
+    print(f"backend {ops.backend()!r}, {torch.get_num_threads()} threads")
+    for n, reps in repeats:
+        g = torch.Generator().manual_seed(seed + n)
+        z, codebook = torch.randn(n, D, generator=g), torch.randn(K, D, generator=g)
+        times = {name: [] for name in PATHS}
+        for fn in PATHS.values():
+            fn(z, codebook)
+        for _ in range(reps):
+            for name, fn in PATHS.items():
+                start = time.perf_counter()
+                fn(z, codebook)
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        best = min(med["cdist"], med["matmul"])
+        print(f"N={n} D={D} K={K}: op {med['op']:.1f} ms, cdist+argmin {med['cdist']:.1f} ms, "
+              f"matmul+argmin {med['matmul']:.1f} ms: {best / med['op']:.2f}x the faster torch path")
+
+
+if __name__ == "__main__":
+    interleaved()
