@@ -72,14 +72,31 @@ def upsample2(c_in, c_out, mode):
     raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
 
 
-def positive(x, leak=0.01):
-    """``softplus(x)`` in value, with a gradient ``sigmoid(x) + leak`` that never vanishes.
+class _Positive(torch.autograd.Function):
+    """softplus with a one-sided gradient leak (see `positive`)."""
 
-    Softplus alone lets the empty sky (where any positive value is too much) drive the whole
-    output into its flat negative tail, where gradients underflow and the decoder stays dark for
-    good; the leak (a straight-through term, exactly zero in value) keeps a way back.
+    @staticmethod
+    def forward(ctx, x, leak):
+        ctx.save_for_backward(x)
+        ctx.leak = leak
+        return F.softplus(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x) + ctx.leak * grad.clamp(max=0), None
+
+
+def positive(x, leak=0.01):
+    """``softplus(x)``, whose gradient leaks only where the loss wants the output to grow.
+
+    The gradient is ``g * sigmoid(x) + leak * min(g, 0)`` for an upstream gradient ``g``. Softplus
+    alone can leave a unit in its flat negative tail, where its gradient underflows and the decoder
+    stays dark; the leak gives such a unit a way back up. The leak is one-sided on purpose: a leak
+    that also pushes down never vanishes over the empty sky (where any positive value is too much),
+    and its small constant push, summed over thousands of sky pixels, drove a whole GPU run dark.
     """
-    return F.softplus(x) + leak * (x - x.detach())
+    return _Positive.apply(x, float(leak))
 
 
 class Decoder(nn.Module):
