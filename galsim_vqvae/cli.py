@@ -138,24 +138,34 @@ def cmd_reconstruct(args):
 
 
 def cmd_gallery(args):
-    import numpy as np
-
     from .emulator import Emulator
+    from .metrics import draw_training_conditions
     from .plots import save_gallery
 
     emulator = Emulator.load(args.model, device=args.device)
     names = emulator.condition_names
-    conditions = None
-    if names:
-        info = emulator.metadata["conditions"]
-        rng = np.random.default_rng(args.seed)
-        lo, hi = np.asarray(info["min"]), np.asarray(info["max"])
-        mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
-        draws = np.clip(rng.normal(mean, std, size=(args.n, len(names))), lo, hi)
-        conditions = {name: draws[:, c] for c, name in enumerate(names)}
-    images = emulator.sample(args.n, conditions, seed=args.seed, progress=not args.quiet)
-    save_gallery(args.out, {"samples": images})
-    return f"wrote a gallery of {args.n} sampled galaxies to {args.out}"
+    columns = {}
+    if args.data:
+        from .data.dataset import load_arrays, read_header, split_indices
+
+        header = read_header(args.data)
+        if header["stamp_size"] != emulator.stamp_size:
+            raise ValueError(f"--data {args.data} has {header['stamp_size']}-pixel stamps; the "
+                             f"model makes {emulator.stamp_size}-pixel ones")
+        test = split_indices(header["n"], "test")[:args.n]
+        arrays = load_arrays(args.data, indices=test, keys=["truth", "params"])
+        if "truth" not in arrays:
+            raise ValueError(f"--data {args.data} has no truth images (a synthetic dataset has)")
+        columns["held-out truth"] = arrays["truth"]
+        conditions = {k: arrays[f"params/{k}"] for k in names} if names else None
+    else:
+        conditions = draw_training_conditions(emulator, args.n, args.seed) if names else None
+    n = len(next(iter(conditions.values()))) if conditions else args.n
+    label = "sample, same " + "+".join(names) if args.data and names else "sample"
+    columns[label] = emulator.sample(n, conditions, seed=args.seed, out_of_range="clip",
+                                     progress=not args.quiet)
+    save_gallery(args.out, columns)
+    return f"wrote a gallery of {n} sampled galaxies to {args.out}"
 
 
 def cmd_evaluate(args):
@@ -268,6 +278,8 @@ def build_parser():
 
     p = add("gallery", cmd_gallery, "a PNG gallery of sampled galaxies")
     p.add_argument("--model", default="default")
+    p.add_argument("--data", help="a dataset with truth: show held-out truth beside samples "
+                   "conditioned on its labels")
     p.add_argument("--n", type=_positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
