@@ -25,48 +25,19 @@ vertical convolution of a row one ``addmm`` of an im2col of the cached rows). Th
 memory is derived and measured in ``docs/sampling.md``.
 """
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import VQVAEInputError
-from .sampling import _check_seeds, _check_shape, gumbel_noise
+from .sampling import check_sampling_arguments, gumbel_noise
 
 
 def _check_arguments(prior, n, shape, cond, class_label, seeds, temperature, batch_size):
-    """Validate and normalise `sample_fast`'s arguments (the same rules as `sample_naive`)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise VQVAEInputError(f"sample_fast: n must be an int >= 0, got {n!r}")
-    n = int(n)
-    height, width = _check_shape(shape)
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise VQVAEInputError(f"sample_fast: temperature must be a number, "
-                              f"got {temperature!r}") from None
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise VQVAEInputError(f"sample_fast: temperature must be finite and > 0, got "
-                              f"{temperature}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise VQVAEInputError(f"sample_fast: batch_size must be an int >= 1, got {batch_size!r}")
-    seeds = _check_seeds(seeds, n)
-    param = next(prior.parameters())
-    device, dtype = param.device, param.dtype
-    if cond is not None:
-        cond = torch.as_tensor(np.asarray(cond) if not torch.is_tensor(cond) else cond)
-        cond = cond.to(device=device, dtype=dtype)
-        if cond.dim() != 2 or cond.shape[0] != n:
-            raise VQVAEInputError(f"sample_fast: cond must have shape [n={n}, cond_dim], got "
-                                  f"{list(cond.shape)}")
-    if class_label is not None:
-        class_label = torch.as_tensor(
-            np.asarray(class_label) if not torch.is_tensor(class_label) else class_label)
-        if class_label.is_floating_point() or class_label.shape != (n,):
-            raise VQVAEInputError(f"sample_fast: class_label must be {n} ints, got "
-                                  f"{class_label.dtype} {list(class_label.shape)}")
-        class_label = class_label.to(device=device, dtype=torch.int64)
-    return n, (height, width), cond, class_label, seeds, temperature, device, dtype
+    """Validate and normalise `sample_fast`'s arguments (`sample_naive`'s rules, shared)."""
+    a = check_sampling_arguments(prior, n, shape, cond, class_label, seeds, temperature,
+                                 batch_size, who="sample_fast")
+    return (a["n"], a["shape"], a["cond"], a["class_label"], a["seeds"], a["temperature"],
+            a["device"], a["dtype"])
 
 
 def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize=4):
