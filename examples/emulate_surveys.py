@@ -14,6 +14,7 @@ A survey whose PSF is sharper than the model's training PSF gets a ResolutionWar
 """
 
 import argparse
+import sys
 import math
 import os
 import warnings
@@ -125,4 +126,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # bad input: one line naming the problem
+        sys.exit(f"{__file__.rsplit('/', 1)[-1]}: error: {err}")

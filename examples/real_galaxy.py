@@ -19,6 +19,7 @@ from the HST stamp the classical GalSim way (the image deconvolved by its PSF, a
 """
 
 import argparse
+import sys
 import os
 
 import galsim
@@ -115,4 +116,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # bad input: one line naming the problem
+        sys.exit(f"{__file__.rsplit('/', 1)[-1]}: error: {err}")
