@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): set up, then train and measure the shipped default model.
 # Usage there: bash benchmarks/gpu_default_model.sh STAGE   (STAGE: vqvae | prior | all)
-# Needs .whl/gpusite.tar.xz carried (GalSim + astropy for Python 3.12, debug symbols stripped).
+# Needs .whl/gpusite.tar.xz carried (GalSim + astropy for Python 3.12): benchmarks/make_gpu_site.sh.
 # Idempotent: each step skips what exists under $RUN, so a later call continues an earlier one.
 set -euo pipefail
 STAGE=${1:-all}
