@@ -53,8 +53,8 @@ def cmd_make_dataset(args):
         from .data.synthetic import make_synthetic_dataset
 
         summary = make_synthetic_dataset(args.out, n=args.n, seed=args.seed, psf=args.psf_model,
-                                         psf_file=args.psf_file, workers=args.workers,
-                                         progress=not args.quiet)
+                                         psf_file=args.psf_file, n_psf=args.n_psf,
+                                         workers=args.workers, progress=not args.quiet)
     elif args.source == "fits":
         from .data.fits import make_fits_dataset
 
@@ -62,6 +62,7 @@ def cmd_make_dataset(args):
             raise ValueError("--source fits needs --input DIR and --psf FILE_OR_DIR")
         summary = make_fits_dataset(args.out, args.input, args.psf,
                                     input_pixel_scale=args.input_pixel_scale,
+                                    band=args.band or "F160W", zeropoint=args.zeropoint,
                                     progress=not args.quiet)
     else:
         from .data.cosmos import make_cosmos_dataset
@@ -69,7 +70,8 @@ def cmd_make_dataset(args):
         if not args.catalog:
             raise ValueError("--source cosmos needs --catalog FILE (and --dir DIR)")
         summary = make_cosmos_dataset(args.out, args.catalog, args.dir,
-                                      max_galaxies=args.max_galaxies, progress=not args.quiet)
+                                      max_galaxies=args.max_galaxies, band=args.band,
+                                      zeropoint=args.zeropoint, progress=not args.quiet)
     return f"wrote {summary.get('n', '?')} stamps to {args.out}"
 
 
@@ -204,6 +206,11 @@ def build_parser():
     p.add_argument("--psf-model", choices=["optical", "cosmos"], default="optical",
                    help="synthetic: PSF family")
     p.add_argument("--psf-file", help="synthetic with --psf-model cosmos: RealGalaxy PSF file")
+    p.add_argument("--n-psf", type=_positive_int, default=64, help="synthetic: PSFs in the bank")
+    p.add_argument("--band", help="fits/cosmos: the band's name [default: F160W for fits, "
+                   "the catalog's for cosmos]")
+    p.add_argument("--zeropoint", type=float, default=25.94,
+                   help="fits/cosmos: AB magnitude of unit flux (mag = -2.5 log10(flux) + zp)")
     p.add_argument("--input", help="fits: folder of FITS stamps")
     p.add_argument("--psf", help="fits: one PSF FITS file, or a folder of one PSF per stamp")
     p.add_argument("--input-pixel-scale", type=float, help="fits: pixel scale if not in headers")

@@ -100,3 +100,24 @@ def test_evaluate_says_plainly_it_is_not_built(capsys):
 def test_bench_prints_a_ratio(capsys):
     code, stdout, _ = run(capsys, "bench", "--repeats", 2)
     assert code == 0 and "speed-up" in stdout and stdout.count("x\n") >= 1
+
+
+def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
+    from pathlib import Path
+
+    from galsim_vqvae.data.dataset import load_arrays, read_header
+
+    aegis = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "aegis"
+    if not aegis.is_dir():
+        pytest.skip(f"no shared HST data at {aegis}")
+    outs = {}
+    for zp in (25.0, 26.5):
+        out = tmp_path / f"aegis{zp}.h5"
+        code, _, err = run(capsys, "make-dataset", "--source", "cosmos", "--catalog",
+                           "AEGIS_F606w_catalog.fits", "--dir", aegis, "--band", "F606W",
+                           "--zeropoint", zp, "--max-galaxies", 3, "--out", out, "--quiet")
+        assert code == 0, err
+        header = read_header(out)
+        assert header["band"] == "F606W" and header["zeropoint"] == zp
+        outs[zp] = load_arrays(out, keys=["params"])["params/mag"]
+    np.testing.assert_allclose(outs[26.5] - outs[25.0], 1.5, atol=1e-4)
