@@ -56,3 +56,17 @@ def save_tiny_emulator(path):
         "training_data": {"source": "random weights (test fixture)"},
     }
     Emulator(vqvae, prior, metadata, psf).save(path)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored afterwards: the tiny tensors of most tests run as
+    fast on one thread and never stall in OpenMP barriers on a busy machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` (the op tests keep every thread, so
+    that ``at::parallel_for`` is exercised)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

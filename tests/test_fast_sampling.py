@@ -9,14 +9,7 @@ from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
 from galsim_vqvae.nn.sampling import per_sample_seeds, sample_naive
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are many tiny ops: with several intra-op threads on a busy shared machine the OpenMP
-    barriers make them ~10x slower. One thread for this module, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(seed=0, dtype=torch.float64, logit_scale=3.0, **kwargs):

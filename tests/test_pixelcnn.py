@@ -8,13 +8,7 @@ from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_support(height, width, layers, kernel_size, i, j):

@@ -10,13 +10,7 @@ from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
 from galsim_vqvae.nn.sampling import gumbel_noise, per_sample_seeds, sample_naive
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(seed=0, dtype=torch.float64, logit_scale=1.0, scale=1.0, **kwargs):

@@ -16,13 +16,7 @@ TINY = dict(hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32, re
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and never stalls in OpenMP on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def toy_dataset(n=64, size=32, seed=0, n_psf=3):
     """Elliptical exponential galaxies convolved with Gaussian PSFs (pixel units) plus noise."""

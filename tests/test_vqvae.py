@@ -11,13 +11,7 @@ SMALL = dict(stamp_size=32, hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, 
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and never stalls in OpenMP on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
