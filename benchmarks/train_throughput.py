@@ -18,7 +18,7 @@ import torch
 
 from galsim_vqvae.nn.forward import convolve_psf, psf_transform
 from galsim_vqvae.nn.vqvae import VQVAE
-from galsim_vqvae.train.vqvae import train_step
+from galsim_vqvae.train.vqvae import prepare_model, train_step
 
 
 def synthetic_batch(n, size, device, seed=0):
@@ -49,15 +49,7 @@ def time_steps(batch_size, psf_layers, device, warmup, repeats, compile=False, c
     cuda = dev.type == "cuda"
     torch.manual_seed(0)
     net = VQVAE(stamp_size=stamp_size, image_scale=50.0, **(model or {})).to(dev).train()
-    channels_last = cuda if channels_last is None else channels_last
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    if compile:
-        net.encoder.compile()
-        net.decoder.compile()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=cuda or None)
+    opt, channels_last = prepare_model(net, dev, 1e-4, channels_last, compile)
     obs, sigma, psf = synthetic_batch(batch_size, stamp_size, dev)
     if channels_last:
         obs = obs.contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import VQVAEFormatError, VQVAEInputError
 from .fileio import atomic_path
 from .nn.pixelcnn import GatedPixelCNN
@@ -27,17 +28,6 @@ _REQUIRED_METADATA = ("format_version", "pixel_scale", "stamp_size", "latent_siz
                       "vqvae_config", "prior_config", "training_data")
 _SAMPLERS = {"fast": sample_fast, "naive": sample_naive}
 OUT_OF_RANGE_POLICIES = ("error", "clip")
-
-
-def _resolve_device(device):
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise VQVAEInputError(f"device {device!r} is not a valid torch device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VQVAEInputError(f"device {str(device)!r} was requested but this machine has no "
-                              "usable CUDA GPU (torch.cuda.is_available() is False); use 'cpu'")
-    return device
 
 
 def _positive_count(n, what="n"):
@@ -71,7 +61,7 @@ class Emulator:
 
     def to(self, device):
         """Move both networks to ``device``; returns self."""
-        device = _resolve_device(device)
+        device = resolve_device(device)
         self.vqvae.to(device)
         self.prior.to(device)
         return self
@@ -98,7 +88,7 @@ class Emulator:
                 raise VQVAEFormatError(f"the shipped default model is missing from the "
                                        f"installation ({path}); reinstall galsim_vqvae")
             raise VQVAEFormatError(f"model file not found: {path}")
-        device = _resolve_device(device)
+        device = resolve_device(device)
         tensors, metadata = _read_bundle(path)
         vqvae = _build(VQVAE, metadata["vqvae_config"], "vqvae_config", path)
         prior = _build(GatedPixelCNN, metadata["prior_config"], "prior_config", path)

@@ -19,14 +19,7 @@ from galsim_vqvae import VQVAEGalaxy
 from galsim_vqvae.profile import ResolutionWarning
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def survey_config(model_path, out_dir, nobj=10, nfiles=2, batch_size=4):

@@ -21,15 +21,7 @@ from galsim_vqvae.profile import ResolutionWarning, index_seed
 COND = {"mag": 22.5, "hlr": 0.6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: several threads on a busy 2-core machine spin and crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.pixelcnn import GatedPixelCNN
@@ -290,12 +291,7 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
         if key in model:
             raise VQVAEInputError(f"train_prior: model[{key!r}] is set from the VQ-VAE and the "
                                   "conditions; do not pass it")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise VQVAEInputError(f"train_prior: bad device {device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VQVAEInputError("train_prior: device 'cuda' requested but CUDA is not available")
+    device = resolve_device(device)
     for path, what in ((data, "dataset"), (vqvae_checkpoint, "VQ-VAE checkpoint")):
         if not os.path.isfile(path):
             raise VQVAEInputError(f"train_prior: {what} not found: {path}")

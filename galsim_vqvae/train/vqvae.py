@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
@@ -189,17 +190,6 @@ def learning_rate(step, lr, warmup, schedule, steps):
     return lr * factor
 
 
-def resolve_device(device):
-    """A torch.device, with a clear error when CUDA is asked for but absent."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise VQVAEInputError(f"device {device!r} is not a valid torch device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VQVAEInputError(f"device {device!r} was requested but CUDA is not available")
-    return dev
-
-
 def _psf_lookup(psf_bank, psf_index, device):
     """A function batch indices -> PSF transforms, precomputing the bank's transforms if small."""
     bank = torch.as_tensor(psf_bank, dtype=torch.float32, device=device)
@@ -215,6 +205,26 @@ def _psf_lookup(psf_bank, psf_index, device):
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
+
+def prepare_model(net, device, lr, channels_last=None, compile=False):
+    """Put ``net`` on ``device`` for training: channels-last convolutions (default on CUDA),
+    cuDNN autotuning and fused Adam on CUDA, optional ``torch.compile`` of encoder and decoder.
+
+    Returns:
+        (Adam optimizer, whether channels-last is used).
+    """
+    cuda = device.type == "cuda"
+    net.to(device)
+    channels_last = cuda if channels_last is None else bool(channels_last)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    if compile:
+        net.encoder.compile()
+        net.decoder.compile()
+    return torch.optim.Adam(net.parameters(), lr=lr, fused=cuda or None), channels_last
+
 
 def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
                 model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
@@ -311,18 +321,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     if state is not None:
         _check_resume(state, net.config, train_cfg, ckpt_path)
         net.load_state_dict(state["model"])
-    net.to(dev)
-    cuda = dev.type == "cuda"
-    amp = cuda
-    channels_last = cuda if channels_last is None else bool(channels_last)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    if compile:
-        net.encoder.compile()
-        net.decoder.compile()
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=cuda or None)
+    amp = dev.type == "cuda"
+    optimizer, channels_last = prepare_model(net, dev, lr, channels_last, compile)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     history = {k: list(v) for k, v in state["history"].items()} if state else \
