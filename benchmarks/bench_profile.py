@@ -13,7 +13,9 @@
 The model: ``VQVAE_BENCH_MODEL`` (a path, or ``default``); by default the shipped model if it is
 installed, else the tests' tiny random-weight model (say which when you quote a figure: each
 benchmark's ``extra_info`` records it). ``VQVAE_BENCH_NOBJ`` (128) galaxies per config run,
-``VQVAE_BENCH_BATCH`` (32) galaxies per network call, ``VQVAE_BENCH_THREADS`` (1) torch threads.
+``VQVAE_BENCH_BATCH`` (32) galaxies per network call, ``VQVAE_BENCH_THREADS`` (1) torch threads,
+``VQVAE_BENCH_DEVICE`` (cpu) the networks' device on the config path, ``VQVAE_BENCH_NPROCS``
+(1,2) the ``image.nproc`` values to run.
 """
 
 import copy
@@ -127,6 +129,7 @@ def survey_config(model_path, out_dir, nobjects, nproc):
     return {
         "modules": ["galsim_vqvae"],
         "input": {"vqvae_model": {"file_name": model_path,
+                                  "device": os.environ.get("VQVAE_BENCH_DEVICE", "cpu"),
                                   "batch_size": int(os.environ.get("VQVAE_BENCH_BATCH", "32"))}},
         "psf": {"type": "Kolmogorov", "fwhm": 0.7},
         "gal": {"type": "VQVAEGalaxy", "flux": {"type": "Random", "min": 300, "max": 3000},
@@ -138,7 +141,8 @@ def survey_config(model_path, out_dir, nobjects, nproc):
     }
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize(
+    "nproc", [int(n) for n in os.environ.get("VQVAE_BENCH_NPROCS", "1,2").split(",")])
 def test_config_galaxies_per_second(benchmark, model, nproc, tmp_path):
     path, emulator, label = model
     nobjects = int(os.environ.get("VQVAE_BENCH_NOBJ", "128"))
@@ -161,4 +165,6 @@ def test_config_galaxies_per_second(benchmark, model, nproc, tmp_path):
     rate = nobjects / min(times)
     benchmark.extra_info.update(model=label, nobjects=nobjects, image_nproc=nproc,
                                 galaxies_per_second=round(rate, 2))
-    print(f"\nconfig path: {rate:.1f} galaxies/s (nproc={nproc}, {label})")
+    device = config["input"]["vqvae_model"]["device"]
+    benchmark.extra_info["device"] = device
+    print(f"\nconfig path: {rate:.1f} galaxies/s (nproc={nproc}, {device}, {label})")

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): set up, then train and measure the shipped default model.
-# Usage there: bash benchmarks/gpu_default_model.sh STAGE   (STAGE: vqvae | prior | all)
+# Usage there: bash benchmarks/gpu_default_model.sh STAGE
+#   STAGE: vqvae | prior | all (both) | plain (the plain autoencoder of the issue-2 comparison,
+#   trained on the same stamps without the PSF/noise layers) | config (config-path galaxies/s
+#   of the new bundle on the GPU)
 # Needs .whl/gpusite.tar.xz carried (GalSim + astropy for Python 3.12): benchmarks/make_gpu_site.sh.
 # Idempotent: each step skips what exists under $RUN, so a later call continues an earlier one.
 set -euo pipefail
@@ -17,7 +20,8 @@ python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', ga
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader || true
 
 if [ "$STAGE" = vqvae ] || [ "$STAGE" = all ]; then
-  python3 benchmarks/train_throughput.py --device cuda --batch-sizes 256 1024 4096 2>&1 | tee "$OUT/train_throughput.txt" || true
+  [ -n "${SKIP_THROUGHPUT:-}" ] || python3 benchmarks/train_throughput.py --device cuda \
+      --batch-sizes 256 1024 4096 2>&1 | tee "$OUT/train_throughput.txt" || true
   bash examples/train_default_model.sh vqvae \
       2>&1 | tee "$OUT/train_vqvae.txt"
   cp "$RUN/vqvae/log.jsonl" "$OUT/vqvae_log.jsonl" 2>/dev/null || true
@@ -34,11 +38,25 @@ from galsim_vqvae import Emulator
 from galsim_vqvae.metrics import conditioning_accuracy
 emu = Emulator.load(os.environ["RUN"] + "/prior/model.safetensors", device="cuda")
 t = time.time()
-r = conditioning_accuracy(emu, n=1000, seed=123, method="naive")
-print(f"1000 samples (naive sampler, cuda) in {time.time() - t:.1f} s")
+r = conditioning_accuracy(emu, n=1000, seed=123)
+print(f"1000 samples (fast sampler, cuda) in {time.time() - t:.1f} s")
 print(json.dumps({k: v for k, v in r.items() if not isinstance(v, np.ndarray)}, indent=1))
 np.savez(os.environ.get("OUT", "/tmp/out") + "/conditioning.npz",
          **{k: v for k, v in r.items() if isinstance(v, np.ndarray)})
 PY
+fi
+if [ "$STAGE" = plain ]; then
+  [ -f "$RUN/plain/checkpoint.pt" ] || python3 -m galsim_vqvae.cli train-vqvae \
+      --data "$RUN/synthetic.h5" --out "$RUN/plain" --no-psf-layers --steps "${PLAIN_STEPS:-2000}" \
+      --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 --warmup 200 \
+      --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --device cuda \
+      2>&1 | tee "$OUT/train_plain.txt"
+  cp "$RUN/plain/log.jsonl" "$OUT/plain_log.jsonl" 2>/dev/null || true
+fi
+if [ "$STAGE" = config ]; then
+  (cd benchmarks && VQVAE_BENCH_MODEL="$RUN/prior/model.safetensors" VQVAE_BENCH_DEVICE=cuda \
+      VQVAE_BENCH_NPROCS=1,4 VQVAE_BENCH_NOBJ=512 VQVAE_BENCH_BATCH=128 python3 -m pytest -q -s \
+      -p no:cacheprovider bench_profile.py -k config --benchmark-columns=median,rounds) \
+      2>&1 | tee "$OUT/config_path_gpu.txt"
 fi
 ls -la "$OUT"

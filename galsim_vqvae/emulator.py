@@ -133,7 +133,7 @@ class Emulator:
 
         vq_state = load_checkpoint(vqvae_checkpoint)
         prior_state = load_checkpoint(prior_checkpoint)
-        vqvae = VQVAE(**vq_state["config"])
+        vqvae = VQVAE.from_config(vq_state["config"])
         vqvae.load_state_dict(vq_state["model"])
         prior = GatedPixelCNN(**prior_state["config"])
         prior.load_state_dict(prior_state["model"])
@@ -421,7 +421,7 @@ def _build(cls, config, field, path):
     if not isinstance(config, dict):
         raise VQVAEFormatError(f"model file {path}: metadata field {field!r} is not an object")
     try:
-        return cls(**config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(**config)
     except (TypeError, ValueError) as err:
         raise VQVAEFormatError(f"model file {path}: metadata field {field!r} does not describe "
                                f"a {cls.__name__}: {err}") from None

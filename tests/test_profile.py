@@ -145,9 +145,11 @@ def test_flux_of_every_draw_method(gal):
     base = VQVAEGalaxy(gal.model, index=1, conditions=COND)
     scaled = VQVAEGalaxy(gal.model, index=1, conditions=COND, flux_rescale=2.5)
     assert scaled.flux == pytest.approx(2.5 * base.flux, rel=1e-12)
-    np.testing.assert_allclose(scaled.drawImage(nx=20, ny=20, scale=0.05).array,
-                               2.5 * base.drawImage(nx=20, ny=20, scale=0.05).array,
-                               rtol=1e-6, atol=1e-12)
+    want = 2.5 * base.drawImage(nx=20, ny=20, scale=0.05).array
+    # float32 images: near-zero pixels (FFT ringing around exact zeros) agree to float32 rounding
+    # of the peak, not to 1e-6 of themselves.
+    np.testing.assert_allclose(scaled.drawImage(nx=20, ny=20, scale=0.05).array, want,
+                               rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert gal.withFlux(7.).flux == pytest.approx(7.)
 
 

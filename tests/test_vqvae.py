@@ -62,7 +62,7 @@ def test_decoder_output_non_negative(upsample):
 def test_positive_is_softplus_with_a_one_sided_leak():
     x = (30 * torch.randn(200, generator=_gen(40), dtype=torch.float64)).requires_grad_()
     g = torch.randn(200, generator=_gen(41), dtype=torch.float64)
-    y = positive(x, leak=0.01)
+    y = positive(x, leak=0.01, output="softplus")
     assert torch.equal(y, torch.nn.functional.softplus(x))  # exactly, in value
     y.backward(g)
     expected = g * torch.sigmoid(x.detach()) + 0.01 * g.clamp(max=0)
@@ -72,6 +72,36 @@ def test_positive_is_softplus_with_a_one_sided_leak():
     assert (x.grad[deep & (g < 0)] <= 0.01 * g[deep & (g < 0)] + 1e-12).all()
     # ... and no push further down over the empty sky (the drift that darkened a GPU run).
     assert (x.grad[deep & (g > 0)].abs() < 1e-8).all()
+
+
+def test_positive_relu_reaches_zero_with_a_one_sided_leak():
+    x = (3 * torch.randn(300, generator=_gen(42), dtype=torch.float64)).requires_grad_()
+    g = torch.randn(300, generator=_gen(43), dtype=torch.float64)
+    y = positive(x, leak=0.01)  # relu is the default
+    assert torch.equal(y, torch.relu(x))
+    assert (y == 0).sum() > 100  # exactly zero over the sky, not a floor
+    y.backward(g)
+    on = x.detach() > 0
+    torch.testing.assert_close(x.grad, g * on + 0.01 * g.clamp(max=0))
+    assert (x.grad[~on & (g > 0)] == 0).all()  # no push further down where it is dark
+    assert (x.grad[~on & (g < 0)] < 0).all()   # a way back up where more light is wanted
+
+
+def test_output_kind_round_trips_and_legacy_configs_mean_softplus():
+    m = VQVAE(**SMALL)
+    assert m.config["output"] == "relu"
+    legacy = {k: v for k, v in m.config.items() if k != "output"}
+    assert VQVAE.from_config(legacy).output == "softplus"
+    assert VQVAE.from_config(m.config).output == "relu"
+    with pytest.raises(ValueError, match="output"):
+        VQVAE(**SMALL, output="exp")
+    z = torch.randn(2, 8, 8, 8, generator=_gen(44))
+    soft = VQVAE.from_config(legacy).eval()
+    soft.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        pre = m.eval().decoder(z)
+        assert torch.equal(m.decode(z), torch.relu(pre) * m.image_scale)
+        assert torch.equal(soft.decode(z), torch.nn.functional.softplus(pre) * m.image_scale)
 
 
 def test_works_in_physical_units():

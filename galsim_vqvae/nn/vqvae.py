@@ -5,9 +5,9 @@ stride-2 4x4 convolutions (84 -> 42 -> 21), refines with a 3x3 convolution and a
 and projects to the code dimension with a 1x1 convolution; the decoder mirrors it, upsampling by
 bilinear resizes + convolutions (or transposed convolutions). The model works in physical pixel
 units (flux per pixel): it divides its input by ``image_scale`` and multiplies its output by it.
-The decoded image is the pre-PSF galaxy, non-negative by construction: `positive` (softplus,
-with a leaky gradient so that the output can never die in softplus's flat tail) of the last
-layer.
+The decoded image is the pre-PSF galaxy, non-negative by construction: `positive` (a ReLU, or
+the softplus of models made before 2026-11-24, with a one-sided leaky gradient so that the output
+can never stay dark) of the last layer.
 """
 
 import torch
@@ -72,37 +72,48 @@ def upsample2(c_in, c_out, mode):
     raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
 
 
+OUTPUTS = ("relu", "softplus")
+
+
 class _Positive(torch.autograd.Function):
-    """softplus with a one-sided gradient leak (see `positive`)."""
+    """relu or softplus with a one-sided gradient leak (see `positive`)."""
 
     @staticmethod
-    def forward(ctx, x, leak):
+    def forward(ctx, x, leak, output):
         ctx.save_for_backward(x)
         ctx.leak = leak
-        return F.softplus(x)
+        ctx.output = output
+        return F.relu(x) if output == "relu" else F.softplus(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * torch.sigmoid(x) + ctx.leak * grad.clamp(max=0), None
+        slope = (x > 0).to(grad.dtype) if ctx.output == "relu" else torch.sigmoid(x)
+        return grad * slope + ctx.leak * grad.clamp(max=0), None, None
 
 
-def positive(x, leak=0.01):
-    """``softplus(x)``, whose gradient leaks only where the loss wants the output to grow.
+def positive(x, leak=0.01, output="relu"):
+    """``relu(x)`` (or ``softplus(x)``), whose gradient leaks only where the loss wants the output
+    to grow.
 
-    The gradient is ``g * sigmoid(x) + leak * min(g, 0)`` for an upstream gradient ``g``. Softplus
-    alone can leave a unit in its flat negative tail, where its gradient underflows and the decoder
-    stays dark; the leak gives such a unit a way back up. The leak is one-sided on purpose: a leak
-    that also pushes down never vanishes over the empty sky (where any positive value is too much),
-    and its small constant push, summed over thousands of sky pixels, drove a whole GPU run dark.
+    The gradient is ``g * f'(x) + leak * min(g, 0)`` for an upstream gradient ``g``. A unit in the
+    flat negative part has no gradient of its own and would stay dark; the leak gives it a way
+    back up. The leak is one-sided on purpose: a leak that also pushes down never vanishes over the
+    empty sky (where any positive value is too much), and its small constant push, summed over
+    thousands of sky pixels, drove a whole GPU run dark. ReLU is the default because it reaches
+    exactly zero: softplus left a positive floor over the sky of the 2026-11-24 CPU model, which
+    added flux and inflated the half-light radii of its galaxies.
     """
-    return _Positive.apply(x, float(leak))
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    return _Positive.apply(x, float(leak), output)
 
 
 class Decoder(nn.Module):
     """Latents [B, embed_dim, S/4, S/4] -> pre-activation image [B, 1, S, S]."""
 
-    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear"):
+    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear",
+                 output="relu"):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(embed_dim, hidden, 3, padding=1),
@@ -112,8 +123,8 @@ class Decoder(nn.Module):
             upsample2(hidden // 2, 1, upsample),       # S/2 -> S
         )
         last = self.net[-1] if upsample == "transpose" else self.net[-1][-1]
-        # Start near an empty sky: softplus(-4) = 0.018 image_scale.
-        nn.init.constant_(last.bias, -4.0)
+        # Start near an empty sky: softplus(-4) = 0.018 image_scale; relu(0) = 0.
+        nn.init.constant_(last.bias, -4.0 if output == "softplus" else 0.0)
 
     def forward(self, z):
         return self.net(z)
@@ -144,12 +155,16 @@ class VQVAE(nn.Module):
                             VQGAN, Yu et al. 2021). It bounds the commitment loss: without it the
                             latents' scale drifts during the autoencoder warm-up and the commitment
                             term blew training up on a GPU run. [default: True]
+        output:             The decoder's non-negative output, ``"relu"`` (reaches exactly zero
+                            over the sky) or ``"softplus"`` (models made before 2026-11-24; a model
+                            config without this key means softplus, see `from_config`).
+                            [default: "relu"]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
-                 normalize_latents=True):
+                 normalize_latents=True, output="relu"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise ValueError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
@@ -157,21 +172,31 @@ class VQVAE(nn.Module):
             raise ValueError(f"hidden must be an even number >= 2, got {hidden}")
         if not image_scale > 0:
             raise ValueError(f"image_scale must be > 0, got {image_scale}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
                             res_blocks=int(res_blocks), res_hidden=int(res_hidden),
                             embed_dim=int(embed_dim), num_codes=int(num_codes),
                             image_scale=float(image_scale), beta=float(beta), decay=float(decay),
                             kmeans_iters=int(kmeans_iters), restart_every=int(restart_every),
                             restart_threshold=float(restart_threshold), seed=int(seed),
-                            upsample=str(upsample), normalize_latents=bool(normalize_latents))
+                            upsample=str(upsample), normalize_latents=bool(normalize_latents),
+                            output=str(output))
         self.stamp_size = int(stamp_size)
         self.image_scale = float(image_scale)
         self.normalize_latents = bool(normalize_latents)
+        self.output = str(output)
         self.encoder = Encoder(hidden, res_blocks, res_hidden, embed_dim)
         self.quantizer = VectorQuantizer(num_codes, embed_dim, beta=beta, decay=decay,
                                          kmeans_iters=kmeans_iters, restart_every=restart_every,
                                          restart_threshold=restart_threshold, seed=seed)
-        self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample)
+        self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample, output)
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild a model from a saved `config`; a config older than the ``output`` key (before
+        2026-11-24) describes a softplus output."""
+        return cls(**{"output": "softplus", **config})
 
     @property
     def config(self):
@@ -200,7 +225,7 @@ class VQVAE(nn.Module):
 
     def decode(self, z_q):
         """Latents [B, D, S/4, S/4] -> pre-PSF images [B, 1, S, S] >= 0 in pixel units (float32)."""
-        return positive(self.decoder(z_q).float()) * self.image_scale
+        return positive(self.decoder(z_q).float(), output=self.output) * self.image_scale
 
     def decode_codes(self, codes):
         """Code maps [B, S/4, S/4] int64 -> pre-PSF images [B, 1, S, S]."""

@@ -149,7 +149,7 @@ def cached_codes(data, vqvae_checkpoint, out, device="cpu", progress=True):
             tqdm.write(f"{path} was made from another dataset or VQ-VAE; encoding again")
     state = load_checkpoint(vqvae_checkpoint)
     try:
-        vqvae = VQVAE(**state["config"])
+        vqvae = VQVAE.from_config(state["config"])
         vqvae.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as err:
         raise VQVAEFormatError(f"{vqvae_checkpoint} is not a VQ-VAE checkpoint: {err}") from None
