@@ -9,12 +9,21 @@ import os
 import sys
 import time
 
+from .fileio import check_output_path
+
 EXIT_BAD_INPUT = 2
 EXIT_NOT_BUILT = 3
 
 
 class NotBuiltYet(Exception):
     """A subcommand whose capability is not built yet."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit status 2), like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _conditions_arg(text):
@@ -49,6 +58,7 @@ def _checkpoint_path(path):
 # ------------------------------------------------------------------------------------------------
 # Subcommands
 def cmd_make_dataset(args):
+    check_output_path(args.out, "--out")
     if args.source == "synthetic":
         from .data.synthetic import make_synthetic_dataset
 
@@ -116,6 +126,7 @@ def cmd_sample(args):
     from .emulator import Emulator
     from .outputs import write_samples
 
+    check_output_path(args.out, "--out")
     emulator = Emulator.load(args.model, device=args.device)
     conditions = args.conditions or None
     codes = emulator.sample_codes(args.n, conditions, seed=args.seed,
@@ -130,9 +141,14 @@ def cmd_reconstruct(args):
     from .emulator import Emulator
     from .outputs import read_stamps, write_reconstruction
 
+    check_output_path(args.out, "--out")
     emulator = Emulator.load(args.model, device=args.device)
-    observed = read_stamps(args.input, "--input")
-    psf = read_stamps(args.psf, "--psf")
+    size, scale = emulator.stamp_size, emulator.metadata["pixel_scale"]
+    observed = read_stamps(args.input, "--input", size, scale)
+    psf = read_stamps(args.psf, "--psf", size, scale, psf=True)
+    if len(psf) not in (1, len(observed)):
+        raise ValueError(f"--psf {args.psf} holds {len(psf)} PSF images and --input {args.input} "
+                         f"{len(observed)} stamps: give one PSF for all stamps or one per stamp")
     images, red_chi2 = emulator.reconstruct(observed, psf, args.sigma, convolved=args.convolved)
     write_reconstruction(args.out, images, red_chi2)
     return (f"reconstructed {len(images)} stamps to {args.out}; median reduced chi^2 "
@@ -144,6 +160,7 @@ def cmd_gallery(args):
     from .metrics import draw_training_conditions
     from .plots import save_gallery
 
+    check_output_path(args.out, "--out")
     emulator = Emulator.load(args.model, device=args.device)
     names = emulator.condition_names
     columns = {}
@@ -154,6 +171,10 @@ def cmd_gallery(args):
         if header["stamp_size"] != emulator.stamp_size:
             raise ValueError(f"--data {args.data} has {header['stamp_size']}-pixel stamps; the "
                              f"model makes {emulator.stamp_size}-pixel ones")
+        scale = emulator.metadata["pixel_scale"]
+        if abs(header["pixel_scale"] - scale) > 1e-3 * scale:
+            raise ValueError(f"--data {args.data} has a pixel scale of {header['pixel_scale']:g}"
+                             f"\"/pixel; the model's is {scale:g}\"/pixel")
         test = split_indices(header["n"], "test")[:args.n]
         arrays = load_arrays(args.data, indices=test, keys=["truth", "params"])
         if "truth" not in arrays:
@@ -184,8 +205,7 @@ def cmd_bench(args):
 
 # ------------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(prog="galsim-vqvae",
-                                     description="A learned galaxy model for GalSim.")
+    parser = _Parser(prog="galsim-vqvae", description="A learned galaxy model for GalSim.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -51,6 +51,10 @@ class Emulator:
         self.prior = prior.eval()
         self.metadata = dict(metadata)
         self.psf_image = np.asarray(psf_image, dtype=np.float32)
+        missing = [k for k in _REQUIRED_METADATA if k not in self.metadata]
+        if missing:
+            raise VQVAEFormatError(f"model <in memory>: metadata lacks {missing}")
+        _check_metadata(self.metadata, "<in memory>")
         _check_consistency(self.vqvae, self.prior, self.metadata, self.psf_image, "<in memory>")
 
     # ----------------------------------------------------------------------------------------
@@ -90,24 +94,24 @@ class Emulator:
             raise VQVAEFormatError(f"model file not found: {path}")
         device = resolve_device(device)
         tensors, metadata = _read_bundle(path)
-        vqvae = _build(VQVAE, metadata["vqvae_config"], "vqvae_config", path)
-        prior = _build(GatedPixelCNN, metadata["prior_config"], "prior_config", path)
-        _load_state(vqvae, tensors, "vqvae.", path)
-        _load_state(prior, tensors, "prior.", path)
+        _check_metadata(metadata, path)
+        vqvae = _build(VQVAE, metadata["vqvae_config"], "vqvae_config", path, tensors, "vqvae.")
+        prior = _build(GatedPixelCNN, metadata["prior_config"], "prior_config", path, tensors,
+                       "prior.")
         if "psf_image" not in tensors:
             raise VQVAEFormatError(f"model file {path} has no 'psf_image' tensor")
         emulator = cls.__new__(cls)
         emulator.vqvae = vqvae.eval()
         emulator.prior = prior.eval()
         emulator.metadata = metadata
-        emulator.psf_image = tensors["psf_image"].numpy().astype(np.float32)
+        emulator.psf_image = tensors["psf_image"].float().numpy()
         _check_consistency(vqvae, prior, metadata, emulator.psf_image, path)
         emulator.path = path
         return emulator.to(device)
 
     def save(self, path):
         """Write the bundle to ``path`` (a ``.safetensors`` file), atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"vqvae." + k: v.detach().cpu().contiguous()
                    for k, v in self.vqvae.state_dict().items()}
@@ -115,8 +119,9 @@ class Emulator:
                         for k, v in self.prior.state_dict().items()})
         tensors["psf_image"] = torch.from_numpy(np.ascontiguousarray(self.psf_image))
         metadata = dict(self.metadata, format_version=FORMAT_VERSION)
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(metadata)})
+        payload = save(tensors, metadata={_HEADER_KEY: json.dumps(metadata)})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk: an OSError naming it
+            f.write(payload)
 
     @classmethod
     def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image=None):
@@ -387,7 +392,6 @@ class Emulator:
 # --------------------------------------------------------------------------------------------
 # Bundle reading and checking
 def _read_bundle(path):
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from safetensors import safe_open
 
@@ -395,7 +399,7 @@ def _read_bundle(path):
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
         tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... all mean "unreadable"
         raise VQVAEFormatError(f"model file {path} is corrupt or truncated "
                                f"(not a readable safetensors file: {err})") from None
     if _HEADER_KEY not in header:
@@ -403,7 +407,7 @@ def _read_bundle(path):
                                f"model (no '{_HEADER_KEY}' metadata in its header)")
     try:
         metadata = json.loads(header[_HEADER_KEY])
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise VQVAEFormatError(f"model file {path}: metadata is not valid JSON ({err})") from None
     if not isinstance(metadata, dict):
         raise VQVAEFormatError(f"model file {path}: metadata is not a JSON object")
@@ -417,17 +421,32 @@ def _read_bundle(path):
     return tensors, metadata
 
 
-def _build(cls, config, field, path):
+def _build(cls, config, field, path, tensors, prefix):
+    """The network that metadata field ``field`` describes, with the weights ``prefix*`` of the
+    file. Its tensor names and shapes are checked on the ``meta`` device first, so that metadata
+    contradicting the weights (even absurdly large sizes) is an error, never an allocation."""
     if not isinstance(config, dict):
         raise VQVAEFormatError(f"model file {path}: metadata field {field!r} is not an object")
-    try:
+
+    def make():
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(**config)
-    except (TypeError, ValueError) as err:
+
+    try:
+        with torch.device("meta"):
+            skeleton = make()
+    except Exception as err:  # noqa: BLE001 - whatever the constructor makes of bad values
         raise VQVAEFormatError(f"model file {path}: metadata field {field!r} does not describe "
-                               f"a {cls.__name__}: {err}") from None
+                               f"a {cls.__name__}: {type(err).__name__}: {err}") from None
+    given = _matching_state(skeleton, tensors, prefix, path)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the
+        module = make()                        # caller's random state alone
+    module.load_state_dict(given)
+    return module
 
 
-def _load_state(module, tensors, prefix, path):
+def _matching_state(module, tensors, prefix, path):
+    """The tensors ``prefix*`` of the file as ``module``'s state dict, checked: the same names and
+    shapes, floating-point values finite."""
     expected = module.state_dict()
     given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing = sorted(set(expected) - set(given))
@@ -441,7 +460,57 @@ def _load_state(module, tensors, prefix, path):
             raise VQVAEFormatError(f"model file {path}: tensor {prefix}{k} has shape "
                                    f"{tuple(given[k].shape)}, the metadata implies "
                                    f"{tuple(v.shape)}")
-    module.load_state_dict(given)
+        if given[k].is_floating_point() and not bool(torch.isfinite(given[k]).all()):
+            raise VQVAEFormatError(f"model file {path}: tensor {prefix}{k} holds NaN or "
+                                   "infinite values")
+    return given
+
+
+def _check_metadata(metadata, path):
+    """Types and ranges of the metadata fields (`_REQUIRED_METADATA`), each error naming the
+    field and its value."""
+    def fail(field, what):
+        value = metadata.get(field) if "." not in field else None
+        raise VQVAEFormatError(f"model file {path}: metadata field {field!r}"
+                               + (f" = {value!r}" if value is not None else "")
+                               + f" must be {what}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    for field in ("stamp_size", "latent_size", "num_codes"):
+        if not is_int(metadata[field]) or metadata[field] < 1:
+            fail(field, "a positive integer")
+    for field in ("pixel_scale", "psf_fwhm"):
+        if not is_number(metadata[field]) or not metadata[field] > 0:
+            fail(field, "a positive number")
+    if not is_number(metadata["zeropoint"]):
+        fail("zeropoint", "a finite number")
+    for field in ("band", "flux_convention"):
+        if not isinstance(metadata[field], str):
+            fail(field, "a string")
+    for field in ("conditions", "training_data"):
+        if not isinstance(metadata[field], dict):
+            fail(field, "an object")
+    cond = metadata["conditions"]
+    names = cond.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(k, str) for k in names) \
+            or len(set(names)) != len(names):
+        fail("conditions.names", f"a list of distinct label names, not {names!r}")
+    if names:
+        for key in ("mean", "std", "min", "max"):
+            values = cond.get(key)
+            if not isinstance(values, list) or len(values) != len(names) \
+                    or not all(is_number(v) for v in values):
+                fail(f"conditions.{key}", f"a list of {len(names)} finite numbers, one for each of the "
+                     f"condition labels {names}, not {values!r}")
+        for k, lo, hi, sd in zip(names, cond["min"], cond["max"], cond["std"]):
+            if not (lo <= hi and sd > 0):
+                fail("conditions", f"consistent for label {k!r}: min {lo} <= max {hi} and "
+                     f"std {sd} > 0")
 
 
 def _check_consistency(vqvae, prior, metadata, psf_image, path):
@@ -465,6 +534,8 @@ def _check_consistency(vqvae, prior, metadata, psf_image, path):
             fail(f"conditions.{key} must have {len(names)} entries")
     if psf_image.shape != (s, s):
         fail(f"psf_image has shape {psf_image.shape}, expected ({s}, {s})")
+    if not (np.all(np.isfinite(psf_image)) and psf_image.sum() > 0):
+        fail("psf_image must be finite with a positive sum")
     if not (metadata["pixel_scale"] > 0):
         fail(f"pixel_scale must be > 0, got {metadata['pixel_scale']}")
 

@@ -50,26 +50,43 @@ def write_reconstruction(path, images, reduced_chi2):
     _write(path, hdus)
 
 
-def read_stamps(path, what):
-    """Read a 2-D image or a 3-D cube of stamps from the first image HDU of a FITS file."""
-    from astropy.io import fits
+def read_stamps(path, what, stamp_size=None, pixel_scale=None, psf=False):
+    """Stamps [n, S, S] (float32) from the first image HDU of a FITS file: a 2-D image (n = 1)
+    or a 3-D cube.
 
+    Parameters:
+        path:           The FITS file.
+        what:           How it was given (e.g. ``"--input"``), named in every error.
+        stamp_size:     If given, the stamps must be ``stamp_size`` pixels square. [default: None]
+        pixel_scale:    If given, a pixel scale in the header (``PIXSCALE``... or the WCS, see
+                        `galsim_vqvae.data.fits`) must equal it (to 0.1%); a header without one
+                        is taken to be at this scale. [default: None]
+        psf:            Each stamp is a PSF: its sum must be positive. [default: False]
+    """
+    from .data.fits import header_scale, read_image
+
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise VQVAEInputError(f"{what}: file not found: {path}")
-    try:
-        with fits.open(path) as hdus:
-            data = next((h.data for h in hdus if h.data is not None and h.is_image), None)
-            data = None if data is None else np.array(data, dtype=np.float32)
-    except OSError as err:
-        raise VQVAEInputError(f"{what}: {path} is not a readable FITS file: {err}") from None
-    if data is None:
-        raise VQVAEInputError(f"{what}: {path} has no image HDU with data")
-    if data.ndim not in (2, 3):
-        raise VQVAEInputError(f"{what}: {path} holds {data.ndim}-D data; expected a 2-D image "
-                              "or a 3-D cube of stamps")
-    if not np.all(np.isfinite(data)):
-        raise VQVAEInputError(f"{what}: {path} has NaN or infinite pixels")
-    return data
+    data, header = read_image(path, ndims=(2, 3), what=what)
+    stamps = data if data.ndim == 3 else data[None]
+    where = f"{what}: {path}"
+    if stamp_size is not None and stamps.shape[1:] != (stamp_size, stamp_size):
+        raise VQVAEInputError(f"{where} holds {stamps.shape[2]}x{stamps.shape[1]}-pixel images; "
+                              f"the model takes {stamp_size}x{stamp_size} stamps")
+    if pixel_scale is not None:
+        scale = header_scale(header, where)
+        if scale is not None and abs(scale - pixel_scale) > 1e-3 * pixel_scale:
+            raise VQVAEInputError(f"{where} has a pixel scale of {scale:.6g}\"/pixel (from its "
+                                  f"header) but the model's is {pixel_scale:.6g}\"/pixel; resample "
+                                  "the stamps to the model's grid first")
+    if psf:
+        sums = stamps.sum(axis=(1, 2))
+        bad = np.flatnonzero(~(sums > 0))
+        if bad.size:
+            raise VQVAEInputError(f"{where}: PSF image {bad[0]} sums to {sums[bad[0]]:.4g}; a PSF "
+                                  "must have a positive sum")
+    return stamps.astype(np.float32)
 
 
 def _write(path, hdus):

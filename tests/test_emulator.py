@@ -184,7 +184,7 @@ def test_save_is_atomic(tiny_emulator, tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors.torch, "save", broken)
     with pytest.raises(OSError, match="No space left"):
         tiny_emulator.save(path)
     assert path.read_bytes() == before

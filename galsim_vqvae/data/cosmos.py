@@ -33,8 +33,9 @@ def open_catalog(catalog, directory=None):
     try:
         return galsim.RealGalaxyCatalog(catalog, dir=None if directory is None
                                         else os.fspath(directory))
-    except (OSError, KeyError, ValueError) as err:
-        raise VQVAEInputError(f"{path}: not a readable GalSim RealGalaxyCatalog: {err}") from None
+    except Exception as err:  # noqa: BLE001 - GalSim/astropy raise many types for foreign files
+        raise VQVAEInputError(f"{path}: not a readable GalSim RealGalaxyCatalog "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def _noise_sigma(rgc, i, in_scale, pixel_scale, stamp):

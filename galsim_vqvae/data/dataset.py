@@ -66,6 +66,19 @@ def _attr(value):
     return value
 
 
+@contextlib.contextmanager
+def _reading(path):
+    """Turn any failure while reading the file (HDF5 errors of a damaged or truncated file,
+    objects of the wrong kind) into a `VQVAEFormatError` naming it."""
+    try:
+        yield
+    except VQVAEInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - h5py raises many types for damaged files
+        raise VQVAEFormatError(f"{path}: the dataset file is damaged or truncated (reading it "
+                               f"failed: {type(err).__name__}: {err})") from None
+
+
 def _open(path):
     """Open a dataset file for reading and check its format; raise VQVAEFormatError naming it."""
     h5py = _h5py()
@@ -76,22 +89,47 @@ def _open(path):
         raise VQVAEFormatError(f"dataset path is a directory, not a file: {path}")
     try:
         f = h5py.File(path, "r")
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - OSError mostly; anything means "not readable"
         raise VQVAEFormatError(f"{path}: not a readable HDF5 dataset file (truncated or not "
                                f"HDF5): {err}") from None
     try:
-        fmt = _attr(f.attrs.get("format"))
-        if fmt != FORMAT:
-            raise VQVAEFormatError(f"{path}: attribute format is {fmt!r}, expected {FORMAT!r}")
-        version = _attr(f.attrs.get("format_version"))
-        if version != FORMAT_VERSION:
-            raise VQVAEFormatError(f"{path}: unknown format_version {version!r} (this version of "
-                                   f"galsim_vqvae reads {FORMAT_VERSION})")
-        _check_layout(f, path)
-    except Exception:
+        with _reading(path):
+            fmt = _attr(f.attrs.get("format"))
+            if fmt != FORMAT:
+                raise VQVAEFormatError(f"{path}: attribute format is {fmt!r}, expected "
+                                       f"{FORMAT!r}")
+            version = _attr(f.attrs.get("format_version"))
+            if version != FORMAT_VERSION:
+                raise VQVAEFormatError(f"{path}: unknown format_version {version!r} (this version "
+                                       f"of galsim_vqvae reads {FORMAT_VERSION})")
+            _check_attributes(f, path)
+            _check_layout(f, path)
+    except BaseException:
         f.close()
         raise
     return f
+
+
+def _check_attributes(f, path):
+    """The header attributes have the types and ranges of the format."""
+    def fail(key, what):
+        raise VQVAEFormatError(f"{path}: attribute {key} is {_attr(f.attrs.get(key))!r}; "
+                               f"expected {what}")
+
+    for key in HEADER_KEYS:
+        if key not in f.attrs:
+            raise VQVAEFormatError(f"{path}: attribute {key} is missing")
+    s = _attr(f.attrs["stamp_size"])
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        fail("stamp_size", "a positive integer")
+    for key, positive in (("pixel_scale", True), ("zeropoint", False)):
+        v = _attr(f.attrs[key])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) \
+                or (positive and not v > 0):
+            fail(key, "a positive number" if positive else "a finite number")
+    for key in ("band", "source", "description", "flux_convention"):
+        if not isinstance(_attr(f.attrs[key]), str):
+            fail(key, "a string")
 
 
 def _check_layout(f, path):
@@ -100,6 +138,16 @@ def _check_layout(f, path):
         if key not in f or not isinstance(f[key], h5py.Dataset):
             raise VQVAEFormatError(f"{path}: missing dataset {key!r}")
     s = _attr(f.attrs.get("stamp_size"))
+    for key in ("observed", "psf_bank", "psf_index", "sigma", "truth"):
+        if key in f and f[key].dtype.kind not in ("iu" if key == "psf_index" else "fiu"):
+            raise VQVAEFormatError(f"{path}: {key} holds {f[key].dtype} values, not "
+                                   f"{'integers' if key == 'psf_index' else 'numbers'}")
+    if "params" in f:
+        if not isinstance(f["params"], h5py.Group):
+            raise VQVAEFormatError(f"{path}: params is not a group of arrays")
+        for name, col in f["params"].items():
+            if not isinstance(col, h5py.Dataset) or col.dtype.kind not in "fiu":
+                raise VQVAEFormatError(f"{path}: params/{name} is not an array of numbers")
     obs = f["observed"]
     if obs.ndim != 3 or obs.shape[1:] != (s, s):
         raise VQVAEFormatError(f"{path}: observed has shape {obs.shape}, expected (N, {s}, {s}) "
@@ -131,7 +179,7 @@ def read_header(path):
         VQVAEFormatError if the file is missing, not HDF5, truncated, of another format or version,
         or its datasets are missing or of inconsistent lengths.
     """
-    with contextlib.closing(_open(path)) as f:
+    with contextlib.closing(_open(path)) as f, _reading(path):
         header = {k: _attr(v) for k, v in f.attrs.items()}
         header["n"] = int(f["observed"].shape[0])
         header["n_psf"] = int(f["psf_bank"].shape[0])
@@ -178,7 +226,7 @@ def load_arrays(path, indices=None, keys=None):
     Returns:
         dict of numpy arrays; parameters appear as ``"params/NAME"`` keys.
     """
-    with contextlib.closing(_open(path)) as f:
+    with contextlib.closing(_open(path)) as f, _reading(path):
         n = f["observed"].shape[0]
         param_names = sorted(f["params"].keys()) if "params" in f else []
         if keys is None:
@@ -412,7 +460,8 @@ class GalaxyDataset:
         if self._file is None or self._pid != os.getpid():
             self._file = _open(self.path)
             self._pid = os.getpid()
-            self._bank = self._file["psf_bank"][()]
+            with _reading(self.path):
+                self._bank = self._file["psf_bank"][()]
         return self._file
 
     def __getstate__(self):
@@ -427,12 +476,17 @@ class GalaxyDataset:
             raise IndexError(f"index {k} out of range for {len(self)} stamps")
         i = int(self.indices[k])
         f = self._handle()
-        item = {"observed": torch.from_numpy(f["observed"][i][None].astype(np.float32)),
-                "psf": torch.from_numpy(self._bank[int(f["psf_index"][i])][None].copy()),
-                "sigma": torch.tensor(float(f["sigma"][i]), dtype=torch.float32),
-                "index": torch.tensor(i, dtype=torch.int64)}
-        if "truth" in f:
-            item["truth"] = torch.from_numpy(f["truth"][i][None].astype(np.float32))
-        item["params"] = {name: torch.tensor(float(col[i]), dtype=torch.float32)
-                          for name, col in (f["params"].items() if "params" in f else ())}
+        with _reading(self.path):
+            p = int(f["psf_index"][i])
+            if not 0 <= p < len(self._bank):
+                raise VQVAEFormatError(f"{self.path}: stamp {i} has psf_index {p}, outside the "
+                                       f"PSF bank [0, {len(self._bank)})")
+            item = {"observed": torch.from_numpy(f["observed"][i][None].astype(np.float32)),
+                    "psf": torch.from_numpy(self._bank[p][None].astype(np.float32)),
+                    "sigma": torch.tensor(float(f["sigma"][i]), dtype=torch.float32),
+                    "index": torch.tensor(i, dtype=torch.int64)}
+            if "truth" in f:
+                item["truth"] = torch.from_numpy(f["truth"][i][None].astype(np.float32))
+            item["params"] = {name: torch.tensor(float(col[i]), dtype=torch.float32)
+                              for name, col in (f["params"].items() if "params" in f else ())}
         return item

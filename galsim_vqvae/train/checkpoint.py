@@ -5,28 +5,36 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved
 final name, and loaded with ``weights_only=True`` so loading never runs pickled code.
 """
 
+import io
 import json
 import os
+import pickle
+import re
+import shutil
 import socket
 import time
 
 import torch
 
 from ..errors import VQVAEFormatError, VQVAEInputError
-from ..fileio import atomic_path
+from ..fileio import OutputWriteError, atomic_path, failure_reason
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".lock"
 
 
 def save_checkpoint(state, path):
-    """Write ``state`` (a dict) to ``path`` atomically; the previous file stays intact on failure."""
+    """Write ``state`` (a dict) to ``path`` atomically; the previous file stays intact on failure
+    (a full disk or an unwritable folder raises an `OSError` that names ``path`` and says so)."""
+    buffer = io.BytesIO()  # serialised first, so that a full disk is a plain OSError on write
+    torch.save(state, buffer)
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
     except OSError as err:
-        raise OSError(f"could not write checkpoint {path}: {err.strerror or err}; "
-                      "the previous checkpoint, if any, is intact") from err
+        raise OutputWriteError(err.errno, f"could not write checkpoint {path}: "
+                               f"{failure_reason(err)}; the previous checkpoint, if any, is "
+                               "intact") from err
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -36,6 +44,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise VQVAEFormatError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise VQVAEFormatError(
+            f"checkpoint {path} holds pickled Python objects"
+            + (f" ({found.group(1)})" if found else "") + ", not only tensors and plain values; "
+            "galsim_vqvae never unpickles those (that could run code from the file): refused"
+        ) from None
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise VQVAEFormatError(f"checkpoint {path} is corrupt or truncated: {err}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -47,13 +62,36 @@ def load_checkpoint(path, map_location="cpu"):
 class RunLock:
     """Claims an output directory for one run; a second run pointed at it refuses, naming the first.
 
-    A lock whose process no longer exists on this host is stale and is taken over.
+    The directory is created if it does not exist. If the run then fails (an exception leaves
+    the ``with`` block) before writing a checkpoint, a directory this lock created is removed
+    again, so that a run refused for bad input leaves nothing behind. A lock whose process no
+    longer exists on this host is stale and is taken over.
     """
 
     def __init__(self, directory):
-        self.path = os.path.join(os.fspath(directory), LOCK_NAME)
+        self.directory = os.fspath(directory)
+        self.path = os.path.join(self.directory, LOCK_NAME)
+        self.created = False
 
     def __enter__(self):
+        try:
+            parent = os.path.dirname(os.path.abspath(self.directory))
+            os.makedirs(parent, exist_ok=True)
+            try:
+                os.mkdir(self.directory)  # atomic: of two runs, only one creates it
+                self.created = True
+            except FileExistsError:
+                self.created = False
+        except OSError as err:
+            raise OutputWriteError(err.errno, f"cannot create the run directory "
+                                   f"{self.directory}: {failure_reason(err)}") from err
+        try:
+            return self._claim()
+        except BaseException:
+            self._remove_if_created()
+            raise
+
+    def _claim(self):
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         while True:
             try:
@@ -74,12 +112,18 @@ class RunLock:
                 json.dump(me, f)
             return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         try:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+        if exc_type is not None:
+            self._remove_if_created()
         return False
+
+    def _remove_if_created(self):
+        if self.created and not os.path.exists(os.path.join(self.directory, CHECKPOINT_NAME)):
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def _read(self):
         try:

@@ -296,8 +296,7 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
         if not os.path.isfile(path):
             raise VQVAEInputError(f"train_prior: {what} not found: {path}")
     data, vqvae_checkpoint, out = (os.fspath(p) for p in (data, vqvae_checkpoint, out))
-    os.makedirs(out, exist_ok=True)
-    with RunLock(out):
+    with RunLock(out):  # creates the directory; removes it again if this run fails at once
         state = _existing_checkpoint(out, resume)
         inputs = prepare_inputs(data, vqvae_checkpoint, out, conditions, device, progress)
         return _fit(inputs, out, state, steps, batch_size, float(lr), seed, device, conditions,
@@ -325,12 +324,13 @@ def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progre
     from ..data.dataset import read_header
 
     header = dict(read_header(data))
+    labels = read_labels(data, conditions)  # before encoding: a bad label fails at once
     codes, num_codes, fingerprint = cached_codes(data, vqvae_checkpoint, out, device, progress)
     info = {k: _jsonable(header.get(k)) for k in
             ("pixel_scale", "stamp_size", "band", "zeropoint", "flux_convention", "source",
              "description", "seed")}
     info.update(path=os.path.abspath(data), n=int(codes.shape[0]))
-    return {"codes": codes, "num_codes": num_codes, "labels": read_labels(data, conditions),
+    return {"codes": codes, "num_codes": num_codes, "labels": labels,
             "fingerprint": fingerprint, "data": info,
             "vqvae_checkpoint": os.path.abspath(vqvae_checkpoint)}
 
