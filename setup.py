@@ -43,7 +43,8 @@ def _extensions():
     if sys.platform != "win32":
         cxx += ["-fvisibility=hidden"]
     include = [os.path.join(here, "csrc")]
-    exts = [CppExtension("galsim_vqvae._C", ["csrc/ops.cpp", "csrc/cpu/nearest_code.cpp"],
+    exts = [CppExtension("galsim_vqvae._C", ["csrc/ops.cpp", "csrc/cpu/nearest_code.cpp",
+                                             "csrc/cpu/pixelcnn_sample.cpp"],
                          include_dirs=include, extra_compile_args={"cxx": cxx})]
     want_cuda = os.environ.get("GALSIM_VQVAE_NO_CUDA") != "1"
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))

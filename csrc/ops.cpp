@@ -1,9 +1,10 @@
-// Registration of the galsim_vqvae ops: the schema (once) and the CPU kernel. The CUDA kernel
-// registers itself from cuda/nearest_code.cu, built as the separate module galsim_vqvae._C_cuda.
+// Registration of the galsim_vqvae ops: the schemas (once) and the CPU kernels. The CUDA kernels
+// register themselves from cuda/*.cu, built as the separate module galsim_vqvae._C_cuda.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "nearest_code.h"
+#include "pixelcnn_sample.h"
 
 // Importing galsim_vqvae._C runs the static registrations below; the module itself is empty.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -13,8 +14,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(galsim_vqvae, m) {
   m.def("nearest_code(Tensor z, Tensor codebook) -> (Tensor, Tensor)");
+  m.def(
+      "pixelcnn_sample(Tensor embedding, Tensor v_w, Tensor v_b, Tensor h_w, Tensor h_b, "
+      "Tensor vh_w, Tensor vh_b, Tensor out_w, Tensor out_b, Tensor head1_w, Tensor head1_b, "
+      "Tensor head2_w, Tensor head2_b, Tensor? bias, Tensor noise, float temperature, "
+      "int kernel_size) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(galsim_vqvae, CPU, m) {
   m.impl("nearest_code", &galsim_vqvae::nearest_code_cpu);
+  m.impl("pixelcnn_sample", &galsim_vqvae::pixelcnn_sample_cpu);
 }

@@ -5,6 +5,10 @@ GPU) when the compiled extension is installed, else `nearest_code_reference`, wh
 same answer in PyTorch (it is also the test oracle's fast path). `backend` says which runs; the
 fallback is announced once with a warning that says why.
 
+``pixelcnn_sample`` runs the op ``galsim_vqvae::pixelcnn_sample``, the cached sampler of a Gated
+PixelCNN (`galsim_vqvae.nn.fast_sampling.sample_fast` calls it; its PyTorch loop is the reference
+and the fallback); `sampler_backend` says which implementation a device gets.
+
 Exactness: for float32 inputs (other floating dtypes are cast to float32 first) the index is the
 lowest ``k`` minimising the exact (real-valued, unrounded) squared distance
 ``sum_j (z[n, j] - codebook[k, j])**2``. A float64 brute force agrees with it except where float64
@@ -21,7 +25,8 @@ import torch
 
 from .errors import VQVAEInputError
 
-__all__ = ["nearest_code", "nearest_code_reference", "backend", "load_error"]
+__all__ = ["nearest_code", "nearest_code_reference", "backend", "load_error", "pixelcnn_sample",
+           "sampler_backend", "sampler_load_error"]
 
 _BACKEND = None
 _CUDA_OK = False
@@ -237,6 +242,104 @@ def _register_fake():
     def _(z, codebook):
         n = z.shape[0]
         return (z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=torch.float32))
+
+    if _has_sampler_op():
+        @torch.library.register_fake("galsim_vqvae::pixelcnn_sample")
+        def _(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w, head1_b,
+              head2_w, head2_b, bias, noise, temperature, kernel_size):
+            b, h, w = noise.shape[:3]
+            return (noise.new_empty((b, h, w), dtype=torch.int64),
+                    noise.new_empty((b,), dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ cached PixelCNN sampler
+
+_SAMPLER_ARGS = ("embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
+                 "head1_w", "head1_b", "head2_w", "head2_b")
+_SAMPLER_ANNOUNCED = set()
+
+
+def _has_sampler_op():
+    try:
+        torch.ops.galsim_vqvae.pixelcnn_sample
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def sampler_load_error(device="cpu"):
+    """Why the compiled sampler cannot run on ``device`` (a string), or None when it can."""
+    _load()
+    kind = torch.device(device).type
+    if _BACKEND == "torch":
+        return _LOAD_ERROR
+    if not _has_sampler_op():
+        return ("the compiled extension galsim_vqvae._C has no pixelcnn_sample op (built from an "
+                "older source); rebuild it with `pip install --no-build-isolation .`")
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        if not _CUDA_OK:
+            return _LOAD_ERROR or ("the CUDA kernels (galsim_vqvae._C_cuda) were not built: torch "
+                                   "had no CUDA or nvcc was missing at build time")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("galsim_vqvae::pixelcnn_sample",
+                                                              "CUDA"):
+            return ("galsim_vqvae._C_cuda has no pixelcnn_sample kernel (built from an older "
+                    "source); rebuild the package")
+        return None
+    return f"no compiled sampler for {kind} devices"
+
+
+def sampler_backend(device="cpu", announce=True):
+    """Which implementation of the cached sampler runs for a prior on ``device``: ``"cuda"``,
+    ``"cpp"`` or ``"torch"`` (the PyTorch loop of `galsim_vqvae.nn.fast_sampling`).
+
+    Parameters:
+        device:     A torch device (or its name). [default: "cpu"]
+        announce:   Warn (once per device type) when the PyTorch fallback runs, saying why.
+                    [default: True]
+    """
+    kind = torch.device(device).type
+    reason = sampler_load_error(device)
+    if reason is None:
+        return "cuda" if kind == "cuda" else "cpp"
+    if announce and kind not in _SAMPLER_ANNOUNCED:
+        _SAMPLER_ANNOUNCED.add(kind)
+        warnings.warn(f"galsim_vqvae: sampling with the PyTorch cached-sampler fallback on {kind}: "
+                      f"{reason}", RuntimeWarning, stacklevel=2)
+    return "torch"
+
+
+def pixelcnn_sample(weights, bias, noise, temperature, kernel_size):
+    """Run the compiled cached sampler ``galsim_vqvae::pixelcnn_sample`` on one batch.
+
+    Parameters:
+        weights:        Dict of float64 tensors in the layout of
+                        `galsim_vqvae.nn.fast_sampling.flat_weights`, on one device.
+        bias:           Conditioning bias [B, L, 2C] float64 added to every gate of layer l
+                        (``GatedPixelCNN._layer_biases``), or None.
+        noise:          Gumbel noise [B, H, W, K] float32 (`sampling.gumbel_noise`), on the
+                        weights' device.
+        temperature:    Softmax temperature, > 0.
+        kernel_size:    The prior's odd kernel size.
+
+    Returns:
+        (codes [B, H, W] int64, gap [B] float64): the drawn maps, and for each map the smallest
+        margin between the two best scores of any of its draws.
+    """
+    reason = sampler_load_error(noise.device if isinstance(noise, torch.Tensor) else "cpu")
+    if reason is not None:
+        raise VQVAEInputError(f"pixelcnn_sample: the compiled sampler is not available: {reason}")
+    missing = [k for k in _SAMPLER_ARGS if k not in weights]
+    if missing:
+        raise VQVAEInputError(f"pixelcnn_sample: weights lack {missing}")
+    try:
+        with torch.no_grad():
+            return torch.ops.galsim_vqvae.pixelcnn_sample(
+                *[weights[k] for k in _SAMPLER_ARGS], bias, noise, float(temperature),
+                int(kernel_size))
+    except ValueError as exc:  # the op's argument checks (c10::ValueError), one line each
+        raise VQVAEInputError(str(exc).splitlines()[0]) from None
 
 
 def nearest_code(z, codebook):

@@ -3,8 +3,8 @@ arXiv:1704.06001).
 
 `sample_naive` runs the whole network once per position. `sample_fast` computes every layer's output
 only where it changes and returns the same code maps for the same seeds (the same Gumbel noise,
-consumed in the same raster order with the same dtype promotion; the logits differ from the naive
-ones only by floating-point rounding). The structure it exploits:
+consumed in the same raster order, the same float64 scores; the logits differ from the naive ones
+only by float64 rounding). The structure it exploits:
 
 * The vertical stack at row r depends only on rows r-p .. r of its input (p = kernel_size // 2), and
   reaches the horizontal stack only through ``v_to_h`` of its pre-activation shifted down one row.
@@ -23,29 +23,33 @@ All state is kept channels-last so that a layer's window over its row buffer is 
 ``[B, taps * C]`` view and ``h_conv`` is a single ``addmm`` with weights reshaped once (and the
 vertical convolution of a row one ``addmm`` of an im2col of the cached rows). The caches'
 memory is derived and measured in ``docs/sampling.md``.
+
+Three implementations of the same scheme, all in float64 (see `sampling`): this module's PyTorch
+one (the reference and the fallback), and the compiled op ``galsim_vqvae::pixelcnn_sample``
+(``csrc/cpu/pixelcnn_sample.cpp``, ``csrc/cuda/pixelcnn_sample.cu``). `sample_fast` runs the op
+where ``ops.sampler_backend(device)`` says it is available, else this module's loop, announced
+once with a warning. `flat_weights` is the weight layout both share.
 """
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .sampling import check_sampling_arguments, gumbel_noise
+from .. import ops
+from ..errors import VQVAEInputError
+from .sampling import check_sampling_arguments, derived_from, float64_prior, gumbel_noise
+
+IMPLEMENTATIONS = ("auto", "compiled", "torch")
 
 
-def _check_arguments(prior, n, shape, cond, class_label, seeds, temperature, batch_size):
-    """Validate and normalise `sample_fast`'s arguments (`sample_naive`'s rules, shared)."""
-    a = check_sampling_arguments(prior, n, shape, cond, class_label, seeds, temperature,
-                                 batch_size, who="sample_fast")
-    return (a["n"], a["shape"], a["cond"], a["class_label"], a["seeds"], a["temperature"],
-            a["device"], a["dtype"])
-
-
-def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize=4):
-    """Bytes of the caches and scratch buffers `sample_fast` holds for one batch.
+def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize=8):
+    """Bytes of the caches and per-position buffers `sample_fast` holds for one batch (the same in
+    its three implementations).
 
     ``itemsize * batch * (L*C*((p+1)*(W+2p) + 2W) + (L+1)*C*(W+p) + 4C + 1 + K)`` with
-    ``p = kernel_size // 2`` (derived in ``docs/sampling.md``); independent of the map height. The
-    Gumbel noise of the batch (``4 * batch * H * W * K`` bytes, as in `sample_naive`) comes on top.
+    ``p = kernel_size // 2`` (derived in ``docs/sampling.md``); independent of the map height. On
+    top come the Gumbel noise of the batch (``4 * batch * H * W * K`` bytes, as in `sample_naive`),
+    the output codes and the row step's scratch (`row_step_bytes`).
 
     Parameters:
         batch:          Maps sampled together (at most `sample_fast`'s batch_size).
@@ -54,40 +58,87 @@ def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize
         width:          Map width W.
         kernel_size:    The prior's kernel size (p = kernel_size // 2).
         num_codes:      The prior's number of codes K.
-        itemsize:       Bytes per element of the prior's dtype. [default: 4]
+        itemsize:       Bytes per element: 8, the samplers compute in float64. [default: 8]
     """
     b, L, c, w, p, k = batch, layers, channels, width, kernel_size // 2, num_codes
     return itemsize * b * (L * c * ((p + 1) * (w + 2 * p) + 2 * w) + (L + 1) * c * (w + p)
                            + 4 * c + 1 + k)
 
 
-class _Weights:
-    """The prior's weights, reshaped once for channels-last matmuls (views or small copies).
+def row_step_bytes(batch, channels, width, kernel_size, im2col=True, itemsize=8):
+    """Bytes of the scratch the vertical (once per row) step uses, on top of `cache_bytes`: the
+    pre-activations of one row of one layer (``B*W*2C`` elements) and, where the convolution is
+    one matrix product over an im2col of the cached rows (the PyTorch and CUDA implementations,
+    ``im2col=True``), that im2col (``B*W*(p+1)*k*C`` elements). The C++ CPU kernel reads the
+    cached rows in place (``im2col=False``)."""
+    b, c, w, k = batch, channels, width, kernel_size
+    p = k // 2
+    return itemsize * b * w * (2 * c + ((p + 1) * k * c if im2col else 0))
 
-    For layer l: ``v_w`` [(p+1)*k*C, 2C] with row ``(dr*k + dc)*C + c`` =
-    ``v_conv.weight[:, c, dr, dc]`` (for a matmul with the im2col of the cached rows), ``v_b`` [2C];
-    ``h_w`` [taps*C, 2C] with row ``t*C + c`` = ``h_conv.weight[:, c, 0, t]``; ``h_b`` [2C];
-    ``vh_w`` [2C, 2C] (transposed ``v_to_h``), ``vh_b`` [2C]; ``out_wb`` [C+1, C]: transposed
-    ``h_out`` weight with its bias as the last row (the gate buffer ends with a column of ones).
+
+def flat_weights(prior):
+    """The weights of a float64 `GatedPixelCNN` in the layout of ``galsim_vqvae::pixelcnn_sample``
+    (every matrix as ``[inputs, outputs]`` for ``x @ W``), stacked over the L layers; cached while
+    the prior's weights stay unchanged.
+
+    With ``p = kernel_size // 2``, ``k = kernel_size``, C channels and K codes:
+
+    ``embedding`` [K, C]; ``v_w`` [L, (p+1)*k*C, 2C], row ``(dr*k + dc)*C + c`` =
+    ``v_conv.weight[:, c, dr, dc]``; ``v_b`` [L, 2C]; ``h_w`` [L, (p+1)*C, 2C], row ``t*C + c`` =
+    ``h_conv.weight[:, c, 0, t]`` (the first layer has p taps: its rows from ``p*C`` on are zero
+    and never read); ``h_b`` [L, 2C]; ``vh_w`` [L, 2C, 2C] (``v_to_h``), ``vh_b`` [L, 2C];
+    ``out_w`` [L, C, C] (``h_out``), ``out_b`` [L, C]; ``head1_w`` [C, C], ``head1_b`` [C],
+    ``head2_w`` [C, K], ``head2_b`` [K]: the head's two 1x1 convolutions.
     """
 
+    def build(prior):
+        with torch.no_grad():
+            layers = prior.layers
+            p = prior.kernel_size // 2
+            c, c2 = prior.channels, 2 * prior.channels
+            h_w = torch.zeros(len(layers), (p + 1) * c, c2, dtype=torch.float64,
+                              device=prior.embedding.weight.device)
+            for l, layer in enumerate(layers):
+                w = layer.h_conv.weight[:, :, 0, :].permute(2, 1, 0).reshape(-1, c2)
+                h_w[l, :w.shape[0]] = w
+            conv1, conv2 = prior.head[1], prior.head[3]
+            return dict(
+                embedding=prior.embedding.weight.detach().contiguous(),
+                v_w=torch.stack([l.v_conv.weight.permute(2, 3, 1, 0).reshape(-1, c2)
+                                 for l in layers]).contiguous(),
+                v_b=torch.stack([l.v_conv.bias for l in layers]).contiguous(),
+                h_w=h_w,
+                h_b=torch.stack([l.h_conv.bias for l in layers]).contiguous(),
+                vh_w=torch.stack([l.v_to_h.weight[:, :, 0, 0].t() for l in layers]).contiguous(),
+                vh_b=torch.stack([l.v_to_h.bias for l in layers]).contiguous(),
+                out_w=torch.stack([l.h_out.weight[:, :, 0, 0].t() for l in layers]).contiguous(),
+                out_b=torch.stack([l.h_out.bias for l in layers]).contiguous(),
+                head1_w=conv1.weight[:, :, 0, 0].t().contiguous(), head1_b=conv1.bias.detach(),
+                head2_w=conv2.weight[:, :, 0, 0].t().contiguous(), head2_b=conv2.bias.detach())
+
+    if next(prior.parameters()).dtype != torch.float64:
+        raise VQVAEInputError("flat_weights: pass the float64 prior (sampling.float64_prior)")
+    return derived_from(prior, "flat_weights", build)
+
+
+class _Weights:
+    """Per-layer views of `flat_weights` for the PyTorch loop: ``v_w``, ``v_b``, ``h_w`` (the
+    first layer's p taps only), ``h_b``, ``vh_w``, ``vh_b`` and ``out_wb`` [C+1, C]: ``out_w``
+    with ``out_b`` as its last row (the gate buffer ends with a column of ones)."""
+
     def __init__(self, prior):
+        flat = flat_weights(prior)
+        p, c = prior.kernel_size // 2, prior.channels
         self.layers = []
-        for layer in prior.layers:
-            c2 = layer.h_conv.weight.shape[0]
+        for l in range(prior.num_layers):
+            taps = p if l == 0 else p + 1
             self.layers.append(dict(
-                v_w=layer.v_conv.weight.permute(2, 3, 1, 0).reshape(-1, c2).contiguous(),
-                v_b=layer.v_conv.bias,
-                h_w=layer.h_conv.weight[:, :, 0, :].permute(2, 1, 0).reshape(-1, c2).contiguous(),
-                h_b=layer.h_conv.bias,
-                vh_w=layer.v_to_h.weight[:, :, 0, 0].t().contiguous(), vh_b=layer.v_to_h.bias,
-                out_wb=torch.cat([layer.h_out.weight[:, :, 0, 0].t(), layer.h_out.bias[None]])))
-        conv1, conv2 = prior.head[1], prior.head[3]
-        self.head1_w = conv1.weight[:, :, 0, 0].t().contiguous()
-        self.head1_b = conv1.bias
-        self.head2_w = conv2.weight[:, :, 0, 0].t().contiguous()
-        self.head2_b = conv2.bias
-        self.embedding = prior.embedding.weight
+                v_w=flat["v_w"][l], v_b=flat["v_b"][l], h_w=flat["h_w"][l, :taps * c],
+                h_b=flat["h_b"][l], vh_w=flat["vh_w"][l], vh_b=flat["vh_b"][l],
+                out_wb=torch.cat([flat["out_w"][l], flat["out_b"][l][None]])))
+        self.head1_w, self.head1_b = flat["head1_w"], flat["head1_b"]
+        self.head2_w, self.head2_b = flat["head2_w"], flat["head2_b"]
+        self.embedding = flat["embedding"]
 
 
 class _Caches:
@@ -206,20 +257,54 @@ def _position(weights, caches, views, j):
     torch.addmm(weights.head2_b, F.elu(head, inplace=True), weights.head2_w, out=caches.logits)
 
 
+def _sample_torch(network, codes, cond, class_label, noise, temperature, bar):
+    """The PyTorch cached loop over one batch: fills ``codes`` [B, H, W] (float64 ``network``)."""
+    batch, height, width = codes.shape
+    device = codes.device
+    weights = _Weights(network)
+    biases = [None if b is None else b[:, :, 0, 0]
+              for b in network._layer_biases(batch, cond, class_label, torch.float64)]
+    caches = _Caches(batch, network.num_layers, network.channels, width,
+                     network.kernel_size // 2, network.num_codes, torch.float64, device)
+    scores = torch.empty(batch, network.num_codes, dtype=torch.float64, device=device)
+    views = _PositionViews(caches, codes, noise)
+    for i in range(height):
+        _vertical_row(weights, caches, biases, codes[:, i - 1] if i else None, first_row=(i == 0))
+        for j in range(width):
+            _position(weights, caches, views, j)
+            # sample_naive's expression: float64 logits / temperature + float32 noise, argmax.
+            torch.div(caches.logits, temperature, out=scores)
+            scores += views.noise[i][j]
+            drawn = torch.argmax(scores, dim=1, out=views.codes[i][j])
+            torch.index_select(weights.embedding, 0, drawn, out=views.embed[j])
+        bar.update(batch * width)
+
+
+def _sample_compiled(network, codes, cond, class_label, noise, temperature, bar):
+    """One batch through the compiled op ``galsim_vqvae::pixelcnn_sample``: fills ``codes``."""
+    batch, height, width = codes.shape
+    biases = network._layer_biases(batch, cond, class_label, torch.float64)
+    bias = None if biases[0] is None else torch.stack([b[:, :, 0, 0] for b in biases], 1)
+    drawn, _ = ops.pixelcnn_sample(flat_weights(network), bias, noise, temperature,
+                                   network.kernel_size)
+    codes.copy_(drawn)
+    bar.update(batch * height * width)
+
+
 def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=None,
-                temperature=1.0, progress=False, batch_size=256):
+                temperature=1.0, progress=False, batch_size=256, implementation="auto"):
     """Draw ``n`` code maps with per-layer caches: the same maps as `sample_naive`, much faster.
 
     The vertical stack runs once per row and the horizontal stack and head once per position, so a
     map costs about one full forward pass of the prior instead of H * W of them. It consumes the
-    same per-sample Gumbel noise as `sample_naive` in the same order, so for the same seeds it
-    returns the same maps. The logits differ from the naive ones only by rounding (the same sums in
-    another order), so a code can differ only at a rounding-level tie of the two best scores: never
-    seen in float64, vanishingly rare in float32 (see ``docs/sampling.md``).
+    same per-sample Gumbel noise as `sample_naive` in the same order and, like it, evaluates the
+    logits in float64, so for the same seeds it returns the same maps: the logits differ from the
+    naive ones by float64 rounding alone (~1e-15), and a code could differ only where the two best
+    scores of a draw are that close (see ``docs/sampling.md``).
 
     Parameters:
-        prior:          A `GatedPixelCNN` on any device; float32 or float64 (float16 and bfloat16
-                        run too, the scores in float32 as in `sample_naive`).
+        prior:          A `GatedPixelCNN` on any device and of any floating dtype (evaluated in
+                        float64, see `sampling.float64_prior`).
         n:              Number of code maps.
         shape:          (H, W) of the code maps. [default: (21, 21)]
         cond:           Normalised labels [n, cond_dim] (tensor or array), required iff
@@ -230,52 +315,47 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
                         None draws fresh seeds (not reproducible). [default: None]
         temperature:    Softmax temperature, > 0: samples follow softmax(logits / temperature).
                         [default: 1.0]
-        progress:       Show a progress bar over positions. [default: False]
+        progress:       Show a progress bar (per position with the PyTorch loop, per batch with
+                        the compiled op). [default: False]
         batch_size:     Samples run together; does not change the result. [default: 256]
+        implementation: ``"auto"``: the compiled op where ``ops.sampler_backend(device)`` says it
+                        runs, else the PyTorch loop (announced once with a warning);
+                        ``"compiled"``: the op, an error if it is not available; ``"torch"``:
+                        the PyTorch loop (the reference). [default: "auto"]
 
     Returns:
         codes [n, H, W] int64 tensor on the prior's device.
     """
-    n, (height, width), cond, class_label, seeds, temperature, device, dtype = _check_arguments(
-        prior, n, shape, cond, class_label, seeds, temperature, batch_size)
+    a = check_sampling_arguments(prior, n, shape, cond, class_label, seeds, temperature,
+                                 batch_size, who="sample_fast")
+    n, (height, width), device = a["n"], a["shape"], a["device"]
+    if implementation not in IMPLEMENTATIONS:
+        raise VQVAEInputError(f"sample_fast: implementation must be one of {IMPLEMENTATIONS}, "
+                              f"got {implementation!r}")
+    if implementation == "torch":
+        run = _sample_torch
+    else:
+        backend = ops.sampler_backend(device, announce=(implementation == "auto"))
+        if backend == "torch" and implementation == "compiled":
+            raise VQVAEInputError(f"sample_fast: the compiled sampler is not available on "
+                                  f"{device}: {ops.sampler_load_error(device)}")
+        run = _sample_torch if backend == "torch" else _sample_compiled
     out = torch.empty(n, height, width, dtype=torch.int64, device=device)
     if n == 0:
         return out
-    pad = prior.kernel_size // 2
     was_training = prior.training
     prior.eval()
     bar = tqdm(total=n * height * width, disable=not progress, desc="sampling codes (fast)",
                unit="code")
     try:
         with torch.no_grad():
-            weights = _Weights(prior)
-            score_dtype = torch.promote_types(dtype, torch.float32)
+            network = float64_prior(prior)
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                batch = stop - start
-                noise = gumbel_noise(seeds[start:stop], (height, width), prior.num_codes)
-                noise = noise.to(device)
-                c = cond[start:stop] if cond is not None else None
-                k = class_label[start:stop] if class_label is not None else None
-                biases = [None if b is None else b[:, :, 0, 0]
-                          for b in prior._layer_biases(batch, c, k, dtype)]
-                caches = _Caches(batch, prior.num_layers, prior.channels, width, pad,
-                                 prior.num_codes, dtype, device)
-                codes = out[start:stop]
-                scores = torch.empty(batch, prior.num_codes, dtype=score_dtype, device=device)
-                views = _PositionViews(caches, codes, noise)
-                for i in range(height):
-                    _vertical_row(weights, caches, biases, codes[:, i - 1] if i else None,
-                                  first_row=(i == 0))
-                    for j in range(width):
-                        _position(weights, caches, views, j)
-                        # sample_naive's expression, same dtype promotion and order:
-                        # logits.to(score_dtype) / temperature + noise[:, i, j], then argmax.
-                        torch.div(caches.logits.to(score_dtype), temperature, out=scores)
-                        scores += views.noise[i][j]
-                        drawn = torch.argmax(scores, dim=1, out=views.codes[i][j])
-                        torch.index_select(weights.embedding, 0, drawn, out=views.embed[j])
-                    bar.update(batch * width)
+                noise = gumbel_noise(a["seeds"][start:stop], (height, width), prior.num_codes)
+                c = a["cond"][start:stop] if a["cond"] is not None else None
+                k = a["class_label"][start:stop] if a["class_label"] is not None else None
+                run(network, out[start:stop], c, k, noise.to(device), a["temperature"], bar)
     finally:
         bar.close()
         prior.train(was_training)

@@ -7,7 +7,17 @@ Each sample ``i`` has its own 63-bit seed. Its Gumbel noise is drawn on the CPU 
 draw from ``softmax(logits / temperature)``). So a sample depends only on its seed, its conditions
 and the weights: never on the other samples of the batch, the batch size, nor the device. A fast
 sampler must consume the same noise (`gumbel_noise`) to give the same maps.
+
+Every sampler evaluates the logits in float64 (`float64_prior`: the prior's weights converted
+exactly to float64, whatever its dtype) and forms the scores ``logits / temperature + g`` in
+float64. Implementations that sum in different orders (convolutions here, cached matrix products
+in `fast_sampling`, the C++ and CUDA ops) then differ by float64 rounding alone, about 1e-15 of the
+logits, so their draws agree unless the two best scores of a draw are that close
+(``docs/sampling.md`` gives the probability); float32 logits would differ by about 1e-6.
 """
+
+import copy
+import weakref
 
 import numpy as np
 import torch
@@ -51,6 +61,48 @@ def _check_seeds(seeds, n, who="sample_naive"):
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < _SEED_LIMIT:
             raise VQVAEInputError(f"{who}: each seed must be an int in [0, 2**64), got {s!r}")
     return [int(s) for s in seeds]
+
+
+_DERIVED = weakref.WeakKeyDictionary()
+
+
+def _state_signature(module):
+    """Identity and in-place version of every parameter and buffer: changes whenever the module's
+    weights are replaced or modified (an optimiser step bumps each tensor's version)."""
+    return tuple((name, t.data_ptr(), t._version, t.dtype, t.device)
+                 for name, t in [*module.named_parameters(), *module.named_buffers()])
+
+
+def derived_from(module, key, build):
+    """``build(module)``, computed once and reused while ``module``'s weights stay unchanged.
+
+    Results are kept per module (weakly: dropped with it) and per ``key``; any change to a
+    parameter or buffer (replacement or in-place update) makes them be rebuilt.
+    """
+    entry = _DERIVED.setdefault(module, {})
+    signature = _state_signature(module)
+    cached = entry.get(key)
+    if cached is None or cached[0] != signature:
+        cached = (signature, build(module))
+        entry[key] = cached
+    return cached[1]
+
+
+def float64_prior(prior):
+    """The prior as every sampler evaluates it: a float64 copy in eval mode (the prior itself,
+    unchanged, if it already holds float64 weights). Float32, float16 and bfloat16 weights convert
+    to float64 exactly. The copy is cached while the prior's weights stay unchanged."""
+    param = next(prior.parameters())
+    if param.dtype == torch.float64:
+        return prior
+
+    def build(module):
+        copied = copy.deepcopy(module).to(torch.float64).eval()
+        for p in copied.parameters():
+            p.requires_grad_(False)
+        return copied
+
+    return derived_from(prior, "float64", build)
 
 
 def gumbel_noise(seeds, shape, num_codes):
@@ -129,7 +181,8 @@ def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=No
     sampler is checked against. See the module docstring for the noise convention.
 
     Parameters:
-        prior:          A `GatedPixelCNN` (any device and dtype; put in eval mode while sampling).
+        prior:          A `GatedPixelCNN` (any device and dtype; evaluated in float64, see the
+                        module docstring).
         n:              Number of code maps.
         shape:          (H, W) of the code maps. [default: (21, 21)]
         cond:           Normalised labels [n, cond_dim] (tensor or array), required iff
@@ -161,6 +214,7 @@ def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=No
                unit="code")
     try:
         with torch.no_grad():
+            network = float64_prior(prior)
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 noise = gumbel_noise(seeds[start:stop], (height, width), prior.num_codes)
@@ -170,9 +224,8 @@ def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=No
                 k = class_label[start:stop] if class_label is not None else None
                 for i in range(height):
                     for j in range(width):
-                        logits = prior(codes, c, k)[:, :, i, j]
-                        score_dtype = torch.promote_types(logits.dtype, torch.float32)
-                        scores = logits.to(score_dtype) / temperature + noise[:, i, j]
+                        logits = network(codes, c, k)[:, :, i, j]  # float64
+                        scores = logits / temperature + noise[:, i, j]
                         codes[:, i, j] = scores.argmax(dim=1)
                         bar.update(stop - start)
                 out[start:stop] = codes

@@ -1,0 +1,126 @@
+// Shared declarations and input checks of the galsim_vqvae::pixelcnn_sample op (CPU and CUDA):
+// the cached (incremental) sampler of a Gated PixelCNN, in float64.
+//
+// Weights come in the layout of galsim_vqvae/nn/fast_sampling.py::flat_weights (p = k // 2, C
+// channels, K codes, L layers; every matrix [inputs, outputs] for x @ W):
+//   embedding [K, C]; v_w [L, (p+1)*k*C, 2C] (row (dr*k + dc)*C + c); v_b [L, 2C];
+//   h_w [L, (p+1)*C, 2C] (row t*C + c; layer 0 reads its first p*C rows only); h_b [L, 2C];
+//   vh_w [L, 2C, 2C]; vh_b [L, 2C]; out_w [L, C, C]; out_b [L, C];
+//   head1_w [C, C]; head1_b [C]; head2_w [C, K]; head2_b [K].
+// bias: [B, L, 2C] conditioning bias of every gate, or undefined. noise: [B, H, W, K] float32
+// Gumbel noise. The draw at (i, j) is the first index of the maximum of
+// logits / temperature + (double)noise[b, i, j] (NaN counting as the maximum, as torch.argmax).
+// Returns codes [B, H, W] int64 and, per map, the smallest gap between the two best scores of its
+// draws [B] float64.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace galsim_vqvae {
+
+struct SamplerDims {
+  int64_t batch, height, width, codes, channels, layers, pad, kernel;
+  double temperature;
+  bool has_bias;
+};
+
+// Buffers of the cached sampler (elements per map), shared by the CPU and CUDA kernels and equal
+// to nn/fast_sampling.py::cache_bytes / 8: the vertical caches (a ring of the last p+1 rows of each
+// layer's vertical input, zero-padded by p at the sides), the row terms, the horizontal row
+// buffers (zero-padded left by p), and the per-position buffers (pre-activation, gate with one
+// spare element, head, logits).
+struct SamplerLayout {
+  int64_t vc_layer, row_layer, h_layer, pre, gate, head, logits;
+  explicit SamplerLayout(const SamplerDims& d)
+      : vc_layer((d.pad + 1) * (d.width + 2 * d.pad) * d.channels),
+        row_layer(d.width * 2 * d.channels),
+        h_layer((d.width + d.pad) * d.channels),
+        pre(2 * d.channels),
+        gate(d.channels + 1),
+        head(d.channels),
+        logits(d.codes) {}
+};
+
+inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                                 at::IntArrayRef shape, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.defined(), "pixelcnn_sample: ", name, " is missing");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "pixelcnn_sample: ", name, " must be ", dtype,
+                    ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "pixelcnn_sample: ", name, " must have shape ", shape,
+                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, "pixelcnn_sample: ", name, " is on ", t.device(),
+                    " but noise is on ", device);
+}
+
+// Checks every argument (names the one at fault) and returns the problem's dimensions.
+inline SamplerDims check_sampler_inputs(
+    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
+    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
+    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
+    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
+    int64_t kernel_size) {
+  TORCH_CHECK_VALUE(noise.defined() && noise.dim() == 4,
+                    "pixelcnn_sample: noise must be [B, H, W, K], got shape ", noise.sizes());
+  TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat, "pixelcnn_sample: noise must be float32, "
+                    "got ", noise.scalar_type());
+  TORCH_CHECK_VALUE(kernel_size >= 3 && kernel_size % 2 == 1,
+                    "pixelcnn_sample: kernel_size must be odd and >= 3, got ", kernel_size);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "pixelcnn_sample: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(embedding.defined() && embedding.dim() == 2,
+                    "pixelcnn_sample: embedding must be [K, C], got shape ", embedding.sizes());
+  TORCH_CHECK_VALUE(v_w.defined() && v_w.dim() == 3,
+                    "pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ", v_w.sizes());
+  SamplerDims d;
+  d.batch = noise.size(0);
+  d.height = noise.size(1);
+  d.width = noise.size(2);
+  d.codes = embedding.size(0);
+  d.channels = embedding.size(1);
+  d.layers = v_w.size(0);
+  d.kernel = kernel_size;
+  d.pad = kernel_size / 2;
+  d.temperature = temperature;
+  d.has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK_VALUE(d.codes >= 1 && d.channels >= 1 && d.layers >= 1,
+                    "pixelcnn_sample: empty embedding [K=", d.codes, ", C=", d.channels,
+                    "] or no layers (L=", d.layers, ")");
+  TORCH_CHECK_VALUE(noise.size(3) == d.codes, "pixelcnn_sample: noise has K=", noise.size(3),
+                    " codes but the embedding has K=", d.codes);
+  TORCH_CHECK_VALUE(d.height >= 1 && d.width >= 1,
+                    "pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
+                    noise.sizes());
+  const int64_t b = d.batch, l = d.layers, c = d.channels, k = d.codes, p = d.pad;
+  const auto f64 = at::kDouble;
+  const at::Device dev = noise.device();
+  check_sampler_tensor(embedding, "embedding", f64, {k, c}, dev);
+  check_sampler_tensor(v_w, "v_w", f64, {l, (p + 1) * kernel_size * c, 2 * c}, dev);
+  check_sampler_tensor(v_b, "v_b", f64, {l, 2 * c}, dev);
+  check_sampler_tensor(h_w, "h_w", f64, {l, (p + 1) * c, 2 * c}, dev);
+  check_sampler_tensor(h_b, "h_b", f64, {l, 2 * c}, dev);
+  check_sampler_tensor(vh_w, "vh_w", f64, {l, 2 * c, 2 * c}, dev);
+  check_sampler_tensor(vh_b, "vh_b", f64, {l, 2 * c}, dev);
+  check_sampler_tensor(out_w, "out_w", f64, {l, c, c}, dev);
+  check_sampler_tensor(out_b, "out_b", f64, {l, c}, dev);
+  check_sampler_tensor(head1_w, "head1_w", f64, {c, c}, dev);
+  check_sampler_tensor(head1_b, "head1_b", f64, {c}, dev);
+  check_sampler_tensor(head2_w, "head2_w", f64, {c, k}, dev);
+  check_sampler_tensor(head2_b, "head2_b", f64, {k}, dev);
+  if (d.has_bias) check_sampler_tensor(*bias, "bias", f64, {b, l, 2 * c}, dev);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(
+    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
+    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
+    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
+    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
+    int64_t kernel_size);
+
+}  // namespace galsim_vqvae
