@@ -80,9 +80,9 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "galsim>=2.5", "torch>=2.1", "astropy", "numpy", "scipy", "tqdm", "matplotlib",
-        "safetensors", "h5py", "pyyaml",
+        "safetensors", "h5py", "pyyaml", "scikit-image",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-image"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     entry_points={"console_scripts": ["galsim-vqvae = galsim_vqvae.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

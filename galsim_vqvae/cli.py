@@ -12,11 +12,6 @@ import time
 from .fileio import check_output_path
 
 EXIT_BAD_INPUT = 2
-EXIT_NOT_BUILT = 3
-
-
-class NotBuiltYet(Exception):
-    """A subcommand whose capability is not built yet."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,7 +187,15 @@ def cmd_gallery(args):
 
 
 def cmd_evaluate(args):
-    raise NotBuiltYet("'galsim-vqvae evaluate' (the science validation report) is not built yet")
+    from .validation import evaluate
+
+    metrics = evaluate(args.model, n=args.n, out=args.out, data=args.data,
+                       plain_ae=args.plain_ae, real_path=args.real, seed=args.seed,
+                       device=args.device, split=args.split, progress=not args.quiet)
+    goals = [k for k in metrics if k.startswith("goal.") and k.count(".") == 1]
+    hit = sum(metrics[k] for k in goals)
+    return (f"wrote {os.path.join(args.out, 'report.md')}, metrics.json and figures; "
+            f"{hit} of {len(goals)} measured goals hit")
 
 
 def cmd_bench(args):
@@ -298,10 +301,20 @@ def build_parser():
     p.add_argument("--convolved", action="store_true")
     p.add_argument("--device", default="cpu")
 
-    p = add("evaluate", cmd_evaluate, "science validation report (not built yet)")
+    p = add("evaluate", cmd_evaluate, "the science validation report (report.md, metrics.json, "
+            "figures)")
     p.add_argument("--model", default="default")
-    p.add_argument("--n", type=_positive_int, default=1000)
-    p.add_argument("--out", default="evaluation")
+    p.add_argument("--n", type=_positive_int, default=1000,
+                   help="stamps, samples and galaxies per check")
+    p.add_argument("--out", default="evaluation", help="output folder")
+    p.add_argument("--data", help="a synthetic dataset with truth (fidelity, realism, codebook)")
+    p.add_argument("--split", choices=["test", "all"], default="test",
+                   help="stamps of --data: held out (i %% 10 == 9), or all for a dataset the "
+                   "model never saw")
+    p.add_argument("--plain-ae", help="a 'train-vqvae --no-psf-layers' run, for comparison")
+    p.add_argument("--real", help="real galaxies: a dataset file or a RealGalaxyCatalog FITS file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
 
     p = add("gallery", cmd_gallery, "a PNG gallery of sampled galaxies")
     p.add_argument("--model", default="default")
@@ -323,9 +336,6 @@ def main(argv=None):
     start = time.time()
     try:
         summary = args.func(args)
-    except NotBuiltYet as err:
-        print(f"galsim-vqvae {args.command}: {err}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except KeyboardInterrupt:
         print(f"galsim-vqvae {args.command}: interrupted", file=sys.stderr)
         return 130

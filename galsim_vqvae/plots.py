@@ -56,3 +56,109 @@ def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4):
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures of the science report (galsim-vqvae evaluate)
+def _grid(n_panels, panel_size=(3.2, 2.6), columns=4):
+    from matplotlib.figure import Figure
+
+    cols = min(columns, n_panels)
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _save(fig, path, title=None):
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+
+
+def save_histograms(path, panels, labels=("a", "b"), title=None, bins=30):
+    """Overlaid normalised histograms of two samples per panel.
+
+    Parameters:
+        path:   Output PNG path (written atomically).
+        panels: dict panel title -> (sample a, sample b); NaNs are ignored.
+        labels: Legend names of the two samples. [default: ("a", "b")]
+        title:  Figure title. [default: None]
+        bins:   Number of bins shared by both samples of a panel. [default: 30]
+    """
+    fig, axes = _grid(len(panels))
+    for ax, (name, samples) in zip(axes, panels.items()):
+        samples = [np.asarray(s, dtype=np.float64) for s in samples]
+        samples = [s[np.isfinite(s)] for s in samples]
+        both = np.concatenate(samples) if any(len(s) for s in samples) else np.zeros(1)
+        lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 1 else (both[0] - 1, both[0] + 1)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+        for s, label in zip(samples, labels):
+            ax.hist(np.clip(s, edges[0], edges[-1]), bins=edges, density=True, histtype="step",
+                    label=f"{label} ({len(s)})")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    _save(fig, path, title)
+
+
+def save_scatter(path, panels, title=None):
+    """Scatter plots, one per panel.
+
+    Parameters:
+        path:   Output PNG path (written atomically).
+        panels: dict panel title -> dict with ``x``, ``y``, optional ``c`` (colour values),
+                ``xlabel``, ``ylabel``, ``clabel``, ``diagonal`` (draw y = x).
+        title:  Figure title. [default: None]
+    """
+    fig, axes = _grid(len(panels), panel_size=(3.6, 3.2), columns=3)
+    for ax, (name, p) in zip(axes, panels.items()):
+        x, y = np.asarray(p["x"], float), np.asarray(p["y"], float)
+        c = p.get("c")
+        if c is None:
+            ax.scatter(x, y, s=4, alpha=0.6)
+        else:
+            c = np.asarray(c, float)
+            known = np.isfinite(c)
+            ax.scatter(x[~known], y[~known], s=4, color="0.8", label="no data")
+            sc = ax.scatter(x[known], y[known], s=6, c=c[known], cmap="viridis")
+            fig.colorbar(sc, ax=ax, label=p.get("clabel", ""))
+        if p.get("diagonal"):
+            finite = np.concatenate([x[np.isfinite(x)], y[np.isfinite(y)]])
+            if len(finite):
+                lo, hi = finite.min(), finite.max()
+                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel(p.get("xlabel", ""), fontsize=8)
+        ax.set_ylabel(p.get("ylabel", ""), fontsize=8)
+        ax.set_title(name, fontsize=9)
+    _save(fig, path, title)
+
+
+def save_lines(path, categories, panels, title=None):
+    """Line plots of a few named series over the same categories, one panel per quantity.
+
+    Parameters:
+        path:       Output PNG path (written atomically).
+        categories: The x-axis labels (e.g. S/N bins).
+        panels:     dict panel title -> dict with ``series`` (dict label -> values, one per
+                    category; NaN leaves a gap), optional ``threshold`` (a dashed goal line) and
+                    ``log`` (log y axis).
+        title:      Figure title. [default: None]
+    """
+    fig, axes = _grid(len(panels))
+    x = np.arange(len(categories))
+    for ax, (name, p) in zip(axes, panels.items()):
+        for label, values in p["series"].items():
+            ax.plot(x, np.asarray(values, float), "o-", label=label, ms=4)
+        if p.get("threshold") is not None:
+            ax.axhline(p["threshold"], color="k", ls="--", lw=0.8, label="goal")
+        if p.get("log"):
+            ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels(categories, fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    _save(fig, path, title)

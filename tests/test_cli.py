@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from galsim_vqvae.cli import EXIT_BAD_INPUT, EXIT_NOT_BUILT, main
+from galsim_vqvae.cli import EXIT_BAD_INPUT, main
 
 
 def run(capsys, *argv):
@@ -90,11 +90,6 @@ def test_gallery_png(tiny_emulator, tmp_path, capsys):
                             "--out", out, "--quiet")
     assert code == 0, err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_evaluate_says_plainly_it_is_not_built(capsys):
-    code, _, err = run(capsys, "evaluate")
-    assert code == EXIT_NOT_BUILT and "not built yet" in err
 
 
 def test_bench_prints_a_ratio(capsys):
