@@ -29,6 +29,7 @@ worker processes, so CUDA is initialised in the workers that use it.
 """
 
 import atexit
+import difflib
 import multiprocessing
 import os
 import re
@@ -40,6 +41,7 @@ import galsim
 import numpy as np
 from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, ParseValue,
                            RegisterInputType, RegisterObjectType)
+from galsim.config.value import standard_ignore
 from galsim.errors import GalSimConfigError, GalSimConfigValueError
 
 from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, _target_fwhm, check_psf,
@@ -276,6 +278,12 @@ class VQVAEModelLoader(InputLoader):
     def __init__(self):
         super().__init__(VQVAEModel, use_proxy=False)
 
+    def getKwargs(self, config, base, logger):
+        """`InputLoader.getKwargs`, with a mistyped field or a bad value named (and a field
+        suggested)."""
+        check_fields(config, "vqvae_model", VQVAEModel._opt_params)
+        return _get_all_params(config, base, "vqvae_model", VQVAEModel._opt_params)
+
     def setupImage(self, input_obj, config, base, logger):
         image_num = base.get("image_num", 0)
         nobj = galsim.config.GetNObjForImage(base, image_num, logger=logger)
@@ -392,8 +400,37 @@ class _Collected(BaseException):
 _IGNORE = ["conditions"]
 
 
+def check_fields(config, where, fields, also=()):
+    """Refuse a field of a config block that is not one of ``fields`` (nor of ``also``, e.g.
+    GalSim's common object fields), naming the block and suggesting the field meant: GalSim's own
+    check says only "Unexpected attribute conditons found"."""
+    allowed = set(fields) | set(also) | set(standard_ignore)
+    for key in config:
+        if key in allowed or str(key).startswith("_"):
+            continue
+        close = difflib.get_close_matches(str(key), sorted(set(fields) | set(also)), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise GalSimConfigError(f"{where}: unknown field {key!r}{hint}; its fields are "
+                                f"{sorted(fields)}")
+
+
+def _get_all_params(config, base, where, opt, ignore=()):
+    """`galsim.config.GetAllParams`, with a value that cannot be parsed named by its field."""
+    try:
+        return GetAllParams(config, base, opt=opt, ignore=list(ignore))
+    except GalSimConfigError as err:
+        for key, value_type in opt.items():
+            if key in config:
+                try:
+                    ParseValue(config, key, base, value_type)
+                except GalSimConfigError:
+                    raise GalSimConfigError(f"{where}.{key}: {err}") from None
+        raise
+
+
 def _parse(config, base, model, ignore, logger):
     """Parse a VQVAEGalaxy config dict into (request, kwargs for the galaxy)."""
+    check_fields(config, "VQVAEGalaxy", list(VQVAEGalaxy._opt_params) + _IGNORE, ignore)
     info = model.info
     conditions = None
     if "conditions" in config:
@@ -405,11 +442,17 @@ def _parse(config, base, model, ignore, logger):
         if unknown:
             raise GalSimConfigError(f"VQVAEGalaxy.conditions: unknown label(s) {unknown}; the "
                                     f"model's labels are {info.condition_names}")
-        conditions = {k: ParseValue(cond, k, base, float)[0] for k in info.condition_names
-                      if k in cond}
+        conditions = {}
+        for k in info.condition_names:
+            if k in cond:
+                try:
+                    conditions[k] = ParseValue(cond, k, base, float)[0]
+                except GalSimConfigError as err:
+                    raise GalSimConfigError(f"VQVAEGalaxy.conditions.{k}: {err}") from None
     conditions = info.check_conditions(conditions, clip=model.out_of_range == "clip")
     # After the conditions, so that e.g. flux: '$f(@gal.conditions.mag)' finds them evaluated.
-    kwargs, _ = GetAllParams(config, base, opt=VQVAEGalaxy._opt_params, ignore=ignore + _IGNORE)
+    kwargs, _ = _get_all_params(config, base, "VQVAEGalaxy", VQVAEGalaxy._opt_params,
+                                ignore + _IGNORE)
     index = kwargs.pop("index", None)
     if index is not None:
         seed = index_seed(index)

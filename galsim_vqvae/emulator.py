@@ -234,7 +234,8 @@ class Emulator:
                 msg = (f"condition {name!r} = {col[bad][0]:g} is outside the training range "
                        f"[{lo[c]:g}, {hi[c]:g}]")
                 if out_of_range == "error":
-                    raise VQVAEInputError(msg + " (use out_of_range='clip' to clip it)")
+                    raise VQVAEInputError(msg + " (out_of_range='clip', --out-of-range clip in the "
+                                          "command, clips it)")
                 warnings.warn(msg + "; clipped to the range", stacklevel=3)
                 values[:, c] = np.clip(col, lo[c], hi[c])
         mean, std = np.asarray(info["mean"], float), np.asarray(info["std"], float)

@@ -148,7 +148,7 @@ def image_scale(header, override, where, default=None):
     if default is not None:
         return float(default)
     raise VQVAEInputError(f"{where}: no pixel scale (no {'/'.join(_SCALE_KEYS)}, CD or CDELT "
-                          f"keyword); pass input_pixel_scale")
+                          f"keyword); pass input_pixel_scale (--input-pixel-scale)")
 
 
 def _interpolated(array, scale, **kwargs):

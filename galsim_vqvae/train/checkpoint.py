@@ -52,7 +52,8 @@ def load_checkpoint(path, map_location="cpu"):
             "galsim_vqvae never unpickles those (that could run code from the file): refused"
         ) from None
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise VQVAEFormatError(f"checkpoint {path} is corrupt or truncated: {err}") from None
+        reason = str(err).strip().split("\n")[0].split(". ")[0]  # torch's first sentence
+        raise VQVAEFormatError(f"checkpoint {path} is corrupt or truncated ({reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise VQVAEFormatError(f"checkpoint {path} is not a galsim_vqvae checkpoint "
                                "(no 'model' and 'config' entries)")

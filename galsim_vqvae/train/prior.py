@@ -163,6 +163,21 @@ def cached_codes(data, vqvae_checkpoint, out, device="cpu", progress=True):
     return codes, num_codes, fingerprint
 
 
+def _check_grid(data, header, vqvae_checkpoint):
+    """The dataset's stamps must be on the grid (stamp size, pixel scale) that the VQ-VAE was
+    trained on: its codes mean nothing on another."""
+    trained = load_checkpoint(vqvae_checkpoint).get("data") or {}
+    if "stamp_size" not in trained or "pixel_scale" not in trained:
+        return
+    mine = (int(header["stamp_size"]), float(header["pixel_scale"]))
+    theirs = (int(trained["stamp_size"]), float(trained["pixel_scale"]))
+    if mine[0] != theirs[0] or abs(mine[1] - theirs[1]) > 1e-3 * theirs[1]:
+        raise VQVAEInputError(
+            f"{data} holds {mine[0]}x{mine[0]} stamps at {mine[1]:g}\"/pixel but the VQ-VAE "
+            f"{vqvae_checkpoint} was trained on {theirs[0]}x{theirs[0]} stamps at "
+            f"{theirs[1]:g}\"/pixel; train the prior on data on the VQ-VAE's grid")
+
+
 def read_labels(data, names):
     """Conditioning labels [N, len(names)] float64 from the dataset's ``params`` group."""
     from ..data.dataset import load_arrays, read_header
@@ -325,6 +340,7 @@ def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progre
 
     header = dict(read_header(data))
     labels = read_labels(data, conditions)  # before encoding: a bad label fails at once
+    _check_grid(data, header, vqvae_checkpoint)
     codes, num_codes, fingerprint = cached_codes(data, vqvae_checkpoint, out, device, progress)
     info = {k: _jsonable(header.get(k)) for k in
             ("pixel_scale", "stamp_size", "band", "zeropoint", "flux_convention", "source",

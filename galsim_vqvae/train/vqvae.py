@@ -275,9 +275,8 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
         if not isinstance(v, int) or v < 1:
             raise VQVAEInputError(f"{name} must be a positive integer, got {v!r}")
     dev = resolve_device(device)
-    os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-    with RunLock(out):
+    with RunLock(out):  # creates the directory; removes it again if the run fails at once
         if not resume and os.path.exists(ckpt_path):
             raise VQVAEInputError(f"{ckpt_path} exists; pass resume=True (--resume) to continue "
                                   "that run, or choose another output directory")
