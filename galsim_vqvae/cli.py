@@ -108,7 +108,8 @@ def cmd_train_prior(args):
     summary = train_prior(args.data, vqvae_ckpt, args.out, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=args.device, conditions=conditions, model=model,
-                          resume=args.resume, progress=not args.quiet)
+                          resume=args.resume, progress=not args.quiet,
+                          log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     bundle = os.path.join(args.out, "model.safetensors")
     Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt")).save(bundle)
     bits = summary.get("test_bits_per_code")
@@ -279,6 +280,9 @@ def build_parser():
     p.add_argument("--channels", type=_positive_int)
     p.add_argument("--layers", type=_positive_int)
     p.add_argument("--kernel-size", type=_positive_int)
+    p.add_argument("--log-every", type=_positive_int, default=50,
+                   help="steps between logs of the training and held-out bits per code")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=500)
     p.add_argument("--resume", action="store_true")
 
     p = add("sample", cmd_sample, "sample galaxies (pre-PSF images) from a model")
