@@ -283,6 +283,17 @@ def test_evaluate_end_to_end(tiny_emulator, toy_data, tmp_path, capsys):
     assert {"fidelity.png", "realism.png", "conditioning.png", "codebook.png"} <= pngs
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
+    # Without --data the fidelity and realism checks are skipped, and a second report in the
+    # same folder leaves none of the first one's figures behind.
+    assert main(["evaluate", "--quiet", "--model", tiny_emulator.path, "--n", "3", "--out",
+                 str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.count("*Skipped") == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not any(k.startswith(("fidelity.", "realism.", "real.")) for k in metrics)
+    assert "codebook.samples.usage" in metrics and "shear.vqvae.m" in metrics
+    assert {p.name for p in out.glob("*.png")} == {"conditioning.png", "codebook.png"}
+
 
 @pytest.mark.parametrize("flag, value, words", [
     ("--model", "missing.safetensors", "model file not found"),

@@ -5,6 +5,7 @@ The folder's files are written into a temporary folder beside it and moved in on
 check has finished, so an interrupted run leaves the previous report (if any) as it was.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,9 @@ from ..data.dataset import read_header
 from ..errors import VQVAEInputError
 from . import codebook, conditioning, fidelity, real, realism, shear
 from .common import SPLITS, cell, check_grid, fmt, load_heldout, skipped
+
+FIGURES = ("fidelity.png", "fidelity_gallery.png", "realism.png", "realism_gallery.png",
+           "conditioning.png", "codebook.png", "real.png")
 
 
 def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None, real_path=None,
@@ -80,8 +84,10 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
         steps = ["fidelity", "realism", "conditioning", "shear", "codebook", "real"]
         bar = tqdm(steps, desc="evaluate", disable=not progress)
         sampled = None
+        seconds = {}
         for step in bar:
             bar.set_postfix_str(step)
+            t0 = time.time()
             if step == "fidelity":
                 sections.append(fidelity.run(emulator, data, n, stage, split, net, progress)
                                 if data is not None else
@@ -105,8 +111,10 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
                                 if real_path is not None else
                                 skipped(real.TITLE, "no --real (a dataset file or a GalSim "
                                         "RealGalaxyCatalog)"))
+            seconds[step] = time.time() - t0
         metrics = _flat_metrics(sections)
         metrics["evaluate.seconds"] = round(time.time() - start, 1)
+        metrics.update({f"evaluate.seconds.{k}": round(v, 1) for k, v in seconds.items()})
         with open(os.path.join(stage, "report.md"), "w") as f:
             f.write(_markdown(emulator, sections, dict(model=model, n=n, data=data,
                                                        plain_ae=plain_ae, real=real_path,
@@ -118,6 +126,10 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             if not (name.endswith(".png") or name in ("report.md", "metrics.json")):
                 os.remove(os.path.join(stage, name))
         os.makedirs(out, exist_ok=True)
+        for name in FIGURES:  # a figure of an earlier report that this one does not have
+            if not os.path.exists(os.path.join(stage, name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
         for name in sorted(os.listdir(stage), key=lambda s: s == "metrics.json"):
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:
