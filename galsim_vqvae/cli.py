@@ -81,6 +81,7 @@ def cmd_make_dataset(args):
 
 
 def cmd_train_vqvae(args):
+    from .train.distributed import is_main_process
     from .train.vqvae import train_vqvae
 
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
@@ -92,6 +93,8 @@ def cmd_train_vqvae(args):
                           progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
                           lr_schedule=args.lr_schedule, log_every=args.log_every,
                           checkpoint_every=args.checkpoint_every)
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return None
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
             + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                         if isinstance(v, float)))
@@ -99,6 +102,7 @@ def cmd_train_vqvae(args):
 
 def cmd_train_prior(args):
     from .emulator import Emulator
+    from .train.distributed import is_main_process
     from .train.prior import train_prior
 
     model = {k: v for k, v in (("channels", args.channels), ("layers", args.layers),
@@ -110,6 +114,8 @@ def cmd_train_prior(args):
                           device=args.device, conditions=conditions, model=model,
                           resume=args.resume, progress=not args.quiet,
                           log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    if not is_main_process():  # under torchrun, rank 0 writes the bundle and reports
+        return None
     bundle = os.path.join(args.out, "model.safetensors")
     Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt")).save(bundle)
     bits = summary.get("test_bits_per_code")
@@ -246,7 +252,8 @@ def build_parser():
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoint, log, gallery)")
     p.add_argument("--steps", type=_positive_int, required=True)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="stamps per step and process (under torchrun: per GPU)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -273,7 +280,8 @@ def build_parser():
     p.add_argument("--steps", type=_positive_int, required=True)
     p.add_argument("--conditions", default="mag,hlr",
                    help="comma-separated labels from the dataset's params ('' for none)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="code maps per step and process (under torchrun: per GPU)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -352,7 +360,8 @@ def main(argv=None):
             raise
         print(f"galsim-vqvae {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"galsim-vqvae {args.command}: {summary} ({time.time() - start:.1f} s)")
+    if summary is not None:  # None: a torchrun rank other than 0
+        print(f"galsim-vqvae {args.command}: {summary} ({time.time() - start:.1f} s)")
     return 0
 
 

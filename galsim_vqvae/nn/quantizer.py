@@ -10,8 +10,9 @@ buffers, so ``state_dict`` holds it and a resumed run continues exactly. An upda
 so that data-parallel training can all-reduce in between: `VectorQuantizer.batch_statistics`
 computes this batch's per-code counts and sums (and, on restart updates, candidate vectors), and
 `VectorQuantizer.apply_statistics` folds them into the EMA state. Set ``stats_reducer`` to a
-function ``dict -> dict`` (e.g. an all-reduce of ``count`` and ``sum`` and a broadcast of
-``candidates``) to make every rank apply the same update.
+function ``dict -> dict`` (a sum over the ranks of ``count``, ``sum`` and ``candidates``) and
+``shard`` to ``(rank, world_size)`` to make every rank apply the update that one process would
+apply to the whole (global) batch, restarts included (`galsim_vqvae.train.distributed`).
 """
 
 from typing import NamedTuple
@@ -88,6 +89,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("restarted", torch.zeros((), dtype=torch.int64))
         self.stats_reducer = None
+        self.shard = (0, 1)  # (rank, world size): this batch's rows among the global batch's
         # Host-side mirrors of `initialized` and `updates`, so that a training step never waits
         # for the device to read them; refreshed from the buffers after load_state_dict.
         self._initialized = False
@@ -154,7 +156,10 @@ class VectorQuantizer(nn.Module):
         Returns:
             dict with ``count`` [K] (float32), ``sum`` [K, D] (float32) and, when the coming
             update ends a restart window, ``candidates`` [K, D]: random rows of ``z``, the
-            replacements for dead codes.
+            replacements for dead codes. With ``shard = (rank, world)``, ``z`` is the
+            ``rank``-th of ``world`` equal parts of a global batch; the rows are drawn from the
+            global batch and each rank fills in those it holds (zeros elsewhere), so that the
+            sum over the ranks is what one process would draw from the global batch.
         """
         z = z.float()
         count = self._histogram(codes)
@@ -163,8 +168,15 @@ class VectorQuantizer(nn.Module):
         stats = {"count": count, "sum": total}
         if self._restart_due():
             g = self._generator(z.device, self._updates + 1)
-            pick = torch.randint(z.shape[0], (self.num_codes,), generator=g, device=z.device)
-            stats["candidates"] = z[pick]
+            rank, world = self.shard
+            n = z.shape[0]
+            pick = torch.randint(n * world, (self.num_codes,), generator=g, device=z.device)
+            if world == 1:
+                stats["candidates"] = z[pick]
+            else:
+                local = pick - rank * n
+                mine = (local >= 0) & (local < n)
+                stats["candidates"] = torch.where(mine[:, None], z[local.clamp(0, n - 1)], 0.0)
         return stats
 
     def _histogram(self, codes):

@@ -29,6 +29,7 @@ from ..devices import resolve_device
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.pixelcnn import GatedPixelCNN
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
 CODES_NAME = "codes.npz"
@@ -311,11 +312,20 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
         if not os.path.isfile(path):
             raise VQVAEInputError(f"train_prior: {what} not found: {path}")
     data, vqvae_checkpoint, out = (os.fspath(p) for p in (data, vqvae_checkpoint, out))
-    with RunLock(out):  # creates the directory; removes it again if this run fails at once
-        state = _existing_checkpoint(out, resume)
-        inputs = prepare_inputs(data, vqvae_checkpoint, out, conditions, device, progress)
-        return _fit(inputs, out, state, steps, batch_size, float(lr), seed, device, conditions,
-                    model, log_every, checkpoint_every, progress)
+    ctx = distributed.setup(device)  # one process, or this rank of a torchrun job
+    try:
+        with ctx.main_context(lambda: RunLock(out)):  # locked by rank 0
+            # rank 0 first: it encodes the codes cache that the other ranks then read
+            state, inputs = ctx.main_first(lambda: (
+                _existing_checkpoint(out, resume),
+                prepare_inputs(data, vqvae_checkpoint, out, conditions, ctx.device,
+                               progress and ctx.is_main)))
+            summary = _fit(inputs, out, state, steps, batch_size, float(lr), seed, ctx.device,
+                           conditions, model, log_every, checkpoint_every, progress, ctx)
+            ctx.barrier()  # the ranks end together
+            return summary
+    finally:
+        ctx.close()
 
 
 def _existing_checkpoint(out, resume):
@@ -352,9 +362,12 @@ def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progre
 
 
 def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, model, log_every,
-         checkpoint_every, progress):
-    """The training loop on prepared inputs; ``state`` is the checkpoint to resume or None."""
+         checkpoint_every, progress, ctx=None):
+    """The training loop on prepared inputs; ``state`` is the checkpoint to resume or None;
+    ``ctx`` the `distributed.Context` (None: a single process)."""
     from ..data.dataset import split_indices
+
+    ctx = ctx or distributed.Context(0, 1, 0, device, False)
 
     t0 = time.perf_counter()
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
@@ -366,9 +379,10 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     test_index = split_indices(n, "test")
     if train_index.size == 0:
         raise VQVAEInputError(f"{data}: no training stamps (N={n})")
-    if batch_size > train_index.size:
-        raise VQVAEInputError(f"train_prior: batch_size {batch_size} exceeds the "
-                              f"{train_index.size} training code maps of {data}")
+    if batch_size * ctx.world_size > train_index.size:
+        raise VQVAEInputError(f"train_prior: batch_size {batch_size}"
+                              + (f" x {ctx.world_size} processes" if ctx.active else "")
+                              + f" exceeds the {train_index.size} training code maps of {data}")
     norm = label_normalisation(labels[train_index], conditions)
     config = dict(DEFAULT_MODEL, num_classes=0)
     config.update(model)
@@ -390,6 +404,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     average.requires_grad_(False)
     use_amp = device.type == "cuda"
     optimizer = torch.optim.Adam(prior.parameters(), lr=lr, fused=use_amp or None)
+    model_step = ctx.wrap(prior)  # gradients averaged over the ranks
     start = 0
     history = {"step": [], "train_bits_per_code": [], "test_bits_per_code": [], "lr": []}
     if state is not None:
@@ -404,7 +419,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         history = {k: list(v) for k, v in state["history"].items()}
-        _trim_log(log_path, start)
+        if ctx.is_main:
+            _trim_log(log_path, start)
 
     codes = torch.from_numpy(codes_np).to(device)
     cond = torch.from_numpy(((labels - np.asarray(norm["mean"])) / np.asarray(norm["std"]))
@@ -412,11 +428,16 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     train_dev = torch.from_numpy(train_index).to(device)
     test_dev = torch.from_numpy(test_index).to(device)
     eval_batch = max(batch_size, 256)
-    per_epoch = train_index.size // batch_size
+    per_epoch = train_index.size // (batch_size * ctx.world_size)
     data_info = inputs["data"]
     last = {"train": None, "test": None}
 
     def checkpoint(step):
+        ctx.check_identical({**{"raw." + k: v for k, v in prior.state_dict().items()},
+                             **{"average." + k: v for k, v in average.state_dict().items()}},
+                            "prior weights")
+        if not ctx.is_main:
+            return
         save_checkpoint({
             "model": {k: v.detach().cpu() for k, v in average.state_dict().items()},
             "model_raw": {k: v.detach().cpu() for k, v in prior.state_dict().items()},
@@ -427,25 +448,26 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             "codes_fingerprint": fingerprint}, ckpt_path)
 
     def log(step, loss_sum, count, started):
-        train_bits = (loss_sum / count).item() / _LN2  # the host sync: at log time only
-        rate = count * batch_size / max(1e-9, time.perf_counter() - started)
+        train_bits = ctx.mean(loss_sum / count).item() / _LN2  # the host sync: at log time only
+        rate = count * batch_size * ctx.world_size / max(1e-9, time.perf_counter() - started)
         if not math.isfinite(train_bits):
             raise FloatingPointError(f"prior training diverged at step {step} (loss "
                                      f"{train_bits}); lower lr (now {lr})")
         test_bits = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item() / _LN2
-                     if test_index.size else None)
+                     if test_index.size and ctx.is_main else None)
         last.update(train=train_bits, test=test_bits)
         entry = {"step": step, "train_bits_per_code": train_bits, "test_bits_per_code": test_bits,
                  "lr": learning_rate(step - 1, lr), "maps_per_s": rate,
                  "elapsed_s": time.perf_counter() - t0}
         for k in history:
             history[k].append(entry[k])
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if ctx.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         bar.set_postfix(train=f"{train_bits:.3f}",
                         test=f"{test_bits:.3f}" if test_bits is not None else "-")
 
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress,
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not (progress and ctx.is_main),
                desc="training prior", unit="step")
     loss_sum = torch.zeros((), device=device)
     count = 0
@@ -461,12 +483,12 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
                 perm = perm.pin_memory() if device.type == "cuda" else perm
                 perm = perm.to(device, non_blocking=True)
                 perm_epoch = epoch
-            idx = train_dev[perm[k * batch_size:(k + 1) * batch_size]]
+            idx = train_dev[perm[distributed.rank_slice(k, batch_size, ctx.rank, ctx.world_size)]]
             x = codes[idx]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, lr)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = prior(x, cond[idx] if cond is not None else None)
+                logits = model_step(x, cond[idx] if cond is not None else None)
             loss = F.cross_entropy(logits.float(), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -486,7 +508,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
                 checkpoint(done)
         if start >= steps:  # nothing left to train: report the held-out NLL as it stands
             last["test"] = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item()
-                            / _LN2 if test_index.size else None)
+                            / _LN2 if test_index.size and ctx.is_main else None)
             last["train"] = history["train_bits_per_code"][-1] if history["step"] else None
     finally:
         bar.close()

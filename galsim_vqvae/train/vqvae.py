@@ -4,6 +4,9 @@ with the noisy stamp under its own Gaussian noise (chi^2), plus the codebook com
 The training split is held in memory on the device; batches follow a deterministic schedule (the
 permutation of epoch ``e`` comes from ``(seed, e)``), so a resumed run needs only the step counter
 and the saved model, optimizer and codebook state to continue exactly as an uninterrupted one.
+Under ``torchrun`` the run is data-parallel (`galsim_vqvae.train.distributed`): ``batch_size`` is
+per process, each rank takes its slice of every global batch, and a run resumes with any number
+of processes.
 """
 
 import json
@@ -13,14 +16,15 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..devices import resolve_device
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
+from . import distributed
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
 TRAIN_KEYS = ("observed", "sigma", "psf_index")
@@ -105,14 +109,19 @@ def pick_image_scale(observed):
 
 
 class BatchSchedule:
-    """Deterministic batches: step ``s`` takes slice ``s mod E`` of the permutation of epoch
-    ``s // E`` (``E = n // batch_size`` steps an epoch), drawn from ``(seed, epoch)``."""
+    """Deterministic batches: step ``s`` takes global batch ``s mod E`` of the permutation of
+    epoch ``s // E`` (``E = n // (batch_size * world_size)`` steps an epoch), drawn from
+    ``(seed, epoch)``; rank ``r`` of ``world_size`` processes takes the ``r``-th ``batch_size``
+    rows of it (`galsim_vqvae.train.distributed.rank_slice`)."""
 
-    def __init__(self, n, batch_size, seed, device):
-        if batch_size > n:
-            raise VQVAEInputError(f"batch_size {batch_size} exceeds the {n} training stamps")
+    def __init__(self, n, batch_size, seed, device, rank=0, world_size=1):
+        if batch_size * world_size > n:
+            raise VQVAEInputError(
+                f"batch_size {batch_size}" + (f" x {world_size} processes" if world_size > 1
+                                              else "") + f" exceeds the {n} training stamps")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.per_epoch = n // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = n // (batch_size * world_size)
         self._epoch, self._perm = None, None
 
     def indices(self, step):
@@ -124,7 +133,7 @@ class BatchSchedule:
                 perm = perm.pin_memory()
             self._perm = perm.to(self.device, non_blocking=True)
             self._epoch = epoch
-        return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+        return self._perm[distributed.rank_slice(k, self.batch_size, self.rank, self.world_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,17 +160,36 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
         ``model`` (what was compared with the stamps), and the `QuantizerOutput` as ``quant``.
     """
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
-        if quantize:
-            decoded, quant = model(observed)
-        else:
-            z_e = model.encode(observed)
-            decoded = model.decode(z_e)
-            zero = torch.zeros((), device=observed.device)
-            quant = QuantizerOutput(z_e, None, zero, zero, zero)
+        decoded, quant = _autoencode(model, observed, quantize)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
     c2 = chi2(predicted, observed, sigma)
     return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
             "model": predicted, "quant": quant}
+
+
+def _autoencode(model, observed, quantize):
+    """(decoded, `QuantizerOutput`) of ``observed``; ``model`` is a `VQVAE`, or a `_Autoencoder`
+    wrapped in `DistributedDataParallel` (whose forward pass must be the module call)."""
+    if not isinstance(model, VQVAE):
+        return model(observed, quantize)
+    if quantize:
+        return model(observed)
+    z_e = model.encode(observed)
+    decoded = model.decode(z_e)
+    zero = torch.zeros((), device=observed.device)
+    return decoded, QuantizerOutput(z_e, None, zero, zero, zero)
+
+
+class _Autoencoder(nn.Module):
+    """The VQ-VAE's training forward pass, quantized or not, as one module call: what
+    `DistributedDataParallel` wraps."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, observed, quantize=True):
+        return _autoencode(self.net, observed, quantize)
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
@@ -274,9 +302,13 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                     ("checkpoint_every", checkpoint_every)):
         if not isinstance(v, int) or v < 1:
             raise VQVAEInputError(f"{name} must be a positive integer, got {v!r}")
-    dev = resolve_device(device)
+    ctx = distributed.setup(device)  # one process, or this rank of a torchrun job
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-    with RunLock(out):  # creates the directory; removes it again if the run fails at once
+
+    def claim():  # the run directory, created and locked by rank 0
+        return RunLock(out)  # creates the directory; removes it if the run fails at once
+
+    def inputs():
         if not resume and os.path.exists(ckpt_path):
             raise VQVAEInputError(f"{ckpt_path} exists; pass resume=True (--resume) to continue "
                                   "that run, or choose another output directory")
@@ -284,15 +316,23 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
         if resume:
             if not os.path.exists(ckpt_path):
                 raise VQVAEInputError(f"cannot resume: no checkpoint in {out}")
-            state = load_checkpoint(ckpt_path)
-        arrays, header = load_split(data, "train", TRAIN_KEYS)
-        return _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed,
-                    dev, psf_layers, dict(model or {}), log_every, checkpoint_every,
-                    gallery_every, progress, warmup, ae_warmup, lr_schedule, compile,
-                    channels_last)
+            state = load_checkpoint(ckpt_path)  # every rank loads it
+        return (state,) + load_split(data, "train", TRAIN_KEYS)
+
+    try:
+        with ctx.main_context(claim):
+            state, arrays, header = ctx.main_first(inputs)
+            summary = _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr,
+                           seed, ctx, psf_layers, dict(model or {}), log_every,
+                           checkpoint_every, gallery_every, progress, warmup, ae_warmup,
+                           lr_schedule, compile, channels_last)
+            ctx.barrier()  # the ranks end together, after rank 0's evaluation and gallery
+            return summary
+    finally:
+        ctx.close()
 
 
-def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, dev,
+def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, ctx,
          psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
          ae_warmup, lr_schedule, compile, channels_last):
     observed = arrays["observed"]
@@ -315,6 +355,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
                  "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
                  "horizon": steps if lr_schedule == "cosine" else None}
 
+    dev = ctx.device
     torch.manual_seed(seed)
     net = VQVAE(**model_kwargs)
     if state is not None:
@@ -324,6 +365,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     optimizer, channels_last = prepare_model(net, dev, lr, channels_last, compile)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    ctx.share_codebook(net.quantizer)  # codebook updates from the global batch
+    model = ctx.wrap(_Autoencoder(net)) if ctx.active else net
     history = {k: list(v) for k, v in state["history"].items()} if state else \
         {k: [] for k in HISTORY_KEYS}
     start = int(state["step"]) if state else 0
@@ -331,21 +374,24 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
     sig = torch.as_tensor(sigma_np).to(dev)
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
-    schedule = BatchSchedule(len(obs), batch_size, seed, dev)
+    schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
     log_path = os.path.join(out, "log.jsonl")
-    _rewrite_log(log_path, history)
+    if ctx.is_main:
+        _rewrite_log(log_path, history)
 
     def checkpoint(step):
-        save_checkpoint({"model": net.state_dict(), "config": net.config,
-                         "optimizer": optimizer.state_dict(), "step": step, "seed": seed,
-                         "history": history, "data": header, "train": train_cfg,
-                         "kind": "vqvae"}, ckpt_path)
+        ctx.check_identical(net.state_dict(), "VQ-VAE weights or codebooks")
+        if ctx.is_main:
+            save_checkpoint({"model": net.state_dict(), "config": net.config,
+                             "optimizer": optimizer.state_dict(), "step": step, "seed": seed,
+                             "history": history, "data": header, "train": train_cfg,
+                             "kind": "vqvae", "world_size": ctx.world_size}, ckpt_path)
 
     net.train()
     acc = torch.zeros(4, device=dev)
     n_acc, t0 = 0, time.perf_counter()
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train-vqvae",
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, disable=not (progress and ctx.is_main),
+               desc="train-vqvae", dynamic_ncols=True)
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
@@ -354,31 +400,35 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             x = obs[i]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            acc += train_step(net, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
-                              psf_layers, amp, quantize=step >= ae_warmup)
+            quantize = step >= ae_warmup
+            if quantize and ctx.active and not net.quantizer._initialized:
+                _init_codebook(ctx, net, x, amp)
+            acc += train_step(model, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
+                              psf_layers, amp, quantize=quantize)
             n_acc += 1
             done = step + 1
             bar.update(1)
             if done % log_every == 0 or done == steps:
-                values = (acc / n_acc).tolist()  # the one host sync of the interval
+                values = ctx.mean(acc / n_acc).tolist()  # the one host sync of the interval
                 elapsed = time.perf_counter() - t0
                 row = {"step": done, "loss": values[0], "chi2": values[1],
                        "perplexity": values[2], "usage": values[3],
-                       "images_per_s": n_acc * batch_size / max(elapsed, 1e-9)}
+                       "images_per_s": n_acc * batch_size * ctx.world_size / max(elapsed, 1e-9)}
                 if not math.isfinite(row["loss"]):
                     raise FloatingPointError(f"training diverged at step {done}: loss "
                                              f"{row['loss']}; lower the learning rate ({lr})")
                 for k in HISTORY_KEYS:
                     history[k].append(row[k])
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if ctx.is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{row['loss']:.4g}", chi2=f"{row['chi2']:.4g}",
                                 ppl=f"{row['perplexity']:.1f}", img_s=f"{row['images_per_s']:.0f}")
                 acc.zero_()
                 n_acc, t0 = 0, time.perf_counter()
             if done % checkpoint_every == 0 and done != steps:
                 checkpoint(done)
-            if gallery_every and done % gallery_every == 0 and done != steps:
+            if gallery_every and done % gallery_every == 0 and done != steps and ctx.is_main:
                 draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
                 net.train()
     finally:
@@ -387,9 +437,20 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     checkpoint(final)
     summary = {"step": final}
     summary.update({k: history[k][-1] for k in HISTORY_KEYS[1:] if history[k]})
-    summary.update(evaluate(net, data, psf_layers))
-    draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
+    if ctx.is_main:  # the other ranks hold the same weights
+        summary.update(evaluate(net, data, psf_layers))
+        draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
     return summary
+
+
+def _init_codebook(ctx, net, x, amp):
+    """Data-parallel runs: k-means-initialise the codebook on the global batch before the first
+    quantized step, identically on every rank (a single process initialises it in that step)."""
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                         enabled=amp):
+        z = net.encode(x)
+    z = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    ctx.init_codebook(net.quantizer, z)
 
 
 def _check_resume(state, config, train_cfg, path):
