@@ -86,23 +86,25 @@ class VQVAEModel:
 
     def __init__(self, file_name="default", device="cpu", batch_size=32,
                  resolution_policy="warn", out_of_range="error", num_threads=1):
+        if not isinstance(file_name, (str, os.PathLike)):
+            raise GalSimConfigValueError("vqvae_model.file_name must be 'default' or the path of "
+                                         "a model file", file_name)
         if file_name != "default" and not os.path.exists(file_name):
             raise GalSimConfigValueError("vqvae_model.file_name: no such model file",
                                          file_name)
         if not _DEVICE_RE.match(str(device)):
             raise GalSimConfigValueError("vqvae_model.device must be cpu, cuda, cuda:N or mps",
                                          device)
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise GalSimConfigValueError("vqvae_model.batch_size must be an integer >= 1",
-                                         batch_size)
+        for name, value, low in (("batch_size", batch_size, 1), ("num_threads", num_threads, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise GalSimConfigValueError(f"vqvae_model.{name} must be an integer >= {low}",
+                                             value)
         if resolution_policy not in RESOLUTION_POLICIES:
             raise GalSimConfigValueError("vqvae_model.resolution_policy is invalid",
                                          resolution_policy, RESOLUTION_POLICIES)
         if out_of_range not in ("error", "clip"):
             raise GalSimConfigValueError("vqvae_model.out_of_range is invalid", out_of_range,
                                          ("error", "clip"))
-        if num_threads < 0:
-            raise GalSimConfigValueError("vqvae_model.num_threads must be >= 0", num_threads)
         self.file_name = file_name
         self.device = device
         self.batch_size = int(batch_size)
@@ -415,17 +417,28 @@ def check_fields(config, where, fields, also=()):
 
 
 def _get_all_params(config, base, where, opt, ignore=()):
-    """`galsim.config.GetAllParams`, with a value that cannot be parsed named by its field."""
+    """`galsim.config.GetAllParams`, with a value that cannot be parsed named by its field (GalSim
+    itself raises a bare KeyError or IndexError for some, e.g. ``''`` or ``'@gal.nothing'``)."""
     try:
         return GetAllParams(config, base, opt=opt, ignore=list(ignore))
-    except GalSimConfigError as err:
+    except Exception as err:  # noqa: BLE001 - re-raised, as GalSim's error naming the field
         for key, value_type in opt.items():
             if key in config:
-                try:
-                    ParseValue(config, key, base, value_type)
-                except GalSimConfigError:
-                    raise GalSimConfigError(f"{where}.{key}: {err}") from None
-        raise
+                _parse_value(config, key, base, value_type, f"{where}.{key}")
+        if isinstance(err, galsim.GalSimError):
+            raise
+        raise GalSimConfigError(f"{where}: {type(err).__name__}: {err}") from None
+
+
+def _parse_value(config, key, base, value_type, where):
+    """`galsim.config.ParseValue`; any failure is a GalSimConfigError naming ``where``."""
+    try:
+        return ParseValue(config, key, base, value_type)[0]
+    except Exception as err:  # noqa: BLE001 - GalSim's errors and its bare KeyError/IndexError
+        text = str(err) if isinstance(err, galsim.GalSimError) else \
+            f"cannot evaluate {config[key]!r} as a {value_type.__name__} " \
+            f"({type(err).__name__}: {err})"
+        raise GalSimConfigError(f"{where}: {text}") from None
 
 
 def _parse(config, base, model, ignore, logger):
@@ -445,10 +458,8 @@ def _parse(config, base, model, ignore, logger):
         conditions = {}
         for k in info.condition_names:
             if k in cond:
-                try:
-                    conditions[k] = ParseValue(cond, k, base, float)[0]
-                except GalSimConfigError as err:
-                    raise GalSimConfigError(f"VQVAEGalaxy.conditions.{k}: {err}") from None
+                conditions[k] = _parse_value(cond, k, base, float,
+                                             f"VQVAEGalaxy.conditions.{k}")
     conditions = info.check_conditions(conditions, clip=model.out_of_range == "clip")
     # After the conditions, so that e.g. flux: '$f(@gal.conditions.mag)' finds them evaluated.
     kwargs, _ = _get_all_params(config, base, "VQVAEGalaxy", VQVAEGalaxy._opt_params,

@@ -26,6 +26,8 @@ _DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "models", "default", "mo
 _REQUIRED_METADATA = ("format_version", "pixel_scale", "stamp_size", "latent_size", "num_codes",
                       "band", "zeropoint", "flux_convention", "psf_fwhm", "conditions",
                       "vqvae_config", "prior_config", "training_data")
+_SIZE_FIELDS = ("stamp_size", "hidden", "res_blocks", "res_hidden", "embed_dim", "num_codes",
+                "channels", "layers", "kernel_size", "cond_dim", "num_classes")  # network sizes
 _SAMPLERS = {"fast": sample_fast, "naive": sample_naive}
 OUT_OF_RANGE_POLICIES = ("error", "clip")
 
@@ -432,6 +434,15 @@ def _build(cls, config, field, path, tensors, prefix):
     def make():
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(**config)
 
+    # No size of a network can exceed the largest tensor, nor a count the number of tensors,
+    # of the file: a larger value is refused before it makes (even meta) modules by the million.
+    mine = [v for k, v in tensors.items() if k.startswith(prefix)]
+    bound = max([len(mine)] + [v.numel() for v in mine])
+    for key in _SIZE_FIELDS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+            raise VQVAEFormatError(f"model file {path}: metadata field {field!r} has {key} = "
+                                   f"{value!r}, more than the file's weights can hold")
     try:
         with torch.device("meta"):
             skeleton = make()

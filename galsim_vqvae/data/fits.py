@@ -88,11 +88,13 @@ def read_image(path, ndims=(2,), what=None):
     except Exception as err:  # noqa: BLE001 - astropy raises many types for damaged files
         raise VQVAEInputError(f"{where}: not a readable FITS file: {type(err).__name__}: "
                               f"{err}") from None
-    bad = ~np.isfinite(data)
-    if bad.any():
-        first = np.argwhere(bad)[0]
-        at = (f"stamp {first[0]}, " if data.ndim == 3 else "") + f"x={first[-1]}, y={first[-2]}"
-        raise VQVAEInputError(f"{where}: {bad.sum()} NaN/inf pixels (first at {at})")
+    for bad, what in ((~np.isfinite(data), "NaN/inf pixels"),
+                      (np.abs(data) > np.finfo(np.float32).max, "pixels beyond the float32 range")):
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            at = (f"stamp {first[0]}, " if data.ndim == 3 else "") + \
+                f"x={first[-1]}, y={first[-2]}"
+            raise VQVAEInputError(f"{where}: {bad.sum()} {what} (first at {at})")
     return data, header
 
 
