@@ -96,7 +96,7 @@ def cmd_train_vqvae(args):
                           psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
                           progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
                           lr_schedule=args.lr_schedule, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, noise=args.noise)
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
             + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                         if isinstance(v, float)))
@@ -248,6 +248,10 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-psf-layers", action="store_true",
                    help="plain autoencoder on observed stamps (for comparison)")
+    p.add_argument("--noise", choices=("data", "independent"), default="data",
+                   help="'independent' (datasets with truth): encode one fresh noise realisation "
+                        "of the convolved truth and compare with another, so the decoder cannot "
+                        "fit the noise (docs/default_model.md)")
     p.add_argument("--embed-dim", type=_positive_int)
     p.add_argument("--num-codes", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)
