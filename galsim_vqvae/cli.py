@@ -89,7 +89,8 @@ def cmd_train_vqvae(args):
     from .train.vqvae import train_vqvae
 
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
-                               ("hidden", args.hidden), ("restart_every", args.restart_every))
+                               ("hidden", args.hidden), ("restart_every", args.restart_every),
+                               ("output", args.output))
              if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
@@ -248,6 +249,8 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-psf-layers", action="store_true",
                    help="plain autoencoder on observed stamps (for comparison)")
+    p.add_argument("--output", choices=("relu", "linear", "softplus"),
+                   help="the decoder's output (default relu: non-negative); see VQVAE")
     p.add_argument("--noise", choices=("data", "independent"), default="data",
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "
