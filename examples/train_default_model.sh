@@ -21,7 +21,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
       --workers "$WORKERS" --out "$RUN/synthetic.h5"
   [ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" \
       --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 \
-      --warmup 200 --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 \
+      --warmup 200 --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --noise independent \
       --device cuda
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then

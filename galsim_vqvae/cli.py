@@ -85,14 +85,15 @@ def cmd_train_vqvae(args):
     from .train.vqvae import train_vqvae
 
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
-                               ("hidden", args.hidden), ("restart_every", args.restart_every))
+                               ("hidden", args.hidden), ("restart_every", args.restart_every),
+                               ("output", args.output))
              if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
                           psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
                           progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
                           lr_schedule=args.lr_schedule, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, noise=args.noise)
     if not is_main_process():  # under torchrun, rank 0 reports
         return None
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
@@ -259,6 +260,12 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-psf-layers", action="store_true",
                    help="plain autoencoder on observed stamps (for comparison)")
+    p.add_argument("--output", choices=("relu", "linear", "softplus"),
+                   help="the decoder's output (default relu: non-negative); see VQVAE")
+    p.add_argument("--noise", choices=("data", "independent"), default="data",
+                   help="'independent' (datasets with truth): encode one fresh noise realisation "
+                        "of the convolved truth and compare with another, so the decoder cannot "
+                        "fit the noise (docs/default_model.md)")
     p.add_argument("--embed-dim", type=_positive_int)
     p.add_argument("--num-codes", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)

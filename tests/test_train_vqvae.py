@@ -10,7 +10,7 @@ import torch
 from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.nn.forward import convolve_psf
 from galsim_vqvae.train.checkpoint import load_checkpoint
-from galsim_vqvae.train.vqvae import BatchSchedule, pick_image_scale, train_vqvae
+from galsim_vqvae.train.vqvae import BatchSchedule, noisy_pair, pick_image_scale, train_vqvae
 
 TINY = dict(hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32, restart_every=7)
 
@@ -82,10 +82,11 @@ def test_training_lowers_the_loss(toy, tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
-@pytest.mark.parametrize("psf_layers", [True, False])
-def test_resume_is_bit_identical(toy, tmp_path, psf_layers):
+@pytest.mark.parametrize("psf_layers,noise", [(True, "data"), (False, "data"),
+                                              (True, "independent")])
+def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3)
+    kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3, noise=noise)
     _run(toy, straight, 16, **kw)
     # k-means at step 5 (after the autoencoder warm-up) happens before the break at 8, the first
     # codebook restart (update 7, step 11) after it; an epoch is 3 steps
@@ -100,6 +101,39 @@ def test_resume_is_bit_identical(toy, tmp_path, psf_layers):
     assert a["model"]["quantizer.updates"].item() == 16 - 5  # quantized steps only
     log = [json.loads(line)["step"] for line in open(halves / "log.jsonl")]
     assert log == [4, 8, 12, 16]
+
+
+def test_noisy_pair_is_two_independent_realisations_of_the_stated_sigma():
+    clean = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(11)) * 50
+    sigma = torch.linspace(0.5, 4.0, 64)
+    a, b = noisy_pair(clean, sigma, seed=5, step=17)
+    na, nb = (a - clean) / sigma[:, None, None, None], (b - clean) / sigma[:, None, None, None]
+    assert abs(na.std().item() - 1) < 0.01 and abs(nb.std().item() - 1) < 0.01
+    assert abs(na.mean().item()) < 0.01
+    assert abs(np.corrcoef(na.flatten(), nb.flatten())[0, 1]) < 0.01  # independent
+    a2, b2 = noisy_pair(clean, sigma, seed=5, step=17)
+    assert torch.equal(a, a2) and torch.equal(b, b2)  # a function of (seed, step) alone
+    assert not torch.equal(noisy_pair(clean, sigma, seed=5, step=18)[0], a)
+    # 4 ranks of 16 stamps draw, between them, the noise of one process of 64
+    parts = [noisy_pair(clean[16 * r:16 * (r + 1)], sigma[16 * r:16 * (r + 1)], 5, 17, r, 4)
+             for r in range(4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), a)
+    assert torch.equal(torch.cat([p[1] for p in parts]), b)
+
+
+def test_independent_noise_learns_and_needs_truth(toy, tmp_path):
+    summary = _run(toy, tmp_path / "n2n", 120, log_every=20, ae_warmup=40, noise="independent")
+    log = [json.loads(line) for line in open(tmp_path / "n2n" / "log.jsonl")]
+    assert np.mean([r["chi2"] for r in log[-2:]]) < 0.5 * log[0]["chi2"]
+    assert np.isfinite(summary["test_chi2"])
+    assert load_checkpoint(tmp_path / "n2n" / "checkpoint.pt")["train"]["noise"] == "independent"
+    no_truth = {k: v for k, v in toy.items() if k != "truth"}
+    with pytest.raises(VQVAEInputError, match="truth"):
+        _run(no_truth, tmp_path / "a", 2, noise="independent")
+    with pytest.raises(VQVAEInputError, match="psf_layers"):
+        _run(toy, tmp_path / "b", 2, noise="independent", psf_layers=False)
+    with pytest.raises(VQVAEInputError, match="noise"):
+        _run(toy, tmp_path / "c", 2, noise="fresh")
 
 
 def test_batch_schedule_is_a_deterministic_permutation():

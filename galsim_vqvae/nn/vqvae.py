@@ -72,7 +72,7 @@ def upsample2(c_in, c_out, mode):
     raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
 
 
-OUTPUTS = ("relu", "softplus")
+OUTPUTS = ("relu", "softplus", "linear")
 
 
 class _Positive(torch.autograd.Function):
@@ -83,7 +83,7 @@ class _Positive(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.leak = leak
         ctx.output = output
-        return F.relu(x) if output == "relu" else F.softplus(x)
+        return F.relu(x) if output == "relu" else F.softplus(x)  # (never called for linear)
 
     @staticmethod
     def backward(ctx, grad):
@@ -106,6 +106,8 @@ def positive(x, leak=0.01, output="relu"):
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output == "linear":
+        return x
     return _Positive.apply(x, float(leak), output)
 
 
@@ -155,8 +157,10 @@ class VQVAE(nn.Module):
                             VQGAN, Yu et al. 2021). It bounds the commitment loss: without it the
                             latents' scale drifts during the autoencoder warm-up and the commitment
                             term blew training up on a GPU run. [default: True]
-        output:             The decoder's non-negative output, ``"relu"`` (reaches exactly zero
-                            over the sky) or ``"softplus"`` (models made before 2026-11-24; a model
+        output:             The decoder's output, ``"relu"`` (non-negative, reaches exactly zero
+                            over the sky), ``"linear"`` (unconstrained: unbiased where the
+                            galaxy's wings are below the noise, at the price of small negative
+                            pixels) or ``"softplus"`` (models made before 2026-11-24; a model
                             config without this key means softplus, see `from_config`).
                             [default: "relu"]
     """

@@ -28,6 +28,7 @@ from . import distributed
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
 TRAIN_KEYS = ("observed", "sigma", "psf_index")
+NOISE_MODES = ("data", "independent")
 GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
 PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
@@ -141,7 +142,7 @@ class BatchSchedule:
 # ----------------------------------------------------------------------------------------------
 
 def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-                   quantize=True):
+                   quantize=True, target=None):
     """Losses of one batch.
 
     Parameters:
@@ -154,6 +155,8 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
         amp:        Run the conv nets under bf16 autocast (CUDA). [default: False]
         quantize:   False decodes the encoder output directly (the autoencoder warm-up), with
                     no commitment loss and no codebook update. [default: True]
+        target:     [B, 1, S, S] stamps the chi^2 compares with. [default: None, i.e.
+                    ``observed``; see `noisy_pair` for an independent realisation]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment), ``chi2`` [B], ``decoded``,
@@ -162,7 +165,7 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
         decoded, quant = _autoencode(model, observed, quantize)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
-    c2 = chi2(predicted, observed, sigma)
+    c2 = chi2(predicted, observed if target is None else target, sigma)
     return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
             "model": predicted, "quant": quant}
 
@@ -193,10 +196,10 @@ class _Autoencoder(nn.Module):
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-               quantize=True, grad_clip=GRAD_CLIP):
+               quantize=True, grad_clip=GRAD_CLIP, target=None):
     """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
     without synchronising with the device."""
-    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize)
+    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if grad_clip:
@@ -207,6 +210,28 @@ def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, 
     q = out["quant"]
     return torch.stack([out["loss"].detach(), out["chi2"].detach().mean(),
                         q.perplexity.detach(), q.usage.detach()])
+
+
+def noisy_pair(convolved, sigma, seed, step, rank=0, world_size=1):
+    """Two independent noisy realisations of the PSF-convolved truths ``convolved`` [B, 1, S, S]
+    under Gaussian noise of per-stamp ``sigma`` [B], drawn from ``(seed, step)`` alone (so a
+    resumed run draws what an uninterrupted one does): the encoder's input and the chi^2 target.
+    Rank ``rank`` of ``world_size`` processes takes its rows of the noise of the global batch, as
+    `BatchSchedule` does with the stamps, so N ranks draw what one process of N*B does.
+
+    Compared with the very stamp it encodes, a VQ-VAE learns to reproduce the noise it can see;
+    with a non-negative decoder it can only fit the positive fluctuations, which leaves spurious
+    faint blobs over the sky (on the GPU run of 2026-11-24, 26% of the flux of high-S/N
+    reconstructions). Against an independent realisation, fitting the noise cannot lower the
+    expected chi^2 (Noise2Noise, Lehtinen et al. 2018): the decoder learns the noiseless galaxy.
+    """
+    gen = torch.Generator(device=convolved.device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    s = sigma.float().reshape(-1, 1, 1, 1)
+    b = convolved.shape[0]
+    noise = torch.randn((2, b * world_size) + tuple(convolved.shape[1:]), generator=gen,
+                        device=convolved.device)[:, rank * b:(rank + 1) * b]
+    return convolved + s * noise[0], convolved + s * noise[1]
 
 
 def learning_rate(step, lr, warmup, schedule, steps):
@@ -257,7 +282,7 @@ def prepare_model(net, device, lr, channels_last=None, compile=False):
 def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
                 model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
                 progress=True, warmup=100, ae_warmup=200, lr_schedule="constant", compile=False,
-                channels_last=None):
+                channels_last=None, noise="data"):
     """Train a `VQVAE` on the training split of a dataset; checkpoint, log and draw a gallery.
 
     Parameters:
@@ -290,12 +315,22 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             [default: "constant"]
         compile:            ``torch.compile`` the encoder and decoder. [default: False]
         channels_last:      Channels-last convolutions [default: None, i.e. True on CUDA]
+        noise:              ``"data"``: encode each stamp and compare with that same stamp.
+                            ``"independent"`` (datasets with truth, PSF layers on): each step
+                            draws two fresh noise realisations of the PSF-convolved truth, one
+                            encoded and one compared with (`noisy_pair`), so the decoder cannot
+                            fit the noise. [default: "data"]
 
     Returns:
         dict: ``step``, the last logged ``loss``, ``chi2``, ``perplexity``, ``usage``,
         ``images_per_s``, and held-out ``test_chi2`` (and ``test_rel_l2_truth``, the median
         relative L2 distance of decoded images to the truth, for synthetic data).
     """
+    if noise not in NOISE_MODES:
+        raise VQVAEInputError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    if noise == "independent" and not psf_layers:
+        raise VQVAEInputError("noise='independent' trains through the PSF layers; it cannot be "
+                              "combined with psf_layers=False (--no-psf-layers)")
     if lr_schedule not in ("constant", "cosine"):
         raise VQVAEInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
@@ -317,7 +352,12 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
             if not os.path.exists(ckpt_path):
                 raise VQVAEInputError(f"cannot resume: no checkpoint in {out}")
             state = load_checkpoint(ckpt_path)  # every rank loads it
-        return (state,) + load_split(data, "train", TRAIN_KEYS)
+        keys = TRAIN_KEYS + (("truth",) if noise == "independent" else ())
+        arrays, header = load_split(data, "train", keys)
+        if noise == "independent" and "truth" not in arrays:
+            raise VQVAEInputError(f"noise='independent' needs a dataset with truth images; "
+                                  f"{header.get('path') or 'the in-memory dataset'} has none")
+        return state, arrays, header
 
     try:
         with ctx.main_context(claim):
@@ -325,7 +365,7 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
             summary = _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr,
                            seed, ctx, psf_layers, dict(model or {}), log_every,
                            checkpoint_every, gallery_every, progress, warmup, ae_warmup,
-                           lr_schedule, compile, channels_last)
+                           lr_schedule, compile, channels_last, noise)
             ctx.barrier()  # the ranks end together, after rank 0's evaluation and gallery
             return summary
     finally:
@@ -334,7 +374,7 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
 
 def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, ctx,
          psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
-         ae_warmup, lr_schedule, compile, channels_last):
+         ae_warmup, lr_schedule, compile, channels_last, noise):
     observed = arrays["observed"]
     s = int(observed.shape[-1])
     if observed.ndim != 3 or observed.shape[1] != s:
@@ -353,7 +393,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     model_kwargs.setdefault("seed", seed)
     train_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
                  "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
-                 "horizon": steps if lr_schedule == "cosine" else None}
+                 "horizon": steps if lr_schedule == "cosine" else None, "noise": noise}
 
     dev = ctx.device
     torch.manual_seed(seed)
@@ -374,6 +414,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
     sig = torch.as_tensor(sigma_np).to(dev)
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
+             if noise == "independent" else None)
     schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
     log_path = os.path.join(out, "log.jsonl")
     if ctx.is_main:
@@ -397,14 +439,17 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, lr, warmup, lr_schedule, steps)
             i = schedule.indices(step)
-            x = obs[i]
+            x, target = obs[i], None
+            if truth is not None:
+                x, target = noisy_pair(convolve_psf(truth[i], psf_ft=psf_for(i)[:, None]),
+                                       sig[i], seed, step, ctx.rank, ctx.world_size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             quantize = step >= ae_warmup
             if quantize and ctx.active and not net.quantizer._initialized:
                 _init_codebook(ctx, net, x, amp)
             acc += train_step(model, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
-                              psf_layers, amp, quantize=quantize)
+                              psf_layers, amp, quantize=quantize, target=target)
             n_acc += 1
             done = step + 1
             bar.update(1)
