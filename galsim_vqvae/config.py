@@ -268,9 +268,11 @@ def _worker_device(device, process_name, n_gpus):
     """The GPU of GalSim worker process ``Process-k`` for ``device="cuda"``: ``cuda:(k-1) % n``
     with n GPUs (the main process, or a single GPU: plain ``cuda``)."""
     match = re.fullmatch(r"Process-(\d+)", process_name)
-    if device != "cuda" or n_gpus < 2 or not match:
+    if not match:
         return device
-    return "cuda:%d" % ((int(match.group(1)) - 1) % n_gpus)
+    from .devices import worker_device
+
+    return worker_device(device, int(match.group(1)) - 1, n_gpus)
 
 
 class VQVAEModelLoader(InputLoader):

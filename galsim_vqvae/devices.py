@@ -29,3 +29,19 @@ def resolve_device(device):
         raise VQVAEInputError(f"device {str(dev)!r} was requested but Apple's MPS backend is not "
                               "available here; use 'cpu'")
     return dev
+
+
+def worker_device(device, worker, n_gpus):
+    """The device of worker process number ``worker`` (0-based) of a pool asked to run on
+    ``device``: plain ``"cuda"`` on a machine with ``n_gpus`` > 1 GPUs spreads the workers over
+    them, worker k on ``cuda:(k mod n_gpus)``; anything else (``"cpu"``, ``"cuda:N"``, one GPU)
+    is used as given.
+
+    Parameters:
+        device:     The device asked for (a string).
+        worker:     The worker's number, 0 for the first.
+        n_gpus:     The number of CUDA GPUs on the machine (``torch.cuda.device_count()``).
+    """
+    if str(device) != "cuda" or n_gpus < 2:
+        return str(device)
+    return "cuda:%d" % (int(worker) % n_gpus)

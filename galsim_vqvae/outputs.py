@@ -18,6 +18,11 @@ def write_samples(path, images, codes, emulator, conditions, n, seed=None):
     convention in its header; HDU ``CODES`` the code maps; HDU ``CONDITIONS`` a table of the
     physical conditions of each sample (absent for an unconditional model).
     """
+    _write(path, sample_hdus(images, codes, emulator, conditions, n, seed))
+
+
+def sample_hdus(images, codes, emulator, conditions, n, seed=None):
+    """The `astropy.io.fits.HDUList` that `write_samples` writes."""
     from astropy.io import fits
 
     m = emulator.metadata
@@ -36,7 +41,7 @@ def write_samples(path, images, codes, emulator, conditions, n, seed=None):
                             array=np.broadcast_to(np.asarray(v, float), (n,)).copy())
                 for k, v in conditions.items()]
         hdus.append(fits.BinTableHDU.from_columns(cols, name="CONDITIONS"))
-    _write(path, fits.HDUList(hdus))
+    return fits.HDUList(hdus)
 
 
 def write_reconstruction(path, images, reduced_chi2):

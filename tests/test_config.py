@@ -302,6 +302,37 @@ def test_worker_device():
     assert _worker_device("cpu", "Process-2", 4) == "cpu"
 
 
+def test_model_loaded_lazily_once_per_worker(tiny_emulator, reference_run, tmp_path,
+                                             monkeypatch):
+    """image.nproc or output.nproc = 2: the main process never loads the model (so no CUDA
+    context can cross GalSim's fork); each worker process loads it once, on first use."""
+    import os
+
+    import galsim_vqvae.emulator as gemulator
+    import galsim_vqvae.profile as gprofile
+
+    real = gemulator.Emulator.load.__func__
+
+    def load(cls, file_name="default", device="cpu"):
+        with open(tmp_path / "loads.txt", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(cls, file_name, device)
+
+    monkeypatch.setattr(gemulator.Emulator, "load", classmethod(load))
+    for where in ("image", "output"):
+        monkeypatch.setattr(gprofile, "_emulators", {})
+        (tmp_path / "loads.txt").write_text("")
+        out = tmp_path / where
+        out.mkdir()
+        cfg = survey_config(tiny_emulator.path, out)
+        cfg[where]["nproc"] = 2
+        run(cfg)
+        pids = (tmp_path / "loads.txt").read_text().split()
+        assert pids and str(os.getpid()) not in pids, where
+        assert len(pids) == len(set(pids)), f"{where}.nproc=2: a worker loaded the model twice"
+        assert file_bytes(out) == reference_run[2]
+
+
 def test_conditions_from_an_input_catalog(tiny_emulator, tmp_path):
     """Conditions read from catalog columns (the usual survey use), one row per object."""
     rows = np.array([[21.0, 0.3], [22.5, 0.8], [24.0, 1.2], [23.0, 0.5]])
