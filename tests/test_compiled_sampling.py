@@ -202,42 +202,44 @@ def test_emulator_fast_is_naive(tiny_emulator):
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("config, shape", CONFIGS[:4])
-def test_cuda_matches_cpu_and_naive(config, shape):
-    """On the GPU: the CUDA op draws the CPU op's maps and the naive sampler's (run on the GPU),
-    at batch sizes 1, 5 and 16, with and without CUDA-graph replay."""
+@pytest.mark.parametrize("config, shape", CONFIGS)
+def test_cuda_matches_naive_torch_and_cpu(config, shape, monkeypatch):
+    """On the GPU, fresh weights, seeds, conditions and temperature: the CUDA op draws the naive
+    sampler's maps (run on the GPU), the PyTorch loop's (on the GPU) and the CPU op's, at batch
+    sizes 1, 5 and 18 (a partial tile of 16 maps, and more than one), with CUDA-graph replay
+    (the default) and with the kernels launched one by one (GALSIM_VQVAE_CUDA_GRAPHS=0)."""
     rng = np.random.default_rng([FRESH, 500 + CONFIGS.index((config, shape))])
     prior = fresh_prior(rng, **config)
-    n = 16
+    n = 18
     cond, label = fresh_conditions(rng, prior, n)
     seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
-    temperature = float(rng.choice([0.5, 1.0, 2.0]))
+    temperature = float(rng.choice([0.3, 1.0, 2.5]))
     cpu = sample_fast(prior, n, shape, cond, label, seeds, temperature,
                       implementation="compiled")
     gpu = prior.cuda()
-    naive = sample_naive(gpu, n, shape, cond, label, seeds, temperature)
     msg = f"FRESH = {FRESH}, T = {temperature}"
+    naive = sample_naive(gpu, n, shape, cond, label, seeds, temperature)
     assert torch.equal(naive.cpu(), cpu), msg
+    loop = sample_fast(gpu, n, shape, cond, label, seeds, temperature, implementation="torch")
+    assert torch.equal(loop.cpu(), cpu), msg
     for graphs in ("1", "0"):
-        os.environ["GALSIM_VQVAE_CUDA_GRAPHS"] = graphs
-        try:
-            for batch_size in (1, 5, 16):
-                codes = sample_fast(gpu, n, shape, cond, label, seeds, temperature,
-                                    batch_size=batch_size, implementation="compiled")
-                assert codes.device.type == "cuda"
-                assert torch.equal(codes.cpu(), cpu), f"{msg}, graphs={graphs}, bs={batch_size}"
-        finally:
-            os.environ.pop("GALSIM_VQVAE_CUDA_GRAPHS")
+        monkeypatch.setenv("GALSIM_VQVAE_CUDA_GRAPHS", graphs)
+        for batch_size in (1, 5, 18):
+            codes = sample_fast(gpu, n, shape, cond, label, seeds, temperature,
+                                batch_size=batch_size, implementation="compiled")
+            assert codes.device.type == "cuda"
+            assert torch.equal(codes.cpu(), naive.cpu()), \
+                f"{msg}, graphs={graphs}, batch_size={batch_size}"
 
 
 @needs_cuda
 @pytest.mark.cuda
 def test_cuda_gap_and_realistic_size():
-    """K=512, 64 channels, 21-wide rows on the GPU: CUDA op, CPU op and PyTorch loop agree, and
-    the gaps agree with the teacher-forced naive logits."""
+    """K=512, 64 channels, 21-wide rows (several passes round the row caches) on the GPU: CUDA op,
+    CPU op and PyTorch loop agree, and the gaps agree with the teacher-forced naive logits."""
     rng = np.random.default_rng([FRESH, 600])
     prior = fresh_prior(rng, num_codes=512, channels=64, layers=3, kernel_size=5, cond_dim=2)
-    n, shape = 6, (3, 21)
+    n, shape = 6, (5, 21)
     cond, _ = fresh_conditions(rng, prior, n)
     seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
     network = float64_prior(prior.cuda())
@@ -251,3 +253,40 @@ def test_cuda_gap_and_realistic_size():
     assert torch.equal(loop.cpu(), cpu), f"FRESH = {FRESH}"
     expected = teacher_forced_gap(prior.cuda(), codes, cond.cuda(), None, seeds, 1.0)
     torch.testing.assert_close(gap, expected, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_issue_configuration_on_a_side_stream():
+    """The issue's prior (15 layers, 128 channels, K=512, 21x21), called from a non-default
+    stream: the CUDA op draws the maps of the PyTorch loop, and its gaps are the naive ones."""
+    rng = np.random.default_rng([FRESH, 700])
+    prior = fresh_prior(rng, num_codes=512, channels=128, layers=15, kernel_size=5).cuda()
+    n, shape = 3, (21, 21)
+    seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
+    loop = sample_fast(prior, n, shape, seeds=seeds, implementation="torch")
+    noise = gumbel_noise(seeds, shape, prior.num_codes).cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        codes, gap = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, noise, 1.0, 5)
+        same = torch.equal(codes, loop)  # on the side stream, right after the call
+    torch.cuda.current_stream().wait_stream(stream)
+    assert same, f"FRESH = {FRESH}"
+    expected = teacher_forced_gap(prior, codes, None, None, seeds, 1.0)
+    torch.testing.assert_close(gap, expected, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_emulator_fast_is_naive(tiny_emulator):
+    """The Emulator on the GPU: its default sampler (the CUDA op) draws the naive maps."""
+    from galsim_vqvae.emulator import Emulator
+
+    emulator = Emulator.load(tiny_emulator.path, device="cuda")
+    assert ops.sampler_backend("cuda") == "cuda"
+    conditions = {"mag": [22.0, 24.5, 23.0, 23.5], "hlr": [0.3, 1.0, 0.5, 0.7]}
+    fast = emulator.sample_codes(4, conditions, seed=FRESH)
+    naive = emulator.sample_codes(4, conditions, seed=FRESH, method="naive")
+    assert np.array_equal(fast, naive), f"FRESH = {FRESH}"
+    assert np.array_equal(fast, tiny_emulator.sample_codes(4, conditions, seed=FRESH))
