@@ -130,8 +130,18 @@ def cmd_sample(args):
     from .outputs import write_samples
 
     check_output_path(args.out, "--out")
-    emulator = Emulator.load(args.model, device=args.device)
     conditions = args.conditions or None
+    if args.processes:
+        from .generate import generate_parallel
+
+        if args.seed is None:
+            raise ValueError("--processes needs --seed (the file is then the same for any "
+                             "number of processes)")
+        shards = generate_parallel(args.model, args.n, args.out, args.seed, conditions,
+                                   processes=args.processes, device=args.device,
+                                   temperature=args.temperature, out_of_range=args.out_of_range)
+        return f"wrote {args.n} galaxies to {args.out} ({shards} shard(s) in parallel)"
+    emulator = Emulator.load(args.model, device=args.device)
     codes = emulator.sample_codes(args.n, conditions, seed=args.seed,
                                   temperature=args.temperature, out_of_range=args.out_of_range,
                                   progress=not args.quiet)
@@ -309,7 +319,12 @@ def build_parser():
                    help="e.g. mag=22.5,hlr=0.4 (the same for every sample)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out-of-range", choices=["error", "clip"], default="error")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N (with --processes, cuda spreads them over the GPUs)")
+    p.add_argument("--processes", type=_positive_int,
+                   help="generate in this many worker processes (at most one per block of "
+                        "256 galaxies; galsim_vqvae.generate.generate_parallel): the same file "
+                        "for any number; needs --seed")
 
     p = add("reconstruct", cmd_reconstruct, "deconvolved reconstruction of observed stamps")
     p.add_argument("--model", default="default")

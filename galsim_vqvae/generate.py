@@ -253,8 +253,9 @@ def generate_parallel(model, n, out, seed, conditions=None, processes=None, num_
     """Generate a run of ``n`` galaxies with a pool of worker processes and write one FITS file:
     byte-identical to ``generate_stamps(model, n, out, seed, ...)`` in one process.
 
-    The workers are started with ``spawn`` (no CUDA context crosses a fork); each loads the model
-    once and generates shards ``w, w + processes, ...``, which are then merged. With ``device``
+    The workers are started with ``spawn`` (no CUDA context crosses a fork; a script therefore
+    calls this under ``if __name__ == "__main__":``, as `multiprocessing` requires); each loads
+    the model once and generates shards ``w, w + processes, ...``, which are then merged. With ``device``
     ``"cuda"`` on a machine with several GPUs, worker w runs on ``cuda:(w mod count)``
     (`galsim_vqvae.devices.worker_device`). Returns the number of shards.
 

@@ -156,3 +156,17 @@ def test_workers_spread_over_gpus(tiny_emulator, monkeypatch):
     for w in range(6):
         gen._worker(w, "model", "cuda", 0, [(0, "unused")], {})
     assert loaded == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+
+
+def test_cli_sample_processes(tiny_emulator, tmp_path):
+    """``galsim-vqvae sample --processes 2`` writes the file of one `generate_stamps` call."""
+    from galsim_vqvae.cli import main
+
+    n = 300  # two blocks of 256
+    assert main(["sample", "--model", str(tiny_emulator.path), "--n", str(n), "--seed", "11",
+                 "--conditions", "mag=22.5,hlr=0.6", "--processes", "2",
+                 "--out", str(tmp_path / "cli.fits")]) == 0
+    gen.generate_stamps(tiny_emulator, n, tmp_path / "one.fits", 11, {"mag": 22.5, "hlr": 0.6})
+    assert (tmp_path / "cli.fits").read_bytes() == (tmp_path / "one.fits").read_bytes()
+    assert main(["sample", "--model", str(tiny_emulator.path), "--n", "4", "--processes", "2",
+                 "--out", str(tmp_path / "x.fits")]) == 2  # no --seed: one line, exit 2
