@@ -275,8 +275,36 @@ def table(results):
     return "\n".join(lines)
 
 
+def markdown(results):
+    """The results as a markdown table (for benchmarks/README.md and docs/sampling.md)."""
+    lines = ["| prior | batch | naive64 maps/s | naive32 maps/s | PyTorch loop maps/s | op maps/s "
+             "| op, no graphs | sample_fast (e2e) | op / naive64 | op / naive32 | op / fwd32 "
+             "| op / fwd64 | same maps | peak MB | formula MB | min gap |",
+             "|" + " --- |" * 16]
+    for r in results:
+        b = r["batch"]
+
+        def rate(key):
+            return f"{b / r[key]:.4g}" if key in r else "-"
+
+        same = all(r.get(k, True) for k in ("torch_equal", "naive_equal", "e2e_equal"))
+        peak = f"{r['op_peak_bytes'] / 1e6:.1f}" if "op_peak_bytes" in r else "-"
+        pred = f"{r['op_predicted_bytes'] / 1e6:.1f}" if "op_predicted_bytes" in r else "-"
+        lines.append(
+            f"| {r['prior']} | {b} | {rate('naive64_s')} | {rate('naive32_s')} | "
+            f"{rate('torch_s')} | {rate('op_s')} | {rate('op_nograph_s')} | {rate('e2e_s')} | "
+            f"{r['naive64_s'] / r['op_s']:.0f}x | {r['naive32_s'] / r['op_s']:.0f}x | "
+            f"{r['op_s'] / r['fwd32_s']:.1f} | {r['op_s'] / r['fwd64_s']:.2f}"
+            f"{'*' if r.get('fwd64_from_naive') else ''} | {same} | {peak} | {pred} | "
+            f"{r['min_gap']:.1e} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the results of an earlier run (its gpu_sampling.json) as a "
+                             "markdown table and exit")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 256, 4096])
     parser.add_argument("--priors", nargs="*", default=["default", "15x128"])
     parser.add_argument("--device", default="cuda")
@@ -294,6 +322,9 @@ def main():
                         help="the op's time by kernel, 15x128 prior at batch 256")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())["results"]))
+        return
     device = args.device
     out = Path(args.out)
     extra = {}
