@@ -47,7 +47,7 @@ if [ "${DEVICE%%:*}" = cuda ]; then
     mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
   fi
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-  if ! "$PY" -c "import sys, sysconfig, os; sys.exit(not os.path.exists('galsim_vqvae/_C' + sysconfig.get_config_var('EXT_SUFFIX')))"; then
+  if ! "$PY" -c "import sys, galsim_vqvae.ops as o; sys.exit(o.backend() != 'cuda')" 2>/dev/null; then
     t=$(date +%s)
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
       "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || say "build failed: see build.log"
@@ -57,7 +57,9 @@ if [ "${DEVICE%%:*}" = cuda ]; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-"$PY" -c "import torch, galsim_vqvae.ops as o; print('torch', torch.__version__, '| ops backend', o.backend(), '| cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/gpu_ddp.log"
+BACKEND=$("$PY" -c "import galsim_vqvae.ops as o; print(o.backend())" 2>/dev/null | tail -1)
+"$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/gpu_ddp.log"
+say "ops backend: ${BACKEND:-unknown}"
 
 # 1. the dataset
 DATA=$WORK/synthetic_$N.h5
@@ -120,7 +122,7 @@ cp "$WORK/one_vq/log.jsonl" "$OUT/one_vq.jsonl" 2>/dev/null || true
 # Summary
 WORK=$WORK OUT=$OUT VQ_BATCHES="$VQ_BATCHES" AEW=$AEW LOG=$LOG DDP_BATCH=$DDP_BATCH \
 PRIOR_BATCH=$PRIOR_BATCH DEVICE=$DEVICE DDP_STEPS=$DDP_STEPS DDP_VQ_RC=$DDP_VQ_RC \
-DDP_PRIOR_RC=$DDP_PRIOR_RC ELAPSED=$(( $(date +%s) - T0 )) "$PY" - <<'PY' 2>&1 | tee -a "$OUT/gpu_ddp.log"
+DDP_PRIOR_RC=$DDP_PRIOR_RC BACKEND=${BACKEND:-unknown} ELAPSED=$(( $(date +%s) - T0 )) "$PY" - <<'PY' 2>&1 | tee -a "$OUT/gpu_ddp.log"
 import json, os, statistics
 import torch
 from galsim_vqvae.train.checkpoint import load_checkpoint
@@ -144,7 +146,8 @@ def rate(rs, key, after):
 
 
 device = torch.cuda.get_device_name(0) if env["DEVICE"].startswith("cuda") else "cpu"
-res = {"device": device, "torch": torch.__version__, "vqvae": {}, "elapsed_s": int(env["ELAPSED"])}
+res = {"device": device, "torch": torch.__version__, "ops_backend": env["BACKEND"], "vqvae": {},
+       "elapsed_s": int(env["ELAPSED"])}
 for b in env["VQ_BATCHES"].split():
     r = rate(rows(f"{work}/vq_{b}/log.jsonl"), "images_per_s", aew + log_every)
     res["vqvae"][b] = r  # None: did not run (e.g. out of memory: see vq_B.txt)
@@ -172,10 +175,10 @@ res["ddp_images_per_s"] = rate(two, "images_per_s", aew + log_every)
 with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(res, f, indent=1)
 fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-print("SUMMARY gpu_ddp: device=%s; train-vqvae img/s %s (best batch %s); train-prior maps/s %s "
+print("SUMMARY gpu_ddp: device=%s, ops %s; train-vqvae img/s %s (best batch %s); train-prior maps/s %s "
       "(batch %s); 2 ranks on one device (gloo): vqvae %s, prior %s (bit-identical ranks, checked "
       "by the trainers at each checkpoint), %s img/s, chi2 vs 1 process at 2x batch rel diff %s; %d s"
-      % (device, ", ".join(f"b{b}={fmt(r) if r else 'failed'}" for b, r in res["vqvae"].items()),
+      % (device, env["BACKEND"], ", ".join(f"b{b}={fmt(r) if r else 'failed'}" for b, r in res["vqvae"].items()),
          best, fmt(res["prior_maps_per_s"]), res["prior_batch"],
          "ok" if ok.get("ddp_vq") else "FAILED", "ok" if ok.get("ddp_prior") else "FAILED",
          fmt(res["ddp_images_per_s"]),
