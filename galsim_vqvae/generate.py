@@ -137,14 +137,15 @@ def generate_stamps(model, n, out, seed, conditions=None, num_shards=1, shard=0,
     run_cond = _run_conditions(emulator, conditions, n, out_of_range)
     from .nn.sampling import per_sample_seeds
 
-    seeds = per_sample_seeds(seed, last)  # the first m of any longer run's seeds
+    seeds = per_sample_seeds(seed, last, start=first)  # those of galaxies first..last-1
     images, codes = [], []
     for start in range(first, last, batch_size):
         stop = min(start + batch_size, last)
         cond = None if run_cond is None else {k: v[start:stop] for k, v in run_cond.items()}
-        c = emulator.sample_codes(stop - start, cond, seed=seeds[start:stop], method=method,
-                                  temperature=temperature, out_of_range=out_of_range,
-                                  batch_size=batch_size, progress=progress)
+        c = emulator.sample_codes(stop - start, cond, seed=seeds[start - first:stop - first],
+                                  method=method, temperature=temperature,
+                                  out_of_range=out_of_range, batch_size=batch_size,
+                                  progress=progress)
         codes.append(c)
         images.append(emulator.decode(c, batch_size=batch_size))
     shard_cond = None if run_cond is None else {k: v[first:last] for k, v in run_cond.items()}

@@ -31,6 +31,8 @@ def test_per_sample_seeds():
     assert len(set(a)) == 50
     assert all(isinstance(s, int) and 0 <= s < 2 ** 63 for s in a)
     assert per_sample_seeds(123, 7) == a[:7]  # a longer run extends a shorter one
+    assert per_sample_seeds(123, 50, start=20) == a[20:]  # one shard of the run
+    assert per_sample_seeds(123, 50, start=50) == []
     assert set(per_sample_seeds(124, 50)).isdisjoint(a)
     assert per_sample_seeds(np.int64(123), 3) == a[:3]
     assert per_sample_seeds(None, 4) != per_sample_seeds(None, 4)  # fresh entropy

@@ -28,7 +28,7 @@ from ..errors import VQVAEInputError
 _SEED_LIMIT = 2 ** 64
 
 
-def per_sample_seeds(seed, n):
+def per_sample_seeds(seed, n, start=0):
     """Turn one seed into ``n`` independent 63-bit seeds (a list of Python ints).
 
     Uses ``numpy.random.SeedSequence(seed)``, so the first m seeds do not depend on n: sample k of a
@@ -37,9 +37,14 @@ def per_sample_seeds(seed, n):
     Parameters:
         seed:   Non-negative int, or None for fresh OS entropy (not reproducible).
         n:      Number of seeds.
+        start:  Return only the seeds of samples ``start .. n - 1`` (one shard of a long run,
+                without a Python int for every earlier sample). [default: 0]
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise VQVAEInputError(f"per_sample_seeds: n must be an int >= 0, got {n!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= n:
+        raise VQVAEInputError(f"per_sample_seeds: start must be an int in [0, n={n}], "
+                              f"got {start!r}")
     if seed is None:
         sequence = np.random.SeedSequence()
     else:
@@ -47,7 +52,7 @@ def per_sample_seeds(seed, n):
             raise VQVAEInputError(f"per_sample_seeds: seed must be a non-negative int or None, "
                                   f"got {seed!r}")
         sequence = np.random.SeedSequence(int(seed))
-    words = sequence.generate_state(int(n), dtype=np.uint64)
+    words = sequence.generate_state(int(n), dtype=np.uint64)[int(start):]
     return [int(w) >> 1 for w in words]
 
 
