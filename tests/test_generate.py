@@ -170,3 +170,28 @@ def test_cli_sample_processes(tiny_emulator, tmp_path):
     assert (tmp_path / "cli.fits").read_bytes() == (tmp_path / "one.fits").read_bytes()
     assert main(["sample", "--model", str(tiny_emulator.path), "--n", "4", "--processes", "2",
                  "--out", str(tmp_path / "x.fits")]) == 2  # no --seed: one line, exit 2
+
+
+def test_unconditional_model_shards(tiny_emulator, tmp_path):
+    """An unconditional model: no CONDITIONS table, and shards still merge to the same bytes."""
+    import copy
+
+    from galsim_vqvae.emulator import Emulator
+    from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
+
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    prior = GatedPixelCNN(num_codes=tiny_emulator.metadata["num_codes"], channels=8, layers=2,
+                          kernel_size=3)
+    metadata = dict(copy.deepcopy(tiny_emulator.metadata), conditions={"names": []},
+                    prior_config=prior.config)
+    emu = Emulator(copy.deepcopy(tiny_emulator.vqvae), prior, metadata, tiny_emulator.psf_image)
+    gen.generate_stamps(emu, 7, tmp_path / "one.fits", 3, batch_size=2)
+    paths = [tmp_path / f"s{k}.fits" for k in range(2)]
+    for k in range(2):
+        gen.generate_stamps(emu, 7, paths[k], 3, num_shards=2, shard=k, batch_size=2)
+    gen.merge_shards(paths, tmp_path / "merged.fits")
+    assert (tmp_path / "merged.fits").read_bytes() == (tmp_path / "one.fits").read_bytes()
+    with fits.open(tmp_path / "one.fits") as f:
+        assert "CONDITIONS" not in f and f[0].data.shape[0] == 7
+    with pytest.raises(VQVAEInputError, match="this model is unconditional"):
+        gen.generate_stamps(emu, 7, tmp_path / "x.fits", 3, {"mag": 22.0})
