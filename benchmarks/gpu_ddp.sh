@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_ddp.sh
 # Its logic on a CPU, tiny sizes (about a minute on 2 cores):
 #   GPU_DDP_DEVICE=cpu GPU_DDP_TINY=1 bash benchmarks/gpu_ddp.sh
-# Sizes: GPU_DDP_N (stamps), VQ_BATCHES, VQ_STEPS, PRIOR_BATCH, PRIOR_STEPS, DDP_BATCH, DDP_STEPS.
+# Sizes: GPU_DDP_N (stamps), VQ_BATCHES, VQ_STEPS, PRIOR_BATCH, PRIOR_STEPS, DDP_BATCH, DDP_STEPS;
+# GPU_DDP_TIMEOUT: seconds allowed to each command (default 150).
 set -uo pipefail
 DEVICE=${GPU_DDP_DEVICE:-cuda}
 OUT=${OUT:-/tmp/gpu_ddp}
@@ -39,7 +40,8 @@ fi
 mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 say() { echo "$*" | tee -a "$OUT/gpu_ddp.log"; }
-cli() { "$PY" -m galsim_vqvae.cli "$@"; }
+TMO=${GPU_DDP_TIMEOUT:-150}   # seconds per command (a hung run is reported, rc 124)
+cli() { timeout "$TMO" "$PY" -m galsim_vqvae.cli "$@"; }
 : > "$OUT/gpu_ddp.log"
 
 if [ "${DEVICE%%:*}" = cuda ]; then
@@ -70,6 +72,8 @@ if [ ! -f "$DATA" ]; then
   say "dataset: $N stamps in $(( $(date +%s) - t )) s"
 fi
 
+rm -rf "$WORK"/vq_* "$WORK/prior" "$WORK/ddp_vq" "$WORK/one_vq" "$WORK/ddp_prior"  # no stale runs
+
 # 2. train-vqvae, one process, each batch
 VQ_COMMON="--data $DATA --lr 3e-4 --warmup 5 --ae-warmup $AEW --restart-every 20 --log-every $LOG --checkpoint-every 100000 --seed 1 --device $DEVICE --quiet $VQ_MODEL"
 for B in $VQ_BATCHES; do
@@ -77,30 +81,31 @@ for B in $VQ_BATCHES; do
   t=$(date +%s)
   cli train-vqvae $VQ_COMMON --out "$WORK/vq_$B" --steps "$VQ_STEPS" --batch-size "$B" \
       > "$OUT/vq_$B.txt" 2>&1
-  say "train-vqvae batch $B: rc $? in $(( $(date +%s) - t )) s ($(tail -c 300 "$OUT/vq_$B.txt" | tr '\n' ' ' | tail -c 200))"
+  echo $? > "$WORK/vq_$B.rc"
+  say "train-vqvae batch $B: rc $(cat "$WORK/vq_$B.rc") in $(( $(date +%s) - t )) s ($(tail -c 300 "$OUT/vq_$B.txt" | tr '\n' ' ' | tail -c 200))"
   cp "$WORK/vq_$B/log.jsonl" "$OUT/vq_$B.jsonl" 2>/dev/null || true
 done
 
 # 3. train-prior on the codes of the largest batch that ran
-BEST=""
-for B in $VQ_BATCHES; do [ -f "$WORK/vq_$B/checkpoint.pt" ] && BEST=$B; done
+BEST=""; PRIOR_RC=skipped
+for B in $VQ_BATCHES; do [ "$(cat "$WORK/vq_$B.rc")" = 0 ] && BEST=$B; done
 if [ -n "$BEST" ]; then
   rm -rf "$WORK/prior"
   t=$(date +%s)
   cli train-prior --data "$DATA" --vqvae "$WORK/vq_$BEST" --out "$WORK/prior" --steps "$PRIOR_STEPS" \
       --batch-size "$PRIOR_BATCH" --lr 1e-3 $PRIOR_MODEL --log-every "$LOG" --checkpoint-every 100000 \
       --seed 1 --device "$DEVICE" --quiet > "$OUT/prior.txt" 2>&1
-  say "train-prior batch $PRIOR_BATCH: rc $? in $(( $(date +%s) - t )) s"
+  PRIOR_RC=$?
+  say "train-prior batch $PRIOR_BATCH: rc $PRIOR_RC in $(( $(date +%s) - t )) s"
   cp "$WORK/prior/log.jsonl" "$OUT/prior.jsonl" 2>/dev/null || true
 fi
 
 # 4. two processes on the one device (gloo), and one process at twice the batch
 export GALSIM_VQVAE_DIST_BACKEND=gloo
 DDP_COMMON="--data $DATA --lr 3e-4 --warmup 5 --ae-warmup $AEW --restart-every 5 --log-every $LOG --checkpoint-every $(( DDP_STEPS / 4 > 0 ? DDP_STEPS / 4 : 1 )) --seed 1 --device $DEVICE --quiet $VQ_MODEL --steps $DDP_STEPS"
-rm -rf "$WORK/ddp_vq" "$WORK/one_vq" "$WORK/ddp_prior"
 t=$(date +%s)
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-    -m galsim_vqvae.cli train-vqvae $DDP_COMMON --out "$WORK/ddp_vq" --batch-size "$DDP_BATCH" \
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout "$TMO" "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node 2 -m galsim_vqvae.cli train-vqvae $DDP_COMMON --out "$WORK/ddp_vq" --batch-size "$DDP_BATCH" \
     > "$OUT/ddp_vq.txt" 2>&1
 DDP_VQ_RC=$?
 DDP_PRIOR_RC=skipped
@@ -109,8 +114,8 @@ cli train-vqvae $DDP_COMMON --out "$WORK/one_vq" --batch-size $(( 2 * DDP_BATCH 
 say "train-vqvae 1 x batch $(( 2 * DDP_BATCH )): rc $?"
 if [ "$DDP_VQ_RC" = 0 ]; then
   t=$(date +%s)
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-      -m galsim_vqvae.cli train-prior --data "$DATA" --vqvae "$WORK/ddp_vq" --out "$WORK/ddp_prior" \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout "$TMO" "$PY" -m torch.distributed.run --standalone \
+      --nproc_per_node 2 -m galsim_vqvae.cli train-prior --data "$DATA" --vqvae "$WORK/ddp_vq" --out "$WORK/ddp_prior" \
       --steps "$DDP_STEPS" --batch-size "$PRIOR_BATCH" --lr 1e-3 $PRIOR_MODEL --log-every "$LOG" \
       --checkpoint-every $(( DDP_STEPS / 2 )) --seed 1 --device "$DEVICE" --quiet > "$OUT/ddp_prior.txt" 2>&1
   DDP_PRIOR_RC=$?
@@ -122,7 +127,7 @@ cp "$WORK/one_vq/log.jsonl" "$OUT/one_vq.jsonl" 2>/dev/null || true
 # Summary
 WORK=$WORK OUT=$OUT VQ_BATCHES="$VQ_BATCHES" AEW=$AEW LOG=$LOG DDP_BATCH=$DDP_BATCH \
 PRIOR_BATCH=$PRIOR_BATCH DEVICE=$DEVICE DDP_STEPS=$DDP_STEPS DDP_VQ_RC=$DDP_VQ_RC \
-DDP_PRIOR_RC=$DDP_PRIOR_RC BACKEND=${BACKEND:-unknown} ELAPSED=$(( $(date +%s) - T0 )) "$PY" - <<'PY' 2>&1 | tee -a "$OUT/gpu_ddp.log"
+DDP_PRIOR_RC=$DDP_PRIOR_RC PRIOR_RC=$PRIOR_RC BACKEND=${BACKEND:-unknown} ELAPSED=$(( $(date +%s) - T0 )) "$PY" - <<'PY' 2>&1 | tee -a "$OUT/gpu_ddp.log"
 import json, os, statistics
 import torch
 from galsim_vqvae.train.checkpoint import load_checkpoint
@@ -149,11 +154,14 @@ device = torch.cuda.get_device_name(0) if env["DEVICE"].startswith("cuda") else 
 res = {"device": device, "torch": torch.__version__, "ops_backend": env["BACKEND"], "vqvae": {},
        "elapsed_s": int(env["ELAPSED"])}
 for b in env["VQ_BATCHES"].split():
+    with open(f"{work}/vq_{b}.rc") as f:
+        ran = f.read().strip() == "0"
     r = rate(rows(f"{work}/vq_{b}/log.jsonl"), "images_per_s", aew + log_every)
-    res["vqvae"][b] = r  # None: did not run (e.g. out of memory: see vq_B.txt)
+    res["vqvae"][b] = r if ran else None  # None: failed (e.g. out of memory: see vq_B.txt)
 ran = {b: r for b, r in res["vqvae"].items() if r}
 best = max(ran, key=lambda b: ran[b]) if ran else None
-res["prior_maps_per_s"] = rate(rows(f"{work}/prior/log.jsonl"), "maps_per_s", log_every)
+res["prior_maps_per_s"] = (rate(rows(f"{work}/prior/log.jsonl"), "maps_per_s", log_every)
+                           if env["PRIOR_RC"] == "0" else None)
 res["prior_batch"] = int(env["PRIOR_BATCH"])
 two, one = rows(f"{work}/ddp_vq/log.jsonl"), rows(f"{work}/one_vq/log.jsonl")
 ok = {}
