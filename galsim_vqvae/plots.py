@@ -162,3 +162,43 @@ def save_lines(path, categories, panels, title=None):
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=6)
     _save(fig, path, title)
+
+
+def save_training_curves(path, vqvae_log, prior_log=None, title=None):
+    """Save the training curves of a VQ-VAE run and, optionally, of its prior.
+
+    Parameters:
+        path:       Output PNG path (written atomically).
+        vqvae_log:  The ``log.jsonl`` of a ``train-vqvae`` run (chi^2/pixel, perplexity).
+        prior_log:  The ``log.jsonl`` of a ``train-prior`` run (train and held-out bits per code).
+                    [default: None]
+        title:      Figure title. [default: None]
+    """
+    import json
+
+    def read(log):
+        try:
+            with open(log) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as err:
+            raise VQVAEInputError(f"{log}: not a readable training log ({err})") from None
+        if not rows:
+            raise VQVAEInputError(f"{log}: the training log is empty")
+        return rows
+
+    panels = [("VQ-VAE chi^2 / pixel", read(vqvae_log), {"train": "chi2"}, True),
+              ("VQ-VAE code perplexity", read(vqvae_log), {"train": "perplexity"}, False)]
+    if prior_log is not None:
+        panels.append(("prior NLL (bits / code)", read(prior_log),
+                       {"train": "train_bits_per_code", "held out": "test_bits_per_code"}, True))
+    fig, axes = _grid(len(panels), columns=3)
+    for ax, (name, rows, series, log) in zip(axes, panels):
+        for label, key in series.items():
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts), label=label, lw=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path, title)

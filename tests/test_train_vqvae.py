@@ -219,3 +219,18 @@ def test_save_gallery(tmp_path):
     with pytest.raises(VQVAEInputError, match="one n"):
         save_gallery(tmp_path / "h.png", {"a": cols["a"], "b": cols["b"][:2]})
     assert not (tmp_path / "h.png").exists()
+
+
+def test_training_curves_from_the_run_logs(toy, tmp_path):
+    from galsim_vqvae.plots import save_training_curves
+
+    _run(toy, tmp_path / "run", 12, log_every=4, ae_warmup=4)
+    out = tmp_path / "curves.png"
+    save_training_curves(out, tmp_path / "run" / "log.jsonl")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(VQVAEInputError, match="empty.jsonl: the training log is empty"):
+        save_training_curves(tmp_path / "x.png", tmp_path / "empty.jsonl")
+    with pytest.raises(VQVAEInputError, match="nothing.jsonl: not a readable training log"):
+        save_training_curves(tmp_path / "x.png", tmp_path / "nothing.jsonl")
+    assert not (tmp_path / "x.png").exists()
