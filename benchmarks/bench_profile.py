@@ -125,8 +125,10 @@ def test_build_and_draw(benchmark, galaxies, model, kind):
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=2)
 
 
-def survey_config(model_path, out_dir, nobjects, nproc):
-    return {
+def survey_config(model_path, out_dir, nobjects, nproc, metadata=None):
+    """The config of a mock survey image of ``nobjects`` learned galaxies; with the model's
+    ``metadata``, conditions drawn over the middle 60% of each label's training range."""
+    config = {
         "modules": ["galsim_vqvae"],
         "input": {"vqvae_model": {"file_name": model_path,
                                   "device": os.environ.get("VQVAE_BENCH_DEVICE", "cpu"),
@@ -139,6 +141,12 @@ def survey_config(model_path, out_dir, nobjects, nproc):
                   "noise": {"type": "CCD", "sky_level": 200, "gain": 1, "read_noise": 5}},
         "output": {"dir": out_dir, "file_name": "bench.fits", "nproc": 1},
     }
+    cond = (metadata or {}).get("conditions", {})
+    if cond.get("names"):
+        config["gal"]["conditions"] = {
+            k: {"type": "Random", "min": a + 0.2 * (b - a), "max": a + 0.8 * (b - a)}
+            for k, a, b in zip(cond["names"], cond["min"], cond["max"])}
+    return config
 
 
 @pytest.mark.parametrize(
@@ -146,13 +154,7 @@ def survey_config(model_path, out_dir, nobjects, nproc):
 def test_config_galaxies_per_second(benchmark, model, nproc, tmp_path):
     path, emulator, label = model
     nobjects = int(os.environ.get("VQVAE_BENCH_NOBJ", "128"))
-    config = survey_config(path, str(tmp_path), nobjects, nproc)
-    names = emulator.metadata["conditions"].get("names", [])
-    lo, hi = emulator.metadata["conditions"].get("min"), emulator.metadata["conditions"].get("max")
-    if names:
-        config["gal"]["conditions"] = {
-            k: {"type": "Random", "min": a + 0.2 * (b - a), "max": a + 0.8 * (b - a)}
-            for k, a, b in zip(names, lo, hi)}
+    config = survey_config(path, str(tmp_path), nobjects, nproc, emulator.metadata)
     benchmark.group = f"config path, {nobjects} galaxies (galaxies/s = {nobjects} / time)"
     times = []
 

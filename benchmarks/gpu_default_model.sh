@@ -54,9 +54,7 @@ if [ "$STAGE" = plain ]; then
   cp "$RUN/plain/log.jsonl" "$OUT/plain_log.jsonl" 2>/dev/null || true
 fi
 if [ "$STAGE" = config ]; then
-  (cd benchmarks && VQVAE_BENCH_MODEL="$RUN/prior/model.safetensors" VQVAE_BENCH_DEVICE=cuda \
-      VQVAE_BENCH_NPROCS=1,4 VQVAE_BENCH_NOBJ=512 VQVAE_BENCH_BATCH=128 python3 -m pytest -q -s \
-      -p no:cacheprovider bench_profile.py -k config --benchmark-columns=median,rounds) \
-      2>&1 | tee "$OUT/config_path_gpu.txt"
+  python3 benchmarks/gpu_config_path.py --model "$RUN/prior/model.safetensors" --device cuda \
+      --nobjects 512 --batch-size 128 --nprocs 1 4 2>&1 | tee "$OUT/config_path_gpu.txt"
 fi
 ls -la "$OUT"
