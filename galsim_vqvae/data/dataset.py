@@ -308,7 +308,9 @@ class DatasetWriter:
         self._stack = contextlib.ExitStack()
         try:
             tmp = self._stack.enter_context(atomic_path(self.path))
-            self._file = self._stack.enter_context(h5py.File(tmp, "w"))
+            # HDF5 1.10+ structures checksum all metadata (and fletcher32 each chunk): a damaged
+            # file is refused by libhdf5 instead of being parsed into a crash or a hang.
+            self._file = self._stack.enter_context(h5py.File(tmp, "w", libver=("v110", "latest")))
         except BaseException:
             self._stack.close()
             raise
@@ -334,7 +336,7 @@ class DatasetWriter:
             rows = _CHUNK_ROWS if shape_tail else 4096
             f.create_dataset(name, shape=(0,) + shape_tail, maxshape=(None,) + shape_tail,
                              dtype=dtype, chunks=(rows,) + shape_tail,
-                             compression=self.compression)
+                             compression=self.compression, fletcher32=True)
         return f[name]
 
     @staticmethod
