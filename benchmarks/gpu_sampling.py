@@ -25,7 +25,8 @@ op's peak extra device memory (``torch.cuda.max_memory_allocated``) against the 
 (`cache_bytes` less the pre-activations that stay in registers, plus `row_step_bytes` with the
 im2col, plus the outputs); ``nograph``: the op with its kernels launched one by one
 (``GALSIM_VQVAE_CUDA_GRAPHS=0``) instead of replayed from CUDA graphs. With ``--profile``, the
-op's device time by kernel (torch.profiler, graphs off) for the 15x128 prior at batch 256.
+op's device time by kernel (torch.profiler, graphs off) for the 15x128 prior at batch 256 (last);
+``gemv``: the op with the small-batch per-position kernel (``GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH``).
 
 Cases run batch by batch (all priors at the smallest batch first), and ``gpu_sampling.json`` and
 the log under ``--out`` are rewritten after each, so a run cut short keeps what it measured.
@@ -204,6 +205,17 @@ def run_case(name, prior, shape, batch, device, args, results):
         row["op_peak_bytes"] = torch.cuda.max_memory_allocated() - base
         row["op_predicted_bytes"] = predicted_bytes(prior, shape, batch)
     row["min_gap"] = float(gap.min())
+    if batch <= args.gemv_max:  # the per-position products of the small-batch kernel
+        os.environ["GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH"] = str(batch)
+        try:
+            case.op()
+            row["op_gemv_s"], (gemv, _) = min((timed(case.op, device) for _ in range(2)),
+                                              key=lambda t: t[0])
+            row["gemv_equal"] = bool(torch.equal(gemv, codes))
+        finally:
+            os.environ.pop("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH")
+        say(f"    op with the small-batch kernel {row['op_gemv_s']:.4g} s "
+            f"({batch / row['op_gemv_s']:.4g} maps/s), same maps: {row['gemv_equal']}")
     if batch <= args.nograph_max:
         os.environ["GALSIM_VQVAE_CUDA_GRAPHS"] = "0"
         try:
@@ -255,7 +267,7 @@ def table(results):
     lines = ["maps/s (naive extrapolated from a few positions; op = compiled CUDA op, noise "
              "pre-drawn; e2e = sample_fast incl. CPU noise)",
              f"{'prior':>8} {'B':>5} {'naive64':>9} {'naive32':>9} {'torch':>9} {'op':>9} "
-             f"{'e2e':>9} {'nograph':>9} {'op/n64':>8} {'op/n32':>8} {'op/fwd32':>8} "
+             f"{'e2e':>9} {'nograph':>9} {'gemv':>9} {'op/n64':>8} {'op/n32':>8} {'op/fwd32':>8} "
              f"{'op/fwd64':>8} {'same':>5} {'peakMB':>8} {'predMB':>8} {'min gap':>9}"]
     for r in results:
         b = r["batch"]
@@ -263,10 +275,11 @@ def table(results):
         def rate(key):
             return f"{b / r[key]:>9.4g}" if key in r else f"{'-':>9}"
 
-        same = all(r.get(k, True) for k in ("torch_equal", "naive_equal", "e2e_equal"))
+        same = all(r.get(k, True) for k in ("torch_equal", "naive_equal", "e2e_equal",
+                                          "gemv_equal"))
         lines.append(
             f"{r['prior']:>8} {b:>5} {rate('naive64_s')} {rate('naive32_s')} {rate('torch_s')} "
-            f"{rate('op_s')} {rate('e2e_s')} {rate('op_nograph_s')} "
+            f"{rate('op_s')} {rate('e2e_s')} {rate('op_nograph_s')} {rate('op_gemv_s')} "
             f"{r['naive64_s'] / r['op_s']:>8.1f} "
             f"{r['naive32_s'] / r['op_s']:>8.1f} {r['op_s'] / r['fwd32_s']:>8.2f} "
             f"{r['op_s'] / r['fwd64_s']:>8.2f} {str(same):>5} "
@@ -278,21 +291,24 @@ def table(results):
 def markdown(results):
     """The results as a markdown table (for benchmarks/README.md and docs/sampling.md)."""
     lines = ["| prior | batch | naive64 maps/s | naive32 maps/s | PyTorch loop maps/s | op maps/s "
-             "| op, no graphs | sample_fast (e2e) | op / naive64 | op / naive32 | op / fwd32 "
-             "| op / fwd64 | same maps | peak MB | formula MB | min gap |",
-             "|" + " --- |" * 16]
+             "| op, no graphs | op, small-batch kernel | sample_fast (e2e) | op / naive64 "
+             "| op / naive32 | op / fwd32 | op / fwd64 | same maps | peak MB | formula MB "
+             "| min gap |",
+             "|" + " --- |" * 17]
     for r in results:
         b = r["batch"]
 
         def rate(key):
             return f"{b / r[key]:.4g}" if key in r else "-"
 
-        same = all(r.get(k, True) for k in ("torch_equal", "naive_equal", "e2e_equal"))
+        same = all(r.get(k, True) for k in ("torch_equal", "naive_equal", "e2e_equal",
+                                          "gemv_equal"))
         peak = f"{r['op_peak_bytes'] / 1e6:.1f}" if "op_peak_bytes" in r else "-"
         pred = f"{r['op_predicted_bytes'] / 1e6:.1f}" if "op_predicted_bytes" in r else "-"
         lines.append(
             f"| {r['prior']} | {b} | {rate('naive64_s')} | {rate('naive32_s')} | "
-            f"{rate('torch_s')} | {rate('op_s')} | {rate('op_nograph_s')} | {rate('e2e_s')} | "
+            f"{rate('torch_s')} | {rate('op_s')} | {rate('op_nograph_s')} | {rate('op_gemv_s')} | "
+            f"{rate('e2e_s')} | "
             f"{r['naive64_s'] / r['op_s']:.0f}x | {r['naive32_s'] / r['op_s']:.0f}x | "
             f"{r['op_s'] / r['fwd32_s']:.1f} | {r['op_s'] / r['fwd64_s']:.2f}"
             f"{'*' if r.get('fwd64_from_naive') else ''} | {same} | {peak} | {pred} | "
@@ -316,6 +332,9 @@ def main():
                         help="time the float64 forward pass separately up to this batch")
     parser.add_argument("--nograph-max", type=int, default=256,
                         help="also time the op without CUDA graphs up to this batch")
+    parser.add_argument("--gemv-max", type=int, default=256,
+                        help="also time the op with the small-batch per-position kernel "
+                             "(GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH) up to this batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--profile", action="store_true",
@@ -345,13 +364,12 @@ def main():
             except Exception:  # report and go on with the next case
                 say(traceback.format_exc())
             save(out, results, extra)
-        if args.profile and batch == 256 and "15x128" in priors:
-            try:
-                extra["profile"] = profile_op("15x128", *priors["15x128"], 256, device)
-            except Exception:
-                say(traceback.format_exc())
-            save(out, results, extra)
         say(table(results))
+    if args.profile and "15x128" in priors:
+        try:
+            extra["profile"] = profile_op("15x128", *priors["15x128"], 256, device)
+        except Exception:
+            say(traceback.format_exc())
     save(out, results, extra)
 
 

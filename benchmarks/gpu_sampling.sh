@@ -25,8 +25,12 @@ echo "build rc=$? after ${SECONDS}s"
 grep -iE "error|warning \(galsim" "$OUT/build.log" | head -20
 python3 -c "from galsim_vqvae import ops; print('sampler backend on cuda:', \
 ops.sampler_backend('cuda'), ops.sampler_load_error('cuda'))"
-(cd tests && timeout 150 python3 -m pytest -q -p no:cacheprovider -rs \
+g++ --version | head -1
+# the CUDA tests first, then the others of the file (a crash in one run spares the other's report)
+(cd tests && timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k cuda \
   test_compiled_sampling.py 2>&1 | tee "$OUT/tests.log" | tail -25)
+(cd tests && timeout 60 python3 -m pytest -q -p no:cacheprovider -rs -k "not cuda" \
+  test_compiled_sampling.py 2>&1 | tee -a "$OUT/tests.log" | tail -25)
 echo "tests done after ${SECONDS}s"
 LEFT=$((TOTAL - SECONDS - 10))
 echo "benchmark: ${LEFT}s left"

@@ -17,8 +17,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
+#include <sstream>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace galsim_vqvae {
 
@@ -45,15 +50,42 @@ struct SamplerLayout {
         logits(d.codes) {}
 };
 
+// "[a, b, c]"
+inline std::string shape_string(const int64_t* v, size_t n) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t q = 0; q < n; ++q) out << (q ? ", " : "") << v[q];
+  out << "]";
+  return out.str();
+}
+
+inline std::string shape_string(const at::Tensor& t) {
+  if (!t.defined()) return "(undefined)";
+  std::vector<int64_t> v(t.dim());
+  for (int64_t q = 0; q < t.dim(); ++q) v[q] = t.size(q);
+  return shape_string(v.data(), v.size());
+}
+
+// The expected shape is copied into a local array and both shapes are formatted here, so that no
+// ArrayRef into a temporary is compared or printed.
 inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                                 at::IntArrayRef shape, const at::Device& device) {
+                                 std::initializer_list<int64_t> expected,
+                                 const at::Device& device) {
   TORCH_CHECK_VALUE(t.defined(), "pixelcnn_sample: ", name, " is missing");
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, "pixelcnn_sample: ", name, " must be ", dtype,
                     ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, "pixelcnn_sample: ", name, " must have shape ", shape,
-                    ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == device, "pixelcnn_sample: ", name, " is on ", t.device(),
-                    " but noise is on ", device);
+  int64_t want[8] = {0};
+  const size_t n = std::min<size_t>(expected.size(), 8);
+  std::copy(expected.begin(), expected.begin() + n, want);
+  bool same = t.dim() == (int64_t)n;
+  for (size_t q = 0; same && q < n; ++q) same = t.size((int64_t)q) == want[q];
+  if (!same) {
+    const std::string msg = std::string("pixelcnn_sample: ") + name + " must have shape " +
+                            shape_string(want, n) + ", got " + shape_string(t);
+    TORCH_CHECK_VALUE(false, msg);
+  }
+  TORCH_CHECK_VALUE(t.device() == device, "pixelcnn_sample: ", name, " is on ",
+                    t.device().str(), " but noise is on ", device.str());
 }
 
 // Checks every argument (names the one at fault) and returns the problem's dimensions.
@@ -65,7 +97,8 @@ inline SamplerDims check_sampler_inputs(
     const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
     int64_t kernel_size) {
   TORCH_CHECK_VALUE(noise.defined() && noise.dim() == 4,
-                    "pixelcnn_sample: noise must be [B, H, W, K], got shape ", noise.sizes());
+                    "pixelcnn_sample: noise must be [B, H, W, K], got shape ",
+                    shape_string(noise));
   TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat, "pixelcnn_sample: noise must be float32, "
                     "got ", noise.scalar_type());
   TORCH_CHECK_VALUE(kernel_size >= 3 && kernel_size % 2 == 1,
@@ -73,9 +106,11 @@ inline SamplerDims check_sampler_inputs(
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
                     "pixelcnn_sample: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(embedding.defined() && embedding.dim() == 2,
-                    "pixelcnn_sample: embedding must be [K, C], got shape ", embedding.sizes());
+                    "pixelcnn_sample: embedding must be [K, C], got shape ",
+                    shape_string(embedding));
   TORCH_CHECK_VALUE(v_w.defined() && v_w.dim() == 3,
-                    "pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ", v_w.sizes());
+                    "pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ",
+                    shape_string(v_w));
   SamplerDims d;
   d.batch = noise.size(0);
   d.height = noise.size(1);
@@ -94,7 +129,7 @@ inline SamplerDims check_sampler_inputs(
                     " codes but the embedding has K=", d.codes);
   TORCH_CHECK_VALUE(d.height >= 1 && d.width >= 1,
                     "pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
-                    noise.sizes());
+                    shape_string(noise));
   const int64_t b = d.batch, l = d.layers, c = d.channels, k = d.codes, p = d.pad;
   const auto f64 = at::kDouble;
   const at::Device dev = noise.device();

@@ -207,7 +207,9 @@ def test_cuda_matches_naive_torch_and_cpu(config, shape, monkeypatch):
     """On the GPU, fresh weights, seeds, conditions and temperature: the CUDA op draws the naive
     sampler's maps (run on the GPU), the PyTorch loop's (on the GPU) and the CPU op's, at batch
     sizes 1, 5 and 18 (a partial tile of 16 maps, and more than one), with CUDA-graph replay
-    (the default) and with the kernels launched one by one (GALSIM_VQVAE_CUDA_GRAPHS=0)."""
+    (the default) and with the kernels launched one by one (GALSIM_VQVAE_CUDA_GRAPHS=0), with
+    the per-position products of the tiled kernel and of the small-batch one
+    (GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH: 0 for none, 64 for every batch here)."""
     rng = np.random.default_rng([FRESH, 500 + CONFIGS.index((config, shape))])
     prior = fresh_prior(rng, **config)
     n = 18
@@ -222,21 +224,23 @@ def test_cuda_matches_naive_torch_and_cpu(config, shape, monkeypatch):
     assert torch.equal(naive.cpu(), cpu), msg
     loop = sample_fast(gpu, n, shape, cond, label, seeds, temperature, implementation="torch")
     assert torch.equal(loop.cpu(), cpu), msg
-    for graphs in ("1", "0"):
+    for graphs, gemv in (("1", "0"), ("0", "0"), ("1", "64"), ("0", "64")):
         monkeypatch.setenv("GALSIM_VQVAE_CUDA_GRAPHS", graphs)
+        monkeypatch.setenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH", gemv)
         for batch_size in (1, 5, 18):
             codes = sample_fast(gpu, n, shape, cond, label, seeds, temperature,
                                 batch_size=batch_size, implementation="compiled")
             assert codes.device.type == "cuda"
             assert torch.equal(codes.cpu(), naive.cpu()), \
-                f"{msg}, graphs={graphs}, batch_size={batch_size}"
+                f"{msg}, graphs={graphs}, gemv={gemv}, batch_size={batch_size}"
 
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_gap_and_realistic_size():
-    """K=512, 64 channels, 21-wide rows (several passes round the row caches) on the GPU: CUDA op,
-    CPU op and PyTorch loop agree, and the gaps agree with the teacher-forced naive logits."""
+def test_cuda_gap_and_realistic_size(monkeypatch):
+    """K=512, 64 channels, 21-wide rows (several passes round the row caches) on the GPU: CUDA op
+    (both per-position kernels), CPU op and PyTorch loop agree, and the gaps agree with the
+    teacher-forced naive logits."""
     rng = np.random.default_rng([FRESH, 600])
     prior = fresh_prior(rng, num_codes=512, channels=64, layers=3, kernel_size=5, cond_dim=2)
     n, shape = 6, (5, 21)
@@ -247,6 +251,11 @@ def test_cuda_gap_and_realistic_size():
     bias = torch.stack([b[:, :, 0, 0] for b in biases], 1)
     noise = gumbel_noise(seeds, shape, prior.num_codes).cuda()
     codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, noise, 1.0, 5)
+    monkeypatch.setenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH", "64")
+    gemv, gemv_gap = ops.pixelcnn_sample(flat_weights(network), bias, noise, 1.0, 5)
+    monkeypatch.delenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH")
+    assert torch.equal(gemv, codes), f"FRESH = {FRESH}"
+    torch.testing.assert_close(gemv_gap, gap, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
     cpu = sample_fast(prior.cpu(), n, shape, cond, None, seeds, implementation="compiled")
     assert torch.equal(codes.cpu(), cpu), f"FRESH = {FRESH}"
     loop = sample_fast(prior.cuda(), n, shape, cond, None, seeds, implementation="torch")
@@ -257,7 +266,7 @@ def test_cuda_gap_and_realistic_size():
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_issue_configuration_on_a_side_stream():
+def test_cuda_issue_configuration_on_a_side_stream(monkeypatch):
     """The issue's prior (15 layers, 128 channels, K=512, 21x21), called from a non-default
     stream: the CUDA op draws the maps of the PyTorch loop, and its gaps are the naive ones."""
     rng = np.random.default_rng([FRESH, 700])
@@ -273,6 +282,9 @@ def test_cuda_issue_configuration_on_a_side_stream():
         same = torch.equal(codes, loop)  # on the side stream, right after the call
     torch.cuda.current_stream().wait_stream(stream)
     assert same, f"FRESH = {FRESH}"
+    monkeypatch.setenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH", "64")
+    gemv, _ = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, noise, 1.0, 5)
+    assert torch.equal(gemv, loop), f"FRESH = {FRESH}"
     expected = teacher_forced_gap(prior, codes, None, None, seeds, 1.0)
     torch.testing.assert_close(gap, expected, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
 

@@ -297,6 +297,117 @@ __global__ void __launch_bounds__(kThreads) position_kernel(Net n, int l, int j)
   }
 }
 
+// The same products and epilogues as position_kernel for small batches: kGM maps per block, the
+// inner dimension split into kGS slices (one warp each: a warp reads 32 consecutive weight
+// columns of a row, coalesced, with every load of its slice independent of the others), the
+// slices' partial sums added in a fixed order (deterministic). More blocks, shorter dependency
+// chains: position_kernel's 16-map tiles leave most of the GPU idle and wait on one serial
+// reduction per block when the batch is a few maps.
+constexpr int kGM = 4;  // maps per block
+constexpr int kGS = 8;  // slices of the inner dimension, one warp each
+
+template <int MODE>
+__global__ void __launch_bounds__(32 * kGS) position_gemv_kernel(Net n, int l, int j) {
+  __shared__ double part[kGS][kGM][32];
+  const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
+  const int C = n.C, p = n.p;
+  const int64_t m0 = (int64_t)blockIdx.x * kGM;
+  const int c0 = blockIdx.y * (MODE == kHConvGate ? 16 : 32);
+  int kdim, ldw;
+  const double* wmat;
+  if (MODE == kHConvGate) {
+    kdim = (l == 0 ? p : p + 1) * C;
+    wmat = n.h_w + (int64_t)l * (p + 1) * C * 2 * C;
+    ldw = 2 * C;
+  } else if (MODE == kHOut) {
+    kdim = C;
+    wmat = n.out_w + (int64_t)l * C * C;
+    ldw = C;
+  } else if (MODE == kHead1) {
+    kdim = C;
+    wmat = n.head1_w;
+    ldw = C;
+  } else {
+    kdim = C;
+    wmat = n.head2_w;
+    ldw = n.K;
+  }
+  // Rows of the left operand; a map past the batch reads map m0's row (its sums are dropped).
+  const double* arow[kGM];
+#pragma unroll
+  for (int m = 0; m < kGM; ++m) {
+    const int64_t b = m0 + m < n.B ? m0 + m : m0;
+    if (MODE == kHConvGate) arow[m] = n.HB(l, b, j);
+    else if (MODE == kHOut) arow[m] = n.gate + b * C;
+    else if (MODE == kHead1) arow[m] = n.HB(n.L, b, p + j);
+    else arow[m] = n.head + b * C;
+  }
+  int bcol;
+  bool bok;
+  if (MODE == kHConvGate) {  // lanes 0-15: first halves of 16 gate channels; 16-31: second
+    const int ch = c0 + (lane & 15);
+    bcol = lane < 16 ? ch : C + ch;
+    bok = ch < C;
+  } else {
+    bcol = c0 + lane;
+    bok = bcol < ldw;
+  }
+  const int per = (kdim + kGS - 1) / kGS;
+  const int k0 = slice * per, k1 = min(kdim, k0 + per);
+  double acc[kGM];
+#pragma unroll
+  for (int m = 0; m < kGM; ++m) acc[m] = 0.0;
+  if (bok) {
+#pragma unroll 4
+    for (int k = k0; k < k1; ++k) {
+      const double w = wmat[(int64_t)k * ldw + bcol];
+#pragma unroll
+      for (int m = 0; m < kGM; ++m) {
+        double a = arow[m][k];
+        if (MODE == kHead1) a = elu(a);
+        acc[m] = fma(a, w, acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGM; ++m) part[slice][m][lane] = acc[m];
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t >= kGM * 32) return;
+  const int m = t / 32, q = t % 32;
+  const int64_t b = m0 + m;
+  if (b >= n.B) return;
+  if (MODE == kHConvGate) {
+    const int c = c0 + q;
+    if (q >= 16 || c >= C) return;
+    double sa = 0.0, sg = 0.0;
+#pragma unroll
+    for (int s = 0; s < kGS; ++s) {
+      sa += part[s][m][q];
+      sg += part[s][m][q + 16];
+    }
+    const double* rt = n.ROW(l, b, j);
+    n.gate[b * C + c] = tanh(sa + rt[c]) * sigmoid(sg + rt[C + c]);
+    return;
+  }
+  double sum = 0.0;
+#pragma unroll
+  for (int s = 0; s < kGS; ++s) sum += part[s][m][q];
+  const int c = c0 + q;
+  if (MODE == kHOut) {
+    if (c < C) {
+      const double resid = l > 0 ? n.HB(l, b, p + j)[c] : 0.0;
+      n.HB(l + 1, b, p + j)[c] = sum + n.out_b[l * C + c] + resid;
+    }
+  } else if (MODE == kHead1) {
+    if (c < C) n.head[b * C + c] = elu(sum + n.head1_b[c]);
+  } else if (c < n.K) {
+    const int i = *n.row;
+    const float* g = n.noise + ((b * n.H + i) * n.W + j) * (int64_t)n.K;
+    n.scores[b * n.K + c] = (sum + n.head2_b[c]) / n.temperature + (double)g[c];
+  }
+}
+
 // Is (sa, ka) the better draw than (sb, kb)? torch.argmax's order: NaN first, then the larger
 // score, then the lower index.
 __device__ __forceinline__ bool better(double sa, int ka, double sb, int kb) {
@@ -365,8 +476,13 @@ unsigned blocks_for(int64_t total, int threads = 256) {
 struct Launcher {
   Net n;
   at::Tensor im2col, vpre, rowt, v_w, vh_w;
+  int64_t gemv_max_batch = 0;  // position_gemv_kernel up to this batch, position_kernel above
 
   void positions(cudaStream_t s) {
+    if (n.B <= gemv_max_batch) {
+      positions_gemv(s);
+      return;
+    }
     const unsigned mt = (unsigned)((n.B + kTM - 1) / kTM);
     for (int j = 0; j < n.W; ++j) {
       for (int l = 0; l < n.L; ++l) {
@@ -375,6 +491,22 @@ struct Launcher {
       }
       position_kernel<kHead1><<<dim3(mt, (n.C + kTN - 1) / kTN), kThreads, 0, s>>>(n, 0, j);
       position_kernel<kHead2><<<dim3(mt, (n.K + kTN - 1) / kTN), kThreads, 0, s>>>(n, 0, j);
+      draw_kernel<<<(unsigned)((n.B + 3) / 4), 128, 0, s>>>(n, j);
+    }
+    GVQ_SAMPLE_CHECK(cudaGetLastError());
+  }
+
+  void positions_gemv(cudaStream_t s) {
+    const unsigned mg = (unsigned)((n.B + kGM - 1) / kGM), th = 32 * kGS;
+    const unsigned gc = (unsigned)((n.C + 15) / 16), oc = (unsigned)((n.C + 31) / 32),
+                   kc = (unsigned)((n.K + 31) / 32);
+    for (int j = 0; j < n.W; ++j) {
+      for (int l = 0; l < n.L; ++l) {
+        position_gemv_kernel<kHConvGate><<<dim3(mg, gc), th, 0, s>>>(n, l, j);
+        position_gemv_kernel<kHOut><<<dim3(mg, oc), th, 0, s>>>(n, l, j);
+      }
+      position_gemv_kernel<kHead1><<<dim3(mg, oc), th, 0, s>>>(n, 0, j);
+      position_gemv_kernel<kHead2><<<dim3(mg, kc), th, 0, s>>>(n, 0, j);
       draw_kernel<<<(unsigned)((n.B + 3) / 4), 128, 0, s>>>(n, j);
     }
     GVQ_SAMPLE_CHECK(cudaGetLastError());
@@ -396,6 +528,14 @@ struct Launcher {
     GVQ_SAMPLE_CHECK(cudaGetLastError());
   }
 };
+
+// Largest batch that runs the per-position products with position_gemv_kernel
+// (GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH, default kGemvMaxBatch).
+constexpr int64_t kGemvMaxBatch = 0;
+int64_t gemv_max_batch() {
+  const char* env = std::getenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH");
+  return env && env[0] ? std::atoll(env) : kGemvMaxBatch;
+}
 
 bool graphs_wanted() {
   const char* env = std::getenv("GALSIM_VQVAE_CUDA_GRAPHS");
@@ -505,6 +645,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   run.rowt = rowt;
   run.v_w = vw;
   run.vh_w = vhw;
+  run.gemv_max_batch = gemv_max_batch();
 
   // All work on a side stream (graph capture needs a non-default stream), ordered after what the
   // caller's stream has queued, and the caller's stream ordered after it.
