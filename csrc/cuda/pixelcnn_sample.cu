@@ -21,7 +21,9 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 
 #include "../pixelcnn_sample.h"
 
@@ -551,6 +553,18 @@ void order_after(cudaStream_t later, cudaStream_t earlier) {
   GVQ_SAMPLE_CHECK(cudaEventDestroy(ev));
 }
 
+// One side stream per device for every call (the pool hands out a different stream each time,
+// and cuBLAS keeps a workspace per stream: a fixed stream keeps that to one).
+c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it == streams.end())
+    it = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
+  return it->second;
+}
+
 // Ends a capture left open by an exception, so the stream can be used again.
 void abandon_capture(cudaStream_t s) {
   cudaStreamCaptureStatus status;
@@ -650,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   // All work on a side stream (graph capture needs a non-default stream), ordered after what the
   // caller's stream has queued, and the caller's stream ordered after it.
   const auto origin = c10::cuda::getCurrentCUDAStream();
-  const auto side = c10::cuda::getStreamFromPool(false, noise.device().index());
+  const auto side = side_stream(noise.device().index());
   order_after(side.stream(), origin.stream());
   {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
