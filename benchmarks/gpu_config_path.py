@@ -3,14 +3,16 @@
     PYTHONPATH=. python benchmarks/gpu_config_path.py [--model default] [--device cuda]
         [--nobjects 512] [--batch-size 128] [--nprocs 1 4]
 
-Each configuration is run once to warm up (model loading, the first decode) and then timed once;
-the survey is `bench_profile.survey_config` (0.7" Kolmogorov PSF, 0.2"/pixel, CCD noise,
+Each configuration is run once to warm up (model loading, the first decode) and then timed once,
+each value of ``--nprocs`` in a fresh Python process (GalSim forks its workers, and a child forked
+from a process that has used CUDA cannot use it). The survey is `bench_profile.survey_config` (0.7" Kolmogorov PSF, 0.2"/pixel, CCD noise,
 conditions over the middle of the training ranges).
 """
 
 import argparse
 import copy
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
+    if len(args.nprocs) > 1:
+        for nproc in args.nprocs:
+            subprocess.run([sys.executable, __file__, "--model", args.model, "--device",
+                            args.device, "--nobjects", str(args.nobjects), "--batch-size",
+                            str(args.batch_size), "--nprocs", str(nproc)], check=True)
+        return
     path = _DEFAULT_PATH if args.model == "default" else args.model
     metadata = Emulator.load(path).metadata
     with tempfile.TemporaryDirectory() as out:

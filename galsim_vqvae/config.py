@@ -136,11 +136,19 @@ class VQVAEModel:
 
                 torch.set_num_threads(self.num_threads)
         device = self.device
-        if device == "cuda":
+        if str(device).startswith("cuda"):
             import torch
 
-            device = _worker_device(device, multiprocessing.current_process().name,
-                                    torch.cuda.device_count())
+            if torch.cuda._is_in_bad_fork():
+                raise GalSimConfigError(
+                    f"vqvae_model.device: {device!r} in a GalSim worker process, but CUDA was "
+                    "already initialised in the process that forked it (GalSim's nproc > 1 "
+                    "forks, and a forked child cannot use CUDA then). Run this config in a fresh "
+                    "process (e.g. `galsim config.yaml`) without using the GPU before it, or use "
+                    "nproc: 1 or device: cpu")
+            if device == "cuda":
+                device = _worker_device(device, multiprocessing.current_process().name,
+                                        torch.cuda.device_count())
         return get_emulator(self.file_name, device)
 
     @property

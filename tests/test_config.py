@@ -302,6 +302,22 @@ def test_worker_device():
     assert _worker_device("cpu", "Process-2", 4) == "cpu"
 
 
+def test_cuda_in_a_child_forked_after_cuda_was_used(tiny_emulator, monkeypatch):
+    """GalSim forks its workers; a child of a process that had initialised CUDA cannot use it:
+    a clear error says so (instead of torch's 'Cannot re-initialize CUDA in forked subprocess'
+    from deep inside a worker)."""
+    import torch
+
+    from galsim_vqvae.config import VQVAEModel
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(galsim.GalSimConfigError, match="CUDA was already initialised in the "
+                       "process that forked it.*fresh process"):
+        VQVAEModel(str(tiny_emulator.path), device="cuda").emulator
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    assert VQVAEModel(str(tiny_emulator.path), device="cpu").emulator.device.type == "cpu"
+
+
 def test_model_loaded_lazily_once_per_worker(tiny_emulator, reference_run, tmp_path,
                                              monkeypatch):
     """image.nproc or output.nproc = 2: the main process never loads the model (so no CUDA
