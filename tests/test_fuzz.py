@@ -473,3 +473,22 @@ def test_dataset_files_carry_checksums(work):
         except VQVAEInputError:
             refused += 1
     assert refused > 100  # nearly every header edit is caught
+
+
+def test_damaged_pixel_scale_card(work):
+    """Found by the long fuzz run: astropy parses a card only when it is read, so a damaged
+    PIXSCALE card raised astropy's VerifyError from deep inside the scale lookup."""
+    path = scratch(work, "damaged_card.fits")
+    hdu = fits.PrimaryHDU(np.random.default_rng(3).normal(size=(8, 8)).astype(np.float32))
+    hdu.header["PIXSCALE"] = 0.03
+    hdu.writeto(path)
+    raw = bytearray(open(path, "rb").read())
+    at = raw.index(b"PIXSCALE=") + 10
+    raw[at:at + 20] = b"     0.0x3#!'junk'  "
+    with open(path, "wb") as f:
+        f.write(raw)
+    _, header = read_image(path)
+    with pytest.raises(VQVAEInputError, match="damaged_card.fits.*cannot be parsed"):
+        image_scale(header, None, path)
+    with pytest.raises(VQVAEInputError, match="damaged_card.fits"):
+        read_stamps(path, "--input", stamp_size=8, pixel_scale=0.03)

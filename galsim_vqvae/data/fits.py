@@ -100,7 +100,18 @@ def read_image(path, ndims=(2,), what=None):
 
 def header_scale(header, where):
     """Pixel scale (arcsec) from a FITS header (see the module docstring), or None if it has none.
-    A keyword that is present but not a positive number is an error naming ``where``."""
+    A keyword that is present but not a positive number, or cannot be parsed, is an error naming
+    ``where``."""
+    from astropy.io.fits.verify import VerifyError
+
+    try:
+        return _header_scale(header, where)
+    except VerifyError as err:  # a damaged card, parsed only when read
+        raise VQVAEInputError(f"{where}: a header card of the pixel scale cannot be parsed: "
+                              f"{err}") from None
+
+
+def _header_scale(header, where):
     for key in _SCALE_KEYS:
         if key in header:
             value = _number(header[key], key, where)
