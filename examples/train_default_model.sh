@@ -28,5 +28,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
       --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device cuda \
       --conditions mag,hlr --channels 64 --layers 10 --kernel-size 5 --resume
-  echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/)"
+  "$PY" -c "import sys; from galsim_vqvae.plots import save_training_curves as s; s(*sys.argv[1:])" \
+      "$RUN/training_curves.png" "$RUN/vqvae/log.jsonl" "$RUN/prior/log.jsonl"
+  echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/);" \
+       "curves: $RUN/training_curves.png"
 fi
