@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
-#include <sstream>
+#include <cstdio>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -50,13 +50,32 @@ struct SamplerLayout {
         logits(d.codes) {}
 };
 
+// Error messages are built without iostreams: on the GPU machine (g++ 13.3 from /opt/gcc, torch
+// 2.11), inserting an integer into a std::ostream from this extension crashed the process, so
+// c10::str (an ostringstream) only ever gets one finished std::string from here.
+inline void msg_part(std::string& s, const char* v) { s += v; }
+inline void msg_part(std::string& s, const std::string& v) { s += v; }
+inline void msg_part(std::string& s, int64_t v) { s += std::to_string(v); }
+inline void msg_part(std::string& s, int v) { s += std::to_string(v); }
+inline void msg_part(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  s += buf;
+}
+inline void msg_part(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (msg_part(s, args), ...);
+  return s;
+}
+
 // "[a, b, c]"
 inline std::string shape_string(const int64_t* v, size_t n) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t q = 0; q < n; ++q) out << (q ? ", " : "") << v[q];
-  out << "]";
-  return out.str();
+  std::string s = "[";
+  for (size_t q = 0; q < n; ++q) s += (q ? ", " : "") + std::to_string(v[q]);
+  return s + "]";
 }
 
 inline std::string shape_string(const at::Tensor& t) {
@@ -71,21 +90,21 @@ inline std::string shape_string(const at::Tensor& t) {
 inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
                                  std::initializer_list<int64_t> expected,
                                  const at::Device& device) {
-  TORCH_CHECK_VALUE(t.defined(), "pixelcnn_sample: ", name, " is missing");
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "pixelcnn_sample: ", name, " must be ", dtype,
-                    ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.defined(), msg("pixelcnn_sample: ", name, " is missing"));
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, msg("pixelcnn_sample: ", name, " must be ",
+                                                  dtype, ", got ", t.scalar_type()));
   int64_t want[8] = {0};
   const size_t n = std::min<size_t>(expected.size(), 8);
   std::copy(expected.begin(), expected.begin() + n, want);
   bool same = t.dim() == (int64_t)n;
   for (size_t q = 0; same && q < n; ++q) same = t.size((int64_t)q) == want[q];
   if (!same) {
-    const std::string msg = std::string("pixelcnn_sample: ") + name + " must have shape " +
+    const std::string text = std::string("pixelcnn_sample: ") + name + " must have shape " +
                             shape_string(want, n) + ", got " + shape_string(t);
-    TORCH_CHECK_VALUE(false, msg);
+    TORCH_CHECK_VALUE(false, text);
   }
-  TORCH_CHECK_VALUE(t.device() == device, "pixelcnn_sample: ", name, " is on ",
-                    t.device().str(), " but noise is on ", device.str());
+  TORCH_CHECK_VALUE(t.device() == device, msg("pixelcnn_sample: ", name, " is on ",
+                    t.device().str(), " but noise is on ", device.str()));
 }
 
 // Checks every argument (names the one at fault) and returns the problem's dimensions.
@@ -97,20 +116,20 @@ inline SamplerDims check_sampler_inputs(
     const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
     int64_t kernel_size) {
   TORCH_CHECK_VALUE(noise.defined() && noise.dim() == 4,
-                    "pixelcnn_sample: noise must be [B, H, W, K], got shape ",
-                    shape_string(noise));
-  TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat, "pixelcnn_sample: noise must be float32, "
-                    "got ", noise.scalar_type());
+                    msg("pixelcnn_sample: noise must be [B, H, W, K], got shape ",
+                    shape_string(noise)));
+  TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat,
+                    msg("pixelcnn_sample: noise must be float32, got ", noise.scalar_type()));
   TORCH_CHECK_VALUE(kernel_size >= 3 && kernel_size % 2 == 1,
-                    "pixelcnn_sample: kernel_size must be odd and >= 3, got ", kernel_size);
+                    msg("pixelcnn_sample: kernel_size must be odd and >= 3, got ", kernel_size));
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "pixelcnn_sample: temperature must be finite and > 0, got ", temperature);
+                    msg("pixelcnn_sample: temperature must be finite and > 0, got ", temperature));
   TORCH_CHECK_VALUE(embedding.defined() && embedding.dim() == 2,
-                    "pixelcnn_sample: embedding must be [K, C], got shape ",
-                    shape_string(embedding));
+                    msg("pixelcnn_sample: embedding must be [K, C], got shape ",
+                    shape_string(embedding)));
   TORCH_CHECK_VALUE(v_w.defined() && v_w.dim() == 3,
-                    "pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ",
-                    shape_string(v_w));
+                    msg("pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ",
+                    shape_string(v_w)));
   SamplerDims d;
   d.batch = noise.size(0);
   d.height = noise.size(1);
@@ -123,13 +142,14 @@ inline SamplerDims check_sampler_inputs(
   d.temperature = temperature;
   d.has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK_VALUE(d.codes >= 1 && d.channels >= 1 && d.layers >= 1,
-                    "pixelcnn_sample: empty embedding [K=", d.codes, ", C=", d.channels,
-                    "] or no layers (L=", d.layers, ")");
-  TORCH_CHECK_VALUE(noise.size(3) == d.codes, "pixelcnn_sample: noise has K=", noise.size(3),
-                    " codes but the embedding has K=", d.codes);
+                    msg("pixelcnn_sample: empty embedding [K=", d.codes, ", C=", d.channels,
+                    "] or no layers (L=", d.layers, ")"));
+  TORCH_CHECK_VALUE(noise.size(3) == d.codes,
+                    msg("pixelcnn_sample: noise has K=", noise.size(3),
+                        " codes but the embedding has K=", d.codes));
   TORCH_CHECK_VALUE(d.height >= 1 && d.width >= 1,
-                    "pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
-                    shape_string(noise));
+                    msg("pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
+                    shape_string(noise)));
   const int64_t b = d.batch, l = d.layers, c = d.channels, k = d.codes, p = d.pad;
   const auto f64 = at::kDouble;
   const at::Device dev = noise.device();
