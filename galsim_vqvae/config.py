@@ -95,10 +95,12 @@ class VQVAEModel:
         if not _DEVICE_RE.match(str(device)):
             raise GalSimConfigValueError("vqvae_model.device must be cpu, cuda, cuda:N or mps",
                                          device)
-        for name, value, low in (("batch_size", batch_size, 1), ("num_threads", num_threads, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise GalSimConfigValueError(f"vqvae_model.{name} must be an integer >= {low}",
-                                             value)
+        for name, value, low, high in (("batch_size", batch_size, 1, 2 ** 20),
+                                       ("num_threads", num_threads, 0, 4096)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or not low <= value <= high:
+                raise GalSimConfigValueError(f"vqvae_model.{name} must be an integer from {low} "
+                                             f"to {high}", value)
         if resolution_policy not in RESOLUTION_POLICIES:
             raise GalSimConfigValueError("vqvae_model.resolution_policy is invalid",
                                          resolution_policy, RESOLUTION_POLICIES)

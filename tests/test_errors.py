@@ -613,6 +613,15 @@ def _(w):
     return Config(cfg, galsim.GalSimConfigError)
 
 
+@case("config-num-threads-huge", T, "config `vqvae_model`",
+      "`num_threads: 2147483648` (found by fuzzing: torch overflowed)",
+      ["vqvae_model.num_threads", "from 0 to 4096", "2147483648"])
+def _(w):
+    cfg = w.config()
+    cfg["input"]["vqvae_model"]["num_threads"] = 2147483648
+    return Config(cfg, galsim.GalSimConfigError)
+
+
 @case("config-batch-size-type", T, "config `vqvae_model`", "`batch_size: many`",
       ["vqvae_model.batch_size", "many"])
 def _(w):
