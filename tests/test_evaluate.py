@@ -326,3 +326,21 @@ def test_evaluate_needs_truth_and_the_model_grid(tiny_emulator, tmp_path, capsys
         err = capsys.readouterr().err
         assert words in err and str(data) in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not (SHARED_HST / "cosmos_example").is_dir(), reason="shared HST data absent")
+def test_evaluate_reads_the_real_galaxies_first(tiny_emulator, toy_data, tmp_path, capsys,
+                                                monkeypatch):
+    """The COSMOS example catalog lacks its galaxy images: the run fails before any check, not
+    after the hours they take, and leaves nothing behind."""
+    def not_reached(*args, **kwargs):
+        raise AssertionError("a check ran before the real galaxies were read")
+
+    monkeypatch.setattr(fidelity, "run", not_reached)
+    catalog = SHARED_HST / "cosmos_example" / "real_galaxy_catalog_23.5_example.fits"
+    out = tmp_path / "report"
+    assert main(["evaluate", "--quiet", "--n", "2", "--out", str(out), "--model",
+                 str(tiny_emulator.path), "--data", str(toy_data), "--real", str(catalog)]) == 2
+    err = capsys.readouterr().err
+    assert "real_galaxy_images.fits" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".report.*"))

@@ -56,11 +56,11 @@ def load_real(path, emulator, work_dir, progress=False):
     return arrays
 
 
-def run(emulator, path, out_dir, work_dir, progress=False):
-    """The real-galaxy section: reduced chi^2 of each stamp's reconstruction."""
+def run(emulator, arrays, out_dir):
+    """The real-galaxy section: reduced chi^2 of each stamp's reconstruction (``arrays`` from
+    `load_real`)."""
     from ..plots import save_gallery
 
-    arrays = load_real(path, emulator, work_dir, progress)
     observed, psf, sigma = arrays["observed"], arrays["psf"], arrays["sigma"]
     convolved, chi2 = emulator.reconstruct(observed, psf, sigma, convolved=True)
     deconvolved, _ = emulator.reconstruct(observed, psf, sigma)

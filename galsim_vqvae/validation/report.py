@@ -80,6 +80,10 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
     start = time.time()
     stage = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
+        # The real galaxies are read first: a catalog whose images are missing fails at once,
+        # not after the hours of the other checks.
+        real_arrays = (real.load_real(real_path, emulator, stage, progress)
+                       if real_path is not None else None)
         sections = []
         steps = ["fidelity", "realism", "conditioning", "shear", "codebook", "real"]
         bar = tqdm(steps, desc="evaluate", disable=not progress)
@@ -107,8 +111,8 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             elif step == "codebook":
                 sections.append(_codebook(emulator, data, n, split, sampled, stage, seed))
             elif step == "real":
-                sections.append(real.run(emulator, real_path, stage, stage, progress)
-                                if real_path is not None else
+                sections.append(real.run(emulator, real_arrays, stage)
+                                if real_arrays is not None else
                                 skipped(real.TITLE, "no --real (a dataset file or a GalSim "
                                         "RealGalaxyCatalog)"))
             seconds[step] = time.time() - t0
