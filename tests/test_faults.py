@@ -8,6 +8,7 @@
   written: a clear error, the previous file intact, no temporary file left, and the run resumes.
 """
 
+import contextlib
 import errno
 import os
 import signal
@@ -202,19 +203,57 @@ def test_checkpoint_write_failure_keeps_the_previous_one(dataset, tmp_path, monk
                       load_checkpoint(run / "checkpoint.pt"), ["model"])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_run_folder(dataset, tmp_path, capsys):
+@contextlib.contextmanager
+def read_only(folder, monkeypatch):
+    """``folder`` refuses new and rewritten files: chmod 555, or, for root (whom the permission
+    bits do not stop), every open for writing under it fails with EACCES as the OS would."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    import builtins
+
+    inside = str(folder.resolve()) + os.sep
+    real_open, real_os_open = builtins.open, os.open
+
+    def denied(path):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    def is_inside(path):
+        return isinstance(path, (str, bytes, os.PathLike)) and \
+            os.path.abspath(os.fsdecode(path)).startswith(inside)
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if is_inside(file) and any(c in mode for c in "wax+"):
+            raise denied(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if is_inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise denied(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(builtins, "open", guarded_open)
+        mp.setattr(os, "open", guarded_os_open)
+        yield
+
+
+def test_read_only_run_folder(dataset, tmp_path, capsys, monkeypatch):
     args = ["--data", dataset, "--steps", 8, *TINY_VQVAE, "--checkpoint-every", 4]
     run = tmp_path / "run"
-    assert cli(capsys, "train-vqvae", "--out", run, "--steps", 4, *args[2:])[0] == 0
+    assert cli(capsys, "train-vqvae", "--out", run, *args[:2], "--steps", 4, *args[4:])[0] == 0
     before = (run / "checkpoint.pt").read_bytes()
-    run.chmod(0o555)
-    try:
+    files = sorted(p.name for p in run.iterdir())
+    with read_only(run, monkeypatch):
         code, err = cli(capsys, "train-vqvae", "--out", run, "--resume", *args)
-    finally:
-        run.chmod(0o755)
     assert code == EXIT_BAD_INPUT and "Permission denied" in err and "Traceback" not in err
+    assert str(run) in err and len(err.strip().splitlines()) == 1, err
     assert (run / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == files  # nothing new, nothing half-written
 
 
 def test_fits_output_failure_keeps_the_previous_file(tiny_emulator, tmp_path, monkeypatch,
