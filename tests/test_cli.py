@@ -1,5 +1,7 @@
 """The galsim-vqvae command: outputs, one-line errors, exit codes, nothing half-written."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -97,14 +99,14 @@ def test_bench_prints_a_ratio(capsys):
     assert code == 0 and "speed-up" in stdout and stdout.count("x\n") >= 1
 
 
-def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
-    from pathlib import Path
+_AEGIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "aegis"
 
+
+@pytest.mark.skipif(not _AEGIS.is_dir(), reason=f"no shared HST data at {_AEGIS}")
+def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
     from galsim_vqvae.data.dataset import load_arrays, read_header
 
-    aegis = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "aegis"
-    if not aegis.is_dir():
-        pytest.skip(f"no shared HST data at {aegis}")
+    aegis = _AEGIS
     outs = {}
     for zp in (25.0, 26.5):
         out = tmp_path / f"aegis{zp}.h5"

@@ -163,9 +163,9 @@ def test_bad_arguments_are_named():
         sample_fast(prior, 1, (2, 2), seeds=[1], implementation="cpp")
 
 
+@pytest.mark.skipif(os.environ.get("GALSIM_VQVAE_ALLOW_TORCH_OPS") == "1",
+                    reason="GALSIM_VQVAE_ALLOW_TORCH_OPS=1: the PyTorch fallback is allowed")
 def test_backend_is_compiled_here():
-    if os.environ.get("GALSIM_VQVAE_ALLOW_TORCH_OPS") == "1":
-        pytest.skip("GALSIM_VQVAE_ALLOW_TORCH_OPS=1: the PyTorch fallback is allowed")
     assert ops.sampler_backend("cpu") == "cpp", ops.sampler_load_error("cpu")
     if torch.cuda.is_available():
         assert ops.sampler_backend("cuda") == "cuda", ops.sampler_load_error("cuda")

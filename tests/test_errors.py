@@ -1019,10 +1019,9 @@ def make_vqvae_run(directory):
     return data, os.path.join(directory, "vq", "checkpoint.pt")
 
 
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("c", [pytest.param(c, id=c.id, marks=pytest.mark.skipif(
+    bool(c.skip), reason=str(c.skip))) for c in CASES])
 def test_case(c, tiny_emulator, vqvae_run, tmp_path, monkeypatch):
-    if c.skip:
-        pytest.skip(c.skip)
     (tmp_path / "w").mkdir()
     w = Workspace(tmp_path / "w", tiny_emulator.path, vqvae_run, monkeypatch)
     _, message = run_case(c, w)

@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import galsim
 import numpy as np
@@ -363,12 +364,12 @@ def test_emulate_surveys_example_runs(tiny_emulator, tmp_path, capsys):
     assert "HST-like ACS F814W: the target PSF FWHM" in printed and "Rubin-like" not in printed
 
 
-def test_real_galaxy_example_runs(tiny_emulator, tmp_path):
-    from pathlib import Path
+_COSMOS_SINGLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "cosmos_single"
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "cosmos_single"
-    if not data.is_dir():
-        pytest.skip(f"no shared HST data at {data}")
+
+@pytest.mark.skipif(not _COSMOS_SINGLE.is_dir(), reason=f"no shared HST data at {_COSMOS_SINGLE}")
+def test_real_galaxy_example_runs(tiny_emulator, tmp_path):
+    data = _COSMOS_SINGLE
     out = tmp_path / "real.png"
     _example("real_galaxy").main([
         str(data / "147246.0_150.416558_1.998697_masknoise.fits"),

@@ -187,7 +187,6 @@ def _write_dataset_file(path, d):
 
 
 def test_trains_from_a_dataset_file(toy, tmp_path):
-    pytest.importorskip("galsim_vqvae.data.dataset")
     from galsim_vqvae.errors import VQVAEFormatError
 
     path = tmp_path / "toy.h5"
