@@ -19,14 +19,7 @@
 #include "../exact.h"
 #include "../nearest_code.h"
 
-// Function multiversioning: the fast pass is compiled for AVX-512, AVX2+FMA and the baseline, and
-// the loader picks the best the machine supports (no -march=native, so the wheel runs anywhere).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define GVQ_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GVQ_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 namespace galsim_vqvae {
 namespace {

@@ -9,7 +9,7 @@
 // the window of the row buffer, the gate, the h_out product plus residual), the head and the draw.
 // All products go through one register-blocked kernel (`gemm`: 4 rows x 16 columns of float64
 // accumulators, weights packed once per call in panels of 16 columns), compiled for AVX-512,
-// AVX2+FMA and the baseline (function multiversioning, as nearest_code.cpp).
+// AVX2+FMA and the baseline (function multiversioning, csrc/cpu/multiversion.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -20,12 +20,7 @@
 
 #include "../pixelcnn_sample.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define GVQ_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GVQ_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 namespace galsim_vqvae {
 namespace {
