@@ -85,6 +85,23 @@ def test_asymmetry_known_values():
     assert metrics.asymmetry(rng.random((32, 32)))[0] > 0.2
 
 
+def test_edge_flux_known_values():
+    rng = np.random.default_rng(11)
+    s, w = 40, metrics.EDGE_WIDTH
+    uniform = np.full((s, s), rng.uniform(0.5, 2.0))
+    assert metrics.edge_flux(uniform)[0] == pytest.approx(1 - (s - 2 * w) ** 2 / s ** 2)
+    # flux placed on random pixels: the frame's share, counted by hand
+    image = np.zeros((s, s))
+    ij = rng.integers(0, s, size=(50, 2))
+    np.add.at(image, (ij[:, 0], ij[:, 1]), rng.uniform(1, 2, 50))
+    frame = np.ones((s, s), bool)
+    frame[w:-w, w:-w] = False
+    assert metrics.edge_flux(image)[0] == pytest.approx(image[frame].sum() / image.sum())
+    compact = draw(galsim.Gaussian(sigma=2.0), s)
+    assert metrics.edge_flux(np.stack([compact, np.zeros((s, s))]))[0] < 1e-6
+    assert np.isnan(metrics.edge_flux(np.zeros((s, s)))[0])
+
+
 def test_hsm_shapes_of_a_sheared_gaussian():
     image = draw(galsim.Gaussian(sigma=0.3).shear(e1=0.3, e2=0.1), 64, scale=0.05)
     s = metrics.hsm_shapes(np.stack([image, np.zeros_like(image)]), 0.05)

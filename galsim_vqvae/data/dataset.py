@@ -13,6 +13,7 @@ Stamp ``i`` is held out (the "test" split) iff ``i % 10 == 9``.
 """
 
 import contextlib
+import json
 import os
 import sys
 
@@ -168,6 +169,18 @@ def _check_layout(f, path):
                                    f"{n} observed stamps (expected {shape})")
 
 
+def _class_names(text, path):
+    """The ``class_names`` attribute (a JSON list of strings) as a list."""
+    try:
+        names = json.loads(text)
+    except (TypeError, ValueError):
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        raise VQVAEFormatError(f"{path}: attribute class_names is not a JSON list of names: "
+                               f"{text!r:.80}")
+    return names
+
+
 def read_header(path):
     """The header of a dataset file: its attributes plus ``n``, ``n_psf``, ``has_truth``,
     ``params`` (list of names) and ``path``.
@@ -181,6 +194,8 @@ def read_header(path):
     """
     with contextlib.closing(_open(path)) as f, _reading(path):
         header = {k: _attr(v) for k, v in f.attrs.items()}
+        if "class_names" in header:
+            header["class_names"] = _class_names(header["class_names"], path)
         header["n"] = int(f["observed"].shape[0])
         header["n_psf"] = int(f["psf_bank"].shape[0])
         header["has_truth"] = "truth" in f
@@ -280,10 +295,13 @@ class DatasetWriter:
         description:    Free text. [default: ""]
         seed:           Generating seed, -1 if none. [default: -1]
         compression:    None, "lzf" or "gzip" (HDF5 filters on every stamp array). [default: None]
+        class_names:    Names of the classes of an integer ``params/morph_class`` label (value k
+                        means ``class_names[k]``), stored as the attribute ``class_names``.
+                        [default: None]
     """
 
     def __init__(self, path, stamp_size, pixel_scale, band, zeropoint, source, description="",
-                 seed=-1, compression=None):
+                 seed=-1, compression=None, class_names=None):
         if source not in SOURCES:
             raise VQVAEInputError(f"source must be one of {SOURCES}, got {source!r}")
         if compression not in (None, "lzf", "gzip"):
@@ -297,6 +315,8 @@ class DatasetWriter:
                           band=str(band), zeropoint=float(zeropoint), source=str(source),
                           description=str(description), seed=int(-1 if seed is None else seed),
                           flux_convention=FLUX_CONVENTION)
+        if class_names is not None:
+            self.attrs["class_names"] = json.dumps([str(c) for c in class_names])
         self.compression = compression
         self.n = 0
         self.n_psf = 0

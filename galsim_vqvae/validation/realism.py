@@ -3,7 +3,8 @@
 The samples are conditioned on the labels of the held-out truth stamps (clipped to the model's
 training range; cycled when more samples than stamps are asked for), so that both sets describe
 the same population. For each statistic of `galsim_vqvae.metrics.morphology` (flux, HSM size,
-HSM |e|, concentration, asymmetry, Gini, M20): the two-sample Kolmogorov-Smirnov statistic
+HSM |e|, concentration, asymmetry, Gini, M20, and the edge flux, the fraction of the flux in the
+outer 6 pixels of the stamp): the two-sample Kolmogorov-Smirnov statistic
 (``scipy.stats.ks_2samp``) with its p-value, the 5% critical value of the KS statistic for these
 sample sizes, 1.358 sqrt((n + m) / (n m)), and the relative mean difference
 mean(samples) / mean(truth) - 1.
@@ -20,7 +21,7 @@ MEAN_GOAL = 0.02
 MEAN_GOAL_STATISTICS = ("size", "e")
 LABELS = {"flux": "flux", "size": "HSM size (arcsec)", "e": "HSM |e|",
           "concentration": "concentration C", "asymmetry": "asymmetry A", "gini": "Gini",
-          "m20": "M20"}
+          "m20": "M20", "edge": "edge flux (outer 6 px)"}
 
 
 def conditions_like(emulator, params, n):
