@@ -209,7 +209,8 @@ def cmd_evaluate(args):
 
     metrics = evaluate(args.model, n=args.n, out=args.out, data=args.data,
                        plain_ae=args.plain_ae, real_path=args.real, seed=args.seed,
-                       device=args.device, split=args.split, progress=not args.quiet)
+                       device=args.device, split=args.split, progress=not args.quiet,
+                       workers=args.workers)
     goals = [k for k in metrics if k.startswith("goal.") and k.count(".") == 1]
     hit = sum(metrics[k] for k in goals)
     return (f"wrote {os.path.join(args.out, 'report.md')}, metrics.json and figures; "
@@ -349,6 +350,9 @@ def build_parser():
     p.add_argument("--real", help="real galaxies: a dataset file or a RealGalaxyCatalog FITS file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes for the per-galaxy measurements (the report does not depend "
+                   "on it; e.g. the machine's core count)")
 
     p = add("gallery", cmd_gallery, "a PNG gallery of sampled galaxies")
     p.add_argument("--model", default="default")

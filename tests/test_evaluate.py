@@ -270,6 +270,34 @@ def toy_data(tmp_path_factory):
     return path
 
 
+def test_parallel_chunks_do_not_depend_on_workers():
+    from galsim_vqvae.validation.common import parallel_chunks
+
+    rng = np.random.default_rng(21)
+    data = rng.normal(size=(23, 5))
+
+    def stats(a, b):
+        return {"sum": data[a:b].sum(1), "first": data[a:b, 0] * np.arange(a, b)}
+
+    one = parallel_chunks(stats, len(data), workers=1, chunk=5)
+    three = parallel_chunks(stats, len(data), workers=3, chunk=5)
+    assert np.array_equal(one["sum"], data.sum(1)) and np.array_equal(three["sum"], one["sum"])
+    assert np.array_equal(three["first"], data[:, 0] * np.arange(23))
+    assert np.array_equal(parallel_chunks(lambda a, b: data[a:b], 23, 2, chunk=4), data)
+
+
+def test_ring_test_in_processes_equals_one_process():
+    rng = np.random.default_rng(4)
+    galaxies = [galsim.Exponential(half_light_radius=h).shear(e1=e1, e2=e2)
+                for h, e1, e2 in zip(rng.uniform(0.3, 0.8, 20), rng.uniform(-0.3, 0.3, 20),
+                                     rng.uniform(-0.3, 0.3, 20))]
+    one = shear.ring_test(galaxies, n_angles=2)
+    two = shear.ring_test(galaxies, n_angles=2, workers=2)
+    for k in ("m1_each", "m2_each", "c1_each", "c2_each"):
+        assert np.array_equal(one[k], two[k]), k
+    assert one["m"] == two["m"] and one["n"] == 20
+
+
 def test_evaluate_end_to_end(tiny_emulator, toy_data, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["evaluate", "--quiet", "--model", tiny_emulator.path, "--n", "6", "--data",

@@ -13,7 +13,7 @@ mean(samples) / mean(truth) - 1.
 import numpy as np
 
 from ..metrics import MORPHOLOGY, morphology
-from .common import Goal, Section, cell, fmt, load_heldout
+from .common import Goal, Section, cell, fmt, load_heldout, parallel_chunks
 
 TITLE = "2. Realism: prior samples against held-out truth"
 KS_GOAL = 0.05
@@ -63,9 +63,10 @@ def compare(samples, truth):
             "n_samples": len(a), "n_truth": len(b)}
 
 
-def run(emulator, data, n, out_dir, split="test", seed=0, progress=False):
+def run(emulator, data, n, out_dir, split="test", seed=0, progress=False, workers=1):
     """The realism section: ``n`` prior samples against up to ``n`` stamps of ``data``'s
-    ``split``. Returns (`Section`, the sampled code maps, their conditions)."""
+    ``split`` (statistics measured in ``workers`` processes). Returns (`Section`, the sampled
+    code maps, their conditions)."""
     import os
 
     from ..plots import save_gallery, save_histograms
@@ -76,8 +77,8 @@ def run(emulator, data, n, out_dir, split="test", seed=0, progress=False):
     codes = emulator.sample_codes(n, conditions, seed=seed, progress=progress)
     samples = emulator.decode(codes)
     scale = float(emulator.metadata["pixel_scale"])
-    stats_s = morphology(samples, scale)
-    stats_t = morphology(truth, scale)
+    stats_s = parallel_chunks(lambda a, b: morphology(samples[a:b], scale), len(samples), workers)
+    stats_t = parallel_chunks(lambda a, b: morphology(truth[a:b], scale), len(truth), workers)
 
     sec = Section(TITLE)
     sec.metrics.update({"realism.n_samples": n, "realism.n_truth": len(truth)})

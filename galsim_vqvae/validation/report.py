@@ -25,7 +25,7 @@ FIGURES = ("fidelity.png", "fidelity_gallery.png", "realism.png", "realism_galle
 
 
 def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None, real_path=None,
-             seed=0, device="cpu", split="test", progress=True):
+             seed=0, device="cpu", split="test", progress=True, workers=1):
     """Run every check of the science report and write it to ``out``.
 
     Parameters:
@@ -44,6 +44,8 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
         split:      Stamps of ``data`` to use: "test" (held out, i % 10 == 9) or "all" (for a
                     dataset the model never saw). [default: "test"]
         progress:   Show progress bars. [default: True]
+        workers:    Processes for the per-galaxy measurements (morphology, HSM, Richardson-Lucy,
+                    ring test); the report does not depend on it. [default: 1]
 
     Returns:
         dict: the metrics written to ``metrics.json``.
@@ -52,8 +54,9 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
 
     from ..emulator import Emulator
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise VQVAEInputError(f"n must be a positive integer, got {n!r}")
+    for name, value in (("n", n), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise VQVAEInputError(f"{name} must be a positive integer, got {value!r}")
     if split not in SPLITS:
         raise VQVAEInputError(f"split must be one of {SPLITS}, got {split!r}")
     out = os.path.abspath(os.fspath(out))
@@ -93,13 +96,14 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             bar.set_postfix_str(step)
             t0 = time.time()
             if step == "fidelity":
-                sections.append(fidelity.run(emulator, data, n, stage, split, net, progress)
+                sections.append(fidelity.run(emulator, data, n, stage, split, net, progress,
+                                             workers)
                                 if data is not None else
                                 skipped(fidelity.TITLE, "no --data (a synthetic dataset)"))
             elif step == "realism":
                 if data is not None:
                     sec, codes, conds = realism.run(emulator, data, n, stage, split, seed,
-                                                    progress)
+                                                    progress, workers)
                     sampled = (codes, conds)
                     sections.append(sec)
                 else:
@@ -107,7 +111,7 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             elif step == "conditioning":
                 sections.append(conditioning.run(emulator, n, stage, seed + 1, progress))
             elif step == "shear":
-                sections.append(shear.run(emulator, n, seed + 2, progress))
+                sections.append(shear.run(emulator, n, seed + 2, progress, workers))
             elif step == "codebook":
                 sections.append(_codebook(emulator, data, n, split, sampled, stage, seed))
             elif step == "real":
