@@ -154,14 +154,21 @@ class Galaxy:
         self.softening = float(softening)
 
     @property
-    def profile(self):
-        """The galaxy as one GalSim profile."""
+    def intrinsic(self):
+        """The galaxy as one GalSim profile, without the resolution floor (for rendering at
+        finer pixels than the stamp's)."""
         import galsim
 
         clumps = [galsim.Gaussian(sigma=s, flux=f).shift(x, y)
                   for (x, y), f, s in zip(self.clump_xy, self.clump_flux, self.clump_sigma)]
-        return galsim.Convolve(galsim.Add([self.smooth] + clumps),
-                               galsim.Gaussian(sigma=self.softening))
+        return galsim.Add([self.smooth] + clumps)
+
+    @property
+    def profile(self):
+        """The galaxy as one GalSim profile (`intrinsic` convolved with the resolution floor)."""
+        import galsim
+
+        return galsim.Convolve(self.intrinsic, galsim.Gaussian(sigma=self.softening))
 
     def kimage(self, grid):
         """Fourier transform of the galaxy on ``grid`` (a `KGrid`), complex [M,M]."""
@@ -219,7 +226,7 @@ def galaxy_profile(rng, pixel_scale):
     n = float(np.clip(rng.normal(3.5, 1.0), 2.0, 6.0))
     n = round(n * 20) / 20  # 0.05 grid: GalSim caches its Sersic tables per n
     r_bulge = max(0.05, r_disk * rng.uniform(0.2, 0.5))
-    q_disk = rng.uniform(0.2, 1.0)
+    q_disk = 0.12 + 0.88 * rng.beta(1.2, 2.0)
     q_bulge = float(np.clip(rng.normal(0.75, 0.15), 0.4, 1.0))
     beta = rng.uniform(0, np.pi)
     beta_bulge = beta + np.deg2rad(rng.normal(0, 10))
