@@ -77,24 +77,45 @@ def real_galaxies(catalog, directory, stamp, rng):
     return out
 
 
-def synthetic_galaxies(real, n, seed, stamp, colour, white_noise):
-    """``n`` synthetic galaxies (those of a synthetic dataset of ``seed``) drawn like their real
-    partners were observed (see the module docstring). Returns images [n,S,S], the partner
-    index and the synthetic F160W magnitude of each."""
+def pair_by_magnitude(real_mag, pool_mag, n):
+    """Partners: ``n`` synthetic galaxies of a pool (indices into ``pool_mag``) and the real
+    galaxy of each, so that every real galaxy gets n // R or n // R + 1 partners: the
+    synthetic magnitudes follow the real ones (each real galaxy, faintest first, takes the
+    unused pool galaxy nearest in magnitude)."""
+    real_mag, pool_mag = np.asarray(real_mag), np.asarray(pool_mag)
+    wanted = np.resize(np.argsort(real_mag)[::-1], n)  # faint end first: fewest candidates
+    free = np.ones(len(pool_mag), dtype=bool)
+    chosen, partner = [], []
+    for j in wanted:
+        d = np.where(free, np.abs(pool_mag - real_mag[j]), np.inf)
+        i = int(np.argmin(d))
+        free[i] = False
+        chosen.append(i)
+        partner.append(int(j))
+    order = np.argsort(chosen)
+    return np.array(chosen)[order], np.array(partner)[order]
+
+
+def synthetic_galaxies(real, n, seed, stamp, colour, white_noise, pool=4):
+    """``n`` synthetic galaxies (from the first ``pool`` x n of a synthetic dataset of ``seed``,
+    chosen by `pair_by_magnitude` with F160W magnitude + ``colour``) drawn like their real
+    partners were observed (see the module docstring). Returns images [n,S,S], the dataset
+    index, the partner index and the synthetic F160W magnitude of each."""
     import galsim
 
     psf = sy.effective_psf(sy.optical_psf(seed, 0), 84, 0.06)
     ctx = dict(seed=seed, stamp_size=84, pixel_scale=0.06, psf="optical", n_psf=1,
                fine=[psf[1]])
     sy._init_worker(ctx)
-    images, partner, mag_h = [], [], []
-    for i in range(n):
-        st = sy.draw_stamp(seed, i, sy._CTX)  # galaxy i of the dataset, exactly
-        j = int(np.argmin(np.abs(real["mag"] - (st["mag"] + colour))))
-        profile = st["galaxy"].intrinsic.withFlux(real["flux"][j])
+    stamps = [sy.draw_stamp(seed, i, sy._CTX) for i in range(pool * n)]  # as in the dataset
+    mag_h = np.array([st["mag"] for st in stamps])
+    chosen, partner = pair_by_magnitude(real["mag"], mag_h + colour, n)
+    images = []
+    for i, j in zip(chosen, partner):
+        profile = stamps[i]["galaxy"].intrinsic.withFlux(real["flux"][j])
         image = galsim.Convolve(profile, real["psf"][j]).drawImage(
             nx=stamp, ny=stamp, scale=real["scale"][j], method="no_pixel")
-        noise_seed = int(np.random.SeedSequence([seed, i, 7]).generate_state(1)[0]) + 1
+        noise_seed = int(np.random.SeedSequence([seed, int(i), 7]).generate_state(1)[0]) + 1
         if white_noise:
             image.addNoise(galsim.GaussianNoise(galsim.BaseDeviate(noise_seed),
                                                 sigma=np.sqrt(real["variance"][j])))
@@ -102,9 +123,7 @@ def synthetic_galaxies(real, n, seed, stamp, colour, white_noise):
             image.addNoise(real["noise"][j].withVariance(real["variance"][j]).copy(
                 rng=galsim.BaseDeviate(noise_seed)))
         images.append(image.array.copy())
-        partner.append(j)
-        mag_h.append(st["mag"])
-    return np.array(images), np.array(partner), np.array(mag_h)
+    return np.array(images), chosen, partner, mag_h[chosen]
 
 
 def detection_masks(images, sigma=1.5, threshold=2.0, grow=2):
@@ -239,7 +258,7 @@ def main(argv=None):
 
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 2 ** 20]))
     real = real_galaxies(args.catalog, args.dir, args.stamp, rng)
-    syn, partner, mag_h = synthetic_galaxies(real, args.n, args.seed, args.stamp, args.colour,
+    syn, chosen, partner, mag_h = synthetic_galaxies(real, args.n, args.seed, args.stamp, args.colour,
                                              args.white_noise)
     scale = float(real["scale"][0])
     real_stats, syn_stats = measure(real["images"], scale), measure(syn, scale)
@@ -255,7 +274,8 @@ def main(argv=None):
           f"synthetic {syn_stats['detected'].mean():.0%}")
     print(table(rows))
     report = dict(args=vars(args), rows=rows, size_mag_fit_real=fit.tolist(),
-                  synthetic_mag_h=mag_h.tolist(), partner=partner.tolist(),
+                  synthetic_index=chosen.tolist(), synthetic_mag_h=mag_h.tolist(),
+                  partner=partner.tolist(),
                   real={k: np.asarray(v).tolist() for k, v in real_stats.items()},
                   synthetic={k: np.asarray(v).tolist() for k, v in syn_stats.items()})
     with open(os.path.join(args.out, "compare.json"), "w") as f:

@@ -220,7 +220,7 @@ def galaxy_profile(rng, pixel_scale):
     flux = 10 ** (-0.4 * (mag - ZEROPOINT))
     # Disk size: lognormal, brighter galaxies larger (van der Wel et al. 2014 size-mass relation,
     # seen in observed H-band magnitude at z~0.5-2).
-    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.08 * (mag - 22.5)), 0.18), 0.08, 0.9))
+    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.14 * (mag - 22.5)), 0.18), 0.08, 0.9))
     kind = rng.choice(3, p=[0.45, 0.35, 0.20])  # disk-dominated, intermediate, bulge-dominated
     bulge_frac = float(rng.uniform(*[(0.0, 0.2), (0.2, 0.6), (0.6, 0.95)][kind]))
     n = float(np.clip(rng.normal(3.5, 1.0), 2.0, 6.0))
