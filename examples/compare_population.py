@@ -237,7 +237,7 @@ def figures(out, real, syn, real_stats, syn_stats, mag_real, mag_syn, fit):
             ax.set_yticks([])
         axes[row, 0].set_ylabel(name)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "gallery.png"), dpi=90)
+    fig.savefig(os.path.join(out, "gallery.png"), dpi=60)
     plt.close(fig)
 
 

@@ -282,7 +282,7 @@ def clumpiness(images, radius=None, inner=0.25, outer=1.5, width=0.25):
     for k, image in enumerate(images):
         if not (np.isfinite(rp[k]) and rp[k] > 0 and total[k] > 0):
             continue
-        w = max(3, 2 * int(round(width * rp[k] / 2)) + 1)
+        w = max(3, 2 * int(round((width * rp[k] - 1) / 2)) + 1)  # the nearest odd width
         smooth = ndimage.uniform_filter(image, size=w, mode="constant")
         ring = (dist[k] > inner * rp[k]) & (dist[k] < outer * rp[k])
         residual = np.clip(image - smooth, 0, None).ravel()

@@ -4,7 +4,8 @@ import galsim
 import numpy as np
 import pytest
 
-from galsim_vqvae.metrics import conditioning_accuracy, half_light_radius, magnitude
+from galsim_vqvae.metrics import (clumpiness, conditioning_accuracy, half_light_radius,
+                                  magnitude)
 
 
 def test_half_light_radius_matches_galsim():
@@ -18,6 +19,41 @@ def test_half_light_radius_matches_galsim():
         image = gal.drawImage(nx=192, ny=192, scale=scale, method="no_pixel").array
         measured = half_light_radius(image, scale)[0]
         assert measured == pytest.approx(hlr, rel=0.03)
+
+
+@pytest.mark.parametrize("radius, width", [(12.0, 3), (20.0, 5)])
+def test_clumpiness_known_values(radius, width):
+    """A broad smooth galaxy has S ~ 0; unresolved knots inside the annulus add their flux times
+    1 - 1/w^2 (a w x w boxcar keeps 1/w^2 of a point at its pixel)."""
+    rng = np.random.default_rng()
+    s = 96
+    y, x = np.mgrid[:s, :s] - s // 2
+    smooth = rng.uniform(50, 200) * np.exp(-0.5 * (x ** 2 + y ** 2) / 15.0 ** 2)
+    s_smooth = clumpiness(smooth, radius)[0]
+    assert 0 <= s_smooth < 0.005
+    knots = np.zeros_like(smooth)
+    # pairs of knots facing each other keep the centroid (the annulus' centre) in place
+    n = int(rng.integers(2, 5))
+    angles = rng.permutation(6)[:n] * (2 * np.pi / 12)  # >= 30 degrees apart: no overlaps
+    angles = np.concatenate([angles, angles + np.pi])
+    r = np.tile(rng.uniform(0.4, 1.3, size=n) * radius, 2)
+    f = np.tile(rng.uniform(0.01, 0.05, size=n) * smooth.sum(), 2)
+    for ang, rad, flux in zip(angles, r, f):
+        knots[s // 2 + int(round(rad * np.sin(ang))), s // 2 + int(round(rad * np.cos(ang)))] \
+            += flux
+    expected = (f.sum() * (1 - 1 / width ** 2) + s_smooth * smooth.sum()) / (smooth.sum()
+                                                                             + f.sum())
+    measured = clumpiness(smooth + knots, radius)[0]
+    assert measured == pytest.approx(expected, abs=0.004)
+    assert measured > 3 * s_smooth + 0.02
+    # knots outside the annulus (beyond 1.5 r_p) do not count
+    outside = np.zeros_like(smooth)
+    outside[s // 2, s // 2 + int(1.7 * radius)] = outside[s // 2, s // 2 - int(1.7 * radius)] = \
+        f.sum() / 2
+    assert clumpiness(smooth + outside, radius)[0] < 0.006
+    # the Petrosian radius measured when not given; NaN for an empty image
+    assert np.isfinite(clumpiness(smooth + knots)[0])
+    assert np.isnan(clumpiness(np.zeros((s, s)))[0])
 
 
 def test_magnitude():
