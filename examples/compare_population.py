@@ -254,6 +254,10 @@ def main(argv=None):
                         help="white Gaussian noise instead of the catalog's correlated noise")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.dir, args.catalog)):
+        parser.error(f"catalog not found: {os.path.join(args.dir, args.catalog)}")
+    if args.n <= 0 or args.stamp <= 0:
+        parser.error(f"--n and --stamp must be positive, got {args.n} and {args.stamp}")
     os.makedirs(args.out, exist_ok=True)
 
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 2 ** 20]))
