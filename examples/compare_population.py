@@ -215,7 +215,7 @@ def figures(out, real, syn, real_stats, syn_stats, mag_real, mag_syn, fit):
     m = np.linspace(20, 26.5, 10)
     ax.plot(m, 10 ** (fit[0] * m + fit[1]), "k-", lw=1, label="fit to real")
     ax.set_yscale("log")
-    ax.set_xlabel("F814W magnitude (synthetic: of its real partner)")
+    ax.set_xlabel("F814W mag (synthetic: its partner's)")
     ax.set_ylabel("half-light radius (arcsec)")
     axes[0, 0].legend(fontsize=8)
     ax.legend(fontsize=7)
