@@ -399,9 +399,10 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
         keys = TRAIN_KEYS + (("truth",) if needs_truth else ())
         arrays, header = load_split(data, "train", keys)
         if needs_truth and "truth" not in arrays:
-            raise VQVAEInputError(f"{' and '.join(needs_truth)} need(s) a dataset with truth "
-                                  f"images; {header.get('path') or 'the in-memory dataset'} has "
-                                  "none")
+            raise VQVAEInputError(f"{' and '.join(needs_truth)} "
+                                  f"need{'s' if len(needs_truth) == 1 else ''} a dataset with "
+                                  f"truth images; {header.get('path') or 'the in-memory dataset'}"
+                                  " has none")
         return state, arrays, header
 
     try:
