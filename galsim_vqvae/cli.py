@@ -93,7 +93,8 @@ def cmd_train_vqvae(args):
                           psf_layers=not args.no_psf_layers, model=model, resume=args.resume,
                           progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
                           lr_schedule=args.lr_schedule, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every, noise=args.noise)
+                          checkpoint_every=args.checkpoint_every, noise=args.noise,
+                          truth_weight=args.truth_weight, augment=args.augment)
     if not is_main_process():  # under torchrun, rank 0 reports
         return None
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
@@ -107,14 +108,16 @@ def cmd_train_prior(args):
     from .train.prior import train_prior
 
     model = {k: v for k, v in (("channels", args.channels), ("layers", args.layers),
-                               ("kernel_size", args.kernel_size)) if v is not None}
+                               ("kernel_size", args.kernel_size), ("dropout", args.dropout))
+             if v is not None}
     conditions = tuple(c for c in args.conditions.split(",") if c) if args.conditions else ()
     vqvae_ckpt = _checkpoint_path(args.vqvae)
     summary = train_prior(args.data, vqvae_ckpt, args.out, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=args.device, conditions=conditions, model=model,
                           resume=args.resume, progress=not args.quiet,
-                          log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+                          log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                          ema=args.ema, class_label=args.class_label)
     if not is_main_process():  # under torchrun, rank 0 writes the bundle and reports
         return None
     bundle = os.path.join(args.out, "model.safetensors")
@@ -277,6 +280,13 @@ def build_parser():
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "
                         "fit the noise (docs/default_model.md)")
+    p.add_argument("--truth-weight", type=float, default=0.0, metavar="W",
+                   help="datasets with truth: add W * mean over pixels of ((decoded - truth) / "
+                        "sigma)^2 per stamp to the loss, constraining the pre-PSF image where "
+                        "the PSF does not (edges, ringing) [default: 0]")
+    p.add_argument("--augment", action="store_true",
+                   help="give each stamp one of the 8 rotations/flips about its centre (the "
+                        "same for its truth and PSF), drawn from (seed, step)")
     p.add_argument("--embed-dim", type=_positive_int)
     p.add_argument("--num-codes", type=_positive_int)
     p.add_argument("--hidden", type=_positive_int)
@@ -306,6 +316,15 @@ def build_parser():
     p.add_argument("--channels", type=_positive_int)
     p.add_argument("--layers", type=_positive_int)
     p.add_argument("--kernel-size", type=_positive_int)
+    p.add_argument("--dropout", type=float, metavar="P",
+                   help="dropout probability in the gated layers while training (none when "
+                        "sampling or evaluating) [default: 0]")
+    p.add_argument("--ema", type=float, default=0.999, metavar="DECAY",
+                   help="decay of the moving average of the weights that is evaluated and "
+                        "shipped (0: the optimizer's weights) [default: 0.999]")
+    p.add_argument("--class-label", metavar="NAME",
+                   help="condition on a class label too: an integer params/NAME of the dataset "
+                        "whose class names are its class_names attribute, e.g. morph_class")
     p.add_argument("--log-every", type=_positive_int, default=50,
                    help="steps between logs of the training and held-out bits per code")
     p.add_argument("--checkpoint-every", type=_positive_int, default=500)

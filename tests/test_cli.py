@@ -118,3 +118,51 @@ def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
         assert header["band"] == "F606W" and header["zeropoint"] == zp
         outs[zp] = load_arrays(out, keys=["params"])["params/mag"]
     np.testing.assert_allclose(outs[26.5] - outs[25.0], 1.5, atol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_flags_reach_the_checkpoints(tmp_path, capsys):
+    """--truth-weight, --augment (train-vqvae) and --dropout, --ema, --class-label (train-prior)
+    are recorded in the checkpoints (their defaults: tests/test_train_vqvae.py and
+    tests/test_train_prior.py)."""
+    import json
+
+    import h5py
+
+    from galsim_vqvae.data.dataset import DatasetWriter
+    from galsim_vqvae.train.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(2)
+    n, s = 40, 16
+    y, x = np.mgrid[:s, :s] - s // 2
+    size = rng.uniform(1.0, 2.0, n)
+    truth = np.exp(-(x ** 2 + y ** 2) / (2 * size[:, None, None] ** 2)) * 50
+    psf = np.exp(-(x ** 2 + y ** 2) / 2.0)
+    data = tmp_path / "d.h5"
+    with DatasetWriter(data, stamp_size=s, pixel_scale=0.1, band="b", zeropoint=25.0,
+                       source="synthetic") as w:
+        w.add_psfs(psf / psf.sum())
+        w.append(observed=truth + rng.normal(0, 1, truth.shape), sigma=np.ones(n),
+                 psf_index=np.zeros(n, np.int32), truth=truth,
+                 params={"mag": rng.uniform(20, 24, n), "hlr": size / 10,
+                         "morph_class": np.arange(n) % 2})
+    with h5py.File(data, "a") as f:
+        f.attrs["class_names"] = json.dumps(["disk", "bulge"])
+    tiny = ["--hidden", "8", "--embed-dim", "4", "--num-codes", "8", "--steps", "2",
+            "--batch-size", "8", "--ae-warmup", "1", "--quiet"]
+    code, _, err = run(capsys, "train-vqvae", "--data", data, "--out", tmp_path / "vq", *tiny,
+                       "--truth-weight", "0.25", "--augment")
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / "vq" / "checkpoint.pt")
+    assert state["train"]["truth_weight"] == 0.25 and state["train"]["augment"] is True
+    assert len(state["history"]["truth_chi2"]) == 1
+    prior = ["train-prior", "--data", data, "--vqvae", tmp_path / "vq", "--steps", "2",
+             "--batch-size", "8", "--channels", "4", "--layers", "2", "--kernel-size", "3",
+             "--quiet"]
+    code, _, err = run(capsys, *prior, "--out", tmp_path / "p", "--dropout", "0.1",
+                       "--ema", "0.95", "--class-label", "morph_class")
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / "p" / "checkpoint.pt")
+    assert state["config"]["dropout"] == 0.1 and state["config"]["num_classes"] == 2
+    assert state["train"]["ema"] == 0.95 and state["train"]["class_label"] == "morph_class"
+    assert state["classes"] == {"label": "morph_class", "names": ["disk", "bulge"]}

@@ -442,6 +442,25 @@ def _(w):
                 "--steps", "2", "--conditions", "mag,size", "--quiet"])
 
 
+@case("dataset-no-truth", T, "`train-vqvae`", "`--truth-weight` on a dataset without truth",
+      ["truth_weight=1", "truth images", "data.h5", "has none"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset(), "--truth-weight", "1")
+
+
+@case("dataset-class-label", T, "`train-prior`",
+      "`--class-label` values that are not indices of the dataset's `class_names`",
+      ["classes.h5", "params/morph_class", "class indices 0..1", "stamp 2 has 2.0"])
+def _(w):
+    def edit(f):
+        f["params"].create_dataset("morph_class", data=np.arange(20, dtype=np.float32) % 3)
+        f.attrs["class_names"] = json.dumps(["disk", "bulge"])
+    _, ckpt = w.vqvae_run
+    return CLI(["train-prior", "--data", w.dataset("classes.h5", edit=edit), "--vqvae", ckpt,
+                "--out", w.path("prior"), "--steps", "2", "--class-label", "morph_class",
+                "--quiet"])
+
+
 @case("dataset-vs-vqvae", T, "`train-prior`",
       "`--data` stamps differ from the VQ-VAE's training data",
       ["other_grid.h5", "32x32", "0.03", "16x16", "0.06"])
