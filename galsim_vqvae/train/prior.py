@@ -201,6 +201,35 @@ def read_labels(data, names):
     return np.stack(columns, axis=1)
 
 
+def label_table(data, names, max_rows=20_000, seed=0):
+    """The labels ``names`` of the dataset's training split, [m, len(names)] float32, for a
+    model bundle (`galsim_vqvae.Emulator.label_table`): every training row, or a seeded random
+    subsample of ``max_rows`` of them (in dataset order) if there are more."""
+    from ..data.dataset import split_indices
+
+    labels = read_labels(data, names)
+    rows = split_indices(len(labels), "train")
+    if rows.size > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    return labels[rows].astype(np.float32)
+
+
+def class_names(data, name):
+    """The class names of the integer label ``params/NAME`` of a dataset (its ``class_names``
+    attribute, one name for each class number)."""
+    import contextlib
+
+    from ..data.dataset import _attr, _open
+
+    with contextlib.closing(_open(data)) as f:
+        dset = f["params"].get(name) if "params" in f else None
+        names = None if dset is None else dset.attrs.get("class_names")
+    if names is None:
+        raise VQVAEInputError(f"{data}: params/{name} has no 'class_names' attribute (the names "
+                              "of its classes)")
+    return [str(_attr(v)) for v in names]
+
+
 def label_normalisation(train_labels, names):
     """{"names", "mean", "std", "min", "max"} (lists of floats) of the training labels."""
     mean = train_labels.mean(0)
