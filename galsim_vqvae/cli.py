@@ -22,17 +22,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _conditions_arg(text):
-    """Parse ``name=value,name=value`` into a dict of floats."""
+    """Parse ``name=value,name=value`` into a dict: numbers as floats, other values (a class
+    name such as ``morph_class=bulge``) as strings, checked by the model."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"condition {item!r} is not of the form name=value")
-        name, value = item.split("=", 1)
+        name, value = (part.strip() for part in item.split("=", 1))
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"condition {name.strip()!r} has a value that is "
-                                             f"not a number: {value!r}") from None
+            out[name] = value
     return out
 
 
@@ -144,12 +144,15 @@ def cmd_sample(args):
                                    processes=args.processes, device=args.device,
                                    temperature=args.temperature, out_of_range=args.out_of_range)
         return f"wrote {args.n} galaxies to {args.out} ({shards} shard(s) in parallel)"
+    from .nn.sampling import per_sample_seeds
+
     emulator = Emulator.load(args.model, device=args.device)
-    codes = emulator.sample_codes(args.n, conditions, seed=args.seed,
-                                  temperature=args.temperature, out_of_range=args.out_of_range,
+    seeds = per_sample_seeds(args.seed, args.n)
+    labels = emulator.draw_conditions(args.n, conditions, seeds, args.out_of_range) or None
+    codes = emulator.sample_codes(args.n, labels, seed=seeds, temperature=args.temperature,
                                   progress=not args.quiet)
     images = emulator.decode(codes)
-    write_samples(args.out, images, codes, emulator, conditions, args.n, seed=args.seed)
+    write_samples(args.out, images, codes, emulator, labels, args.n, seed=args.seed)
     return f"wrote {args.n} galaxies ({images.shape[1]}x{images.shape[2]}) to {args.out}"
 
 
@@ -336,7 +339,9 @@ def build_parser():
     p.add_argument("--out", required=True, help="output FITS file")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--conditions", type=_conditions_arg, default=None,
-                   help="e.g. mag=22.5,hlr=0.4 (the same for every sample)")
+                   help="labels of every sample, e.g. mag=22.5 or mag=23,morph_class=disk "
+                        "(a class by name or number); labels left out are drawn from the "
+                        "training population, given those set. Default: all drawn")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out-of-range", choices=["error", "clip"], default="error")
     p.add_argument("--device", default="cpu",

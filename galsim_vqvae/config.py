@@ -42,10 +42,10 @@ import numpy as np
 from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, ParseValue,
                            RegisterInputType, RegisterObjectType)
 from galsim.config.value import standard_ignore
-from galsim.errors import GalSimConfigError, GalSimConfigValueError
+from galsim.errors import GalSimConfigError, GalSimConfigValueError, GalSimValueError
 
 from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, _target_fwhm, check_psf,
-                      generate, get_emulator, index_seed, rng_seed)
+                      draw_labels, generate, get_emulator, index_seed, rng_seed)
 
 __all__ = ["VQVAEModel", "VQVAEModelLoader", "BuildVQVAEGalaxy"]
 
@@ -233,11 +233,11 @@ class VQVAEModel:
             raise
         self._blocks.add(block)
         if self._store is not None and publish:
-            names = self.info.condition_names
+            names = self.info.label_names
             self._store.publish(block, done, names)
 
     def _load(self, block):
-        found = self._store.load(block, self.info.condition_names)
+        found = self._store.load(block, self.info.label_names)
         if found is None:
             return False
         for r, image in found:
@@ -456,23 +456,20 @@ def _parse_value(config, key, base, value_type, where):
 def _parse(config, base, model, ignore, logger):
     """Parse a VQVAEGalaxy config dict into (request, kwargs for the galaxy)."""
     check_fields(config, "VQVAEGalaxy", list(VQVAEGalaxy._opt_params) + _IGNORE, ignore)
+    empty = sorted(k for k in VQVAEGalaxy._opt_params if k in config and config[k] is None)
+    if empty:  # GalSim itself would fail on them with a TypeError
+        raise GalSimConfigError(f"VQVAEGalaxy: field(s) {empty} have no value (null)")
     info = model.info
-    conditions = None
+    given = None
     if "conditions" in config:
         cond = config["conditions"]
         if not isinstance(cond, dict):
             raise GalSimConfigError("VQVAEGalaxy.conditions must be a dict label: value, got "
                                     f"{cond!r}")
-        unknown = sorted(set(cond) - set(info.condition_names))
-        if unknown:
-            raise GalSimConfigError(f"VQVAEGalaxy.conditions: unknown label(s) {unknown}; the "
-                                    f"model's labels are {info.condition_names}")
-        conditions = {}
-        for k in info.condition_names:
-            if k in cond:
-                conditions[k] = _parse_value(cond, k, base, float,
-                                             f"VQVAEGalaxy.conditions.{k}")
-    conditions = info.check_conditions(conditions, clip=model.out_of_range == "clip")
+        # labels the model lacks go to draw_labels unparsed, which names them
+        given = {k: _parse_value(cond, k, base, str if k == model.emulator.class_label else float,
+                                 f"VQVAEGalaxy.conditions.{k}") if k in info.label_names
+                 else cond[k] for k in cond}
     # After the conditions, so that e.g. flux: '$f(@gal.conditions.mag)' finds them evaluated.
     kwargs, _ = _get_all_params(config, base, "VQVAEGalaxy", VQVAEGalaxy._opt_params,
                                 ignore + _IGNORE)
@@ -484,6 +481,11 @@ def _parse(config, base, model, ignore, logger):
         if rng is None:  # pragma: no cover  (GalSim always sets one up)
             raise GalSimConfigError("VQVAEGalaxy needs an rng or an index")
         seed = rng_seed(rng)
+    try:
+        conditions = draw_labels(model.emulator, given, [seed], model.out_of_range)
+    except GalSimValueError as err:  # not a range error: a field of this config
+        raise GalSimConfigError(f"VQVAEGalaxy.conditions: {err}") from None
+    conditions = None if conditions is None else conditions[0]
     kwargs.update(index=index, seed=seed, conditions=conditions)
     return _Request(seed, conditions), kwargs
 

@@ -16,7 +16,8 @@ def write_samples(path, images, codes, emulator, conditions, n, seed=None):
 
     HDU 0 holds the pre-PSF images [n, stamp, stamp] with the model's pixel scale, band and flux
     convention in its header; HDU ``CODES`` the code maps; HDU ``CONDITIONS`` a table of the
-    physical conditions of each sample (absent for an unconditional model).
+    labels of each sample, given or drawn (absent for a model without labels; a class label is
+    an integer column).
     """
     _write(path, sample_hdus(images, codes, emulator, conditions, n, seed))
 
@@ -37,8 +38,8 @@ def sample_hdus(images, codes, emulator, conditions, n, seed=None):
     h["COMMENT"] = "pre-PSF galaxy images; " + str(m["flux_convention"])
     hdus = [primary, fits.ImageHDU(np.asarray(codes, dtype=np.int32), name="CODES")]
     if conditions:
-        cols = [fits.Column(name=k, format="D",
-                            array=np.broadcast_to(np.asarray(v, float), (n,)).copy())
+        cols = [fits.Column(name=k, format="K" if np.asarray(v).dtype.kind in "iu" else "D",
+                            array=np.broadcast_to(np.asarray(v), (n,)).copy())
                 for k, v in conditions.items()]
         hdus.append(fits.BinTableHDU.from_columns(cols, name="CONDITIONS"))
     return fits.HDUList(hdus)

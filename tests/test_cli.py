@@ -33,7 +33,7 @@ def test_sample_writes_images_codes_and_conditions(tiny_emulator, tmp_path, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["--conditions", "mag=40,hlr=0.4"], "'mag' = 40 is outside the training range"),
-    (["--conditions", "mag=22,size=0.4"], "unknown: ['size']"),
+    (["--conditions", "mag=22,size=0.4"], "unknown label(s) ['size']"),
     (["--device", "cuda:7"], "cuda"),
 ])
 def test_sample_bad_input_is_one_line_and_writes_nothing(tiny_emulator, tmp_path, capsys, argv,

@@ -552,6 +552,13 @@ def _(w):
     return sample_cli(w, w.model_with("nofwhm.safetensors", lambda m: m.pop("psf_fwhm")))
 
 
+@case("model-label-table", T, "`sample`", "a label table that contradicts the metadata",
+      ["table.safetensors", "tensor 'labels.table' has shape (500, 1)", "['mag', 'hlr']"])
+def _(w):
+    return sample_cli(w, w.model_with("table.safetensors", edit_tensors=lambda t: t.update(
+        {"labels.table": t["labels.table"][:, :1].contiguous()})))
+
+
 @case("model-metadata-type", T, "`sample`", "a metadata field of the wrong type",
       ["str.safetensors", "'pixel_scale' = '0.03'", "a positive number"])
 def _(w):
@@ -612,10 +619,20 @@ def _(w):
     return Config(w.config(conditions={"mag": 22.0, "size": 0.5}), galsim.GalSimConfigError)
 
 
-@case("config-label-missing", T, "config `VQVAEGalaxy`", "a condition label left out",
-      ["missing: ['hlr']"])
+def without_table(w):
+    """A copy of the tiny model without its table of training labels (as bundles made before
+    the table existed)."""
+    return w.model_with("notable.safetensors", lambda m: m["conditions"].pop("table"),
+                        lambda t: t.pop("labels.table"))
+
+
+@case("config-label-missing", T, "config `VQVAEGalaxy`",
+      "a label left out, and the model has no table of training labels to draw it from",
+      ["no table of training labels", "['hlr']", "gal.conditions", "hlr in [0.1, 1.5]"])
 def _(w):
-    return Config(w.config(conditions={"mag": 22.0}), galsim.GalSimValueError)
+    cfg = w.config(conditions={"mag": 22.0})
+    cfg["input"]["vqvae_model"]["file_name"] = without_table(w)
+    return Config(cfg, galsim.GalSimConfigError)
 
 
 @case("config-value", T, "config `VQVAEGalaxy`", "a condition that is not a number",
@@ -724,10 +741,37 @@ def _(w):
 
 
 @case("conditions-unknown-cli", T, "`sample`", "a condition label the model lacks",
-      ["unknown: ['size']", "missing: ['hlr']"])
+      ["unknown label(s) ['size']", "['mag', 'hlr']"])
 def _(w):
     return CLI(["sample", "--model", w.model, "--n", "1", "--conditions", "mag=22,size=0.4",
                 "--out", w.path("s.fits"), "--quiet"])
+
+
+@case("conditions-no-table-cli", T, "`sample`",
+      "no `--conditions`, and the model has no table of training labels",
+      ["no table of training labels", "['mag', 'hlr']", "--conditions", "mag in [20, 25.5]"])
+def _(w):
+    return CLI(["sample", "--model", without_table(w), "--n", "1", "--out", w.path("s.fits"),
+                "--quiet"])
+
+
+@case("conditions-class-name", T, "`Emulator.sample` (Python)",
+      "a class name the model does not know",
+      ["morph_class = 'spiral'", "'disk', 'bulge'"])
+def _(w):
+    from galsim_vqvae.emulator import Emulator
+    from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
+
+    emu = Emulator.load(w.model)
+    meta = dict(emu.metadata)
+    meta["conditions"] = dict(meta["conditions"],
+                              class_label={"name": "morph_class", "class_names": ["disk", "bulge"]})
+    prior = GatedPixelCNN(num_codes=32, channels=8, layers=2, kernel_size=3, cond_dim=2,
+                          num_classes=2)
+    meta["prior_config"] = prior.config
+    table = np.concatenate([emu.label_table, np.zeros((len(emu.label_table), 1), np.float32)], 1)
+    emu = Emulator(emu.vqvae, prior, meta, emu.psf_image, label_table=table)
+    return Call(lambda: emu.sample(1, {"morph_class": "spiral"}), VQVAEInputError)
 
 
 @case("conditions-syntax", T, "`sample`", "`--conditions` not of the form name=value",

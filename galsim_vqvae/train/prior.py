@@ -263,6 +263,19 @@ def read_classes(data, name):
     return values.astype(np.int64), names
 
 
+def label_table(data, names, max_rows=20_000, seed=0):
+    """The labels ``names`` of the dataset's training split, [m, len(names)] float32, for a
+    model bundle (`galsim_vqvae.Emulator.label_table`): every training row, or a seeded random
+    subsample of ``max_rows`` of them (in dataset order) if there are more."""
+    from ..data.dataset import split_indices
+
+    labels = read_labels(data, names)
+    rows = split_indices(len(labels), "train")
+    if rows.size > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    return labels[rows].astype(np.float32)
+
+
 def label_normalisation(train_labels, names):
     """{"names", "mean", "std", "min", "max"} (lists of floats) of the training labels."""
     mean = train_labels.mean(0)
