@@ -644,6 +644,18 @@ class Emulator:
 
 # --------------------------------------------------------------------------------------------
 # Bundle reading and checking
+def _is_torch_checkpoint(path):
+    """Whether ``path`` is a file written by ``torch.save`` (a zip archive holding a pickle), as
+    the training checkpoints are; it is only inspected, never unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read_bundle(path):
     from safetensors.torch import load_file
     from safetensors import safe_open
@@ -653,6 +665,13 @@ def _read_bundle(path):
             header = f.metadata() or {}
         tensors = load_file(path)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... all mean "unreadable"
+        if _is_torch_checkpoint(path):
+            bundle = os.path.join(os.path.dirname(path), "model.safetensors")
+            here = f" (here: {bundle})" if os.path.isfile(bundle) else ""
+            raise VQVAEFormatError(
+                f"model file {path} is a training checkpoint, not a model bundle: give the bundle "
+                "model.safetensors that `galsim-vqvae train-prior` writes in its --out folder"
+                + here) from None
         raise VQVAEFormatError(f"model file {path} is corrupt or truncated "
                                f"(not a readable safetensors file: {err})") from None
     if _HEADER_KEY not in header:

@@ -494,9 +494,15 @@ def _(w):
 
 
 @case("model-pickle", T, "`sample`", "`--model` is a pickle (a torch `.pt` file)",
-      ["bomb.pt", "corrupt or truncated", "not a readable safetensors file"])
+      ["bomb.pt", "training checkpoint, not a model bundle"])
 def _(w):
     return sample_cli(w, w.pickle_bomb("bomb.pt"))
+
+
+@case("model-checkpoint", T, "`sample`", "`--model` is a training checkpoint",
+      ["checkpoint.pt", "training checkpoint", "model.safetensors", "train-prior"])
+def _(w):
+    return sample_cli(w, w.vqvae_run[1])
 
 
 @case("model-version", T, "`Emulator.load` (Python)", "a bundle of an unknown format version",
@@ -698,6 +704,14 @@ def _(w):
 # ------------------------------------------------------------------------------------------------
 # Conditions, counts and devices
 T = "Conditions, counts and devices"
+
+
+@case("vqvae-hidden-odd", T, "`train-vqvae`", "`--hidden` odd",
+      ["hidden must be an even number", "got 3"])
+def _(w):
+    data, _ = w.vqvae_run
+    return CLI(["train-vqvae", "--data", data, "--out", w.path("vq"), "--steps", "2",
+                "--hidden", "3", "--quiet"])
 
 
 @case("conditions-range-cli", T, "`sample`", "a condition outside the training range",

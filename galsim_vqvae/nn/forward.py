@@ -9,6 +9,8 @@ draws it, and is expected to include the pixel response (drawn with ``method='au
 
 import torch
 
+from ..errors import VQVAEInputError
+
 _FAST_FACTORS = (2, 3, 5, 7)
 
 
@@ -60,20 +62,20 @@ def convolve_psf(image, psf=None, psf_ft=None):
         Tensor [..., S, S] float32: ``out[j] = sum_k image[k] * psf[j - k + S//2]``.
     """
     if (psf is None) == (psf_ft is None):
-        raise ValueError("give exactly one of psf and psf_ft")
+        raise VQVAEInputError("give exactly one of psf and psf_ft")
     s = image.shape[-1]
     if image.shape[-2] != s:
-        raise ValueError(f"images must be square, got {list(image.shape)}")
+        raise VQVAEInputError(f"images must be square, got {list(image.shape)}")
     n = padded_size(s)
     with torch.autocast(device_type=image.device.type, enabled=False):
         if psf_ft is None:
             if psf.shape[-2:] != image.shape[-2:]:
-                raise ValueError(f"psf shape {list(psf.shape)} does not match image shape "
-                                 f"{list(image.shape)}")
+                raise VQVAEInputError(f"psf shape {list(psf.shape)} does not match image shape "
+                                      f"{list(image.shape)}")
             psf_ft = psf_transform(psf, n)
         elif psf_ft.shape[-2:] != (n, n // 2 + 1):
-            raise ValueError(f"psf_ft has shape {list(psf_ft.shape)}, expected [..., {n}, "
-                             f"{n // 2 + 1}] for stamps of {s} pixels")
+            raise VQVAEInputError(f"psf_ft has shape {list(psf_ft.shape)}, expected [..., {n}, "
+                                  f"{n // 2 + 1}] for stamps of {s} pixels")
         full = torch.fft.irfft2(torch.fft.rfft2(image.float(), s=(n, n)) * psf_ft, s=(n, n))
         c = s // 2
         return full[..., c:c + s, c:c + s]

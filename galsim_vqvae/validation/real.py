@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from ..errors import VQVAEInputError
-from .common import Section, check_grid, fmt
+from .common import Section, check_grid, fmt, shown_path
 
 TITLE = "6. Real galaxies"
 
@@ -70,7 +70,8 @@ def run(emulator, arrays, out_dir):
                         "real.chi2_mean": float(np.mean(chi2)),
                         "real.chi2_max": float(np.max(chi2))})
     sec.lines += [
-        f"{len(chi2)} real stamps from `{header['input']}` ({header.get('description', '')}), "
+        f"{len(chi2)} real stamps from `{shown_path(header['input'])}` "
+        f"({header.get('description', '')}), "
         f"band {header.get('band', '?')}, on the model's grid ({emulator.stamp_size} pixels of "
         f"{emulator.metadata['pixel_scale']}\"; the model was trained in band "
         f"{emulator.metadata.get('band', '?')}). Reduced chi^2 of the reconstruction convolved "
