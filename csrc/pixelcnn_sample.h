@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <cstdio>
 #include <string>
 #include <tuple>
@@ -88,7 +87,7 @@ inline std::string shape_string(const at::Tensor& t) {
 // The expected shape is copied into a local array and both shapes are formatted here, so that no
 // ArrayRef into a temporary is compared or printed.
 inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                                 std::initializer_list<int64_t> expected,
+                                 const std::vector<int64_t>& expected,
                                  const at::Device& device) {
   TORCH_CHECK_VALUE(t.defined(), msg("pixelcnn_sample: ", name, " is missing"));
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, msg("pixelcnn_sample: ", name, " must be ",
@@ -107,14 +106,25 @@ inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::Scal
                     t.device().str(), " but noise is on ", device.str()));
 }
 
+// The layer weights, passed to the op as one Tensor[] in this order (ops.py::SAMPLER_WEIGHTS
+// names them in the same order; the layout of each is described at the top of this file).
+enum SamplerWeight {
+  kEmbedding, kVW, kVB, kHW, kHB, kVhW, kVhB, kOutW, kOutB, kHead1W, kHead1B, kHead2W, kHead2B,
+  kNumSamplerWeights
+};
+constexpr const char* kSamplerWeightNames[kNumSamplerWeights] = {
+    "embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
+    "head1_w", "head1_b", "head2_w", "head2_b"};
+
 // Checks every argument (names the one at fault) and returns the problem's dimensions.
-inline SamplerDims check_sampler_inputs(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
+inline SamplerDims check_sampler_inputs(at::TensorList weights, const c10::optional<at::Tensor>& bias,
+                                        const at::Tensor& noise, double temperature,
+                                        int64_t kernel_size) {
+  TORCH_CHECK_VALUE(weights.size() == kNumSamplerWeights,
+                    msg("pixelcnn_sample: weights must be ", (int64_t)kNumSamplerWeights,
+                        " tensors (embedding, v_w, ..., head2_b), got ", (int64_t)weights.size()));
+  const at::Tensor& embedding = weights[kEmbedding];
+  const at::Tensor& v_w = weights[kVW];
   TORCH_CHECK_VALUE(noise.defined() && noise.dim() == 4,
                     msg("pixelcnn_sample: noise must be [B, H, W, K], got shape ",
                     shape_string(noise)));
@@ -151,31 +161,30 @@ inline SamplerDims check_sampler_inputs(
                     msg("pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
                     shape_string(noise)));
   const int64_t b = d.batch, l = d.layers, c = d.channels, k = d.codes, p = d.pad;
-  const auto f64 = at::kDouble;
   const at::Device dev = noise.device();
-  check_sampler_tensor(embedding, "embedding", f64, {k, c}, dev);
-  check_sampler_tensor(v_w, "v_w", f64, {l, (p + 1) * kernel_size * c, 2 * c}, dev);
-  check_sampler_tensor(v_b, "v_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(h_w, "h_w", f64, {l, (p + 1) * c, 2 * c}, dev);
-  check_sampler_tensor(h_b, "h_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(vh_w, "vh_w", f64, {l, 2 * c, 2 * c}, dev);
-  check_sampler_tensor(vh_b, "vh_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(out_w, "out_w", f64, {l, c, c}, dev);
-  check_sampler_tensor(out_b, "out_b", f64, {l, c}, dev);
-  check_sampler_tensor(head1_w, "head1_w", f64, {c, c}, dev);
-  check_sampler_tensor(head1_b, "head1_b", f64, {c}, dev);
-  check_sampler_tensor(head2_w, "head2_w", f64, {c, k}, dev);
-  check_sampler_tensor(head2_b, "head2_b", f64, {k}, dev);
-  if (d.has_bias) check_sampler_tensor(*bias, "bias", f64, {b, l, 2 * c}, dev);
+  const std::vector<int64_t> shapes[kNumSamplerWeights] = {
+      {k, c}, {l, (p + 1) * kernel_size * c, 2 * c}, {l, 2 * c}, {l, (p + 1) * c, 2 * c},
+      {l, 2 * c}, {l, 2 * c, 2 * c}, {l, 2 * c}, {l, c, c}, {l, c}, {c, c}, {c}, {c, k}, {k}};
+  for (int q = 0; q < kNumSamplerWeights; ++q)
+    check_sampler_tensor(weights[q], kSamplerWeightNames[q], at::kDouble, shapes[q], dev);
+  if (d.has_bias) check_sampler_tensor(*bias, "bias", at::kDouble, {b, l, 2 * c}, dev);
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size);
+// The weights as contiguous tensors (kept alive by the caller for the whole call).
+inline std::vector<at::Tensor> contiguous_weights(at::TensorList weights) {
+  std::vector<at::Tensor> out;
+  for (const auto& w : weights) out.push_back(w.contiguous());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(at::TensorList weights,
+                                                       const c10::optional<at::Tensor>& bias,
+                                                       const at::Tensor& noise, double temperature,
+                                                       int64_t kernel_size);
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
+                                                        const c10::optional<at::Tensor>& bias,
+                                                        const at::Tensor& noise, double temperature,
+                                                        int64_t kernel_size);
 
 }  // namespace galsim_vqvae

@@ -245,8 +245,13 @@ def _register_fake():
 
     if _has_sampler_op():
         @torch.library.register_fake("galsim_vqvae::pixelcnn_sample")
-        def _(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w, head1_b,
-              head2_w, head2_b, bias, noise, temperature, kernel_size):
+        def _(weights, bias, noise, temperature, kernel_size):
+            torch._check(len(weights) == len(SAMPLER_WEIGHTS),
+                         lambda: f"pixelcnn_sample: weights must be {len(SAMPLER_WEIGHTS)} "
+                                 f"tensors, got {len(weights)}")
+            torch._check(noise.dim() == 4, lambda: "pixelcnn_sample: noise must be [B, H, W, K]")
+            torch._check(noise.shape[3] == weights[0].shape[0],
+                         lambda: "pixelcnn_sample: noise and embedding disagree on K")
             b, h, w = noise.shape[:3]
             return (noise.new_empty((b, h, w), dtype=torch.int64),
                     noise.new_empty((b,), dtype=torch.float64))
@@ -254,8 +259,9 @@ def _register_fake():
 
 # ------------------------------------------------------------------ cached PixelCNN sampler
 
-_SAMPLER_ARGS = ("embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
-                 "head1_w", "head1_b", "head2_w", "head2_b")
+# The op's weights (its Tensor[] argument), in order; csrc/pixelcnn_sample.h describes each.
+SAMPLER_WEIGHTS = ("embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
+                   "head1_w", "head1_b", "head2_w", "head2_b")
 _SAMPLER_ANNOUNCED = set()
 
 
@@ -330,13 +336,13 @@ def pixelcnn_sample(weights, bias, noise, temperature, kernel_size):
     reason = sampler_load_error(noise.device if isinstance(noise, torch.Tensor) else "cpu")
     if reason is not None:
         raise VQVAEInputError(f"pixelcnn_sample: the compiled sampler is not available: {reason}")
-    missing = [k for k in _SAMPLER_ARGS if k not in weights]
+    missing = [k for k in SAMPLER_WEIGHTS if k not in weights]
     if missing:
         raise VQVAEInputError(f"pixelcnn_sample: weights lack {missing}")
     try:
         with torch.no_grad():
             return torch.ops.galsim_vqvae.pixelcnn_sample(
-                *[weights[k] for k in _SAMPLER_ARGS], bias, noise, float(temperature),
+                [weights[k] for k in SAMPLER_WEIGHTS], bias, noise, float(temperature),
                 int(kernel_size))
     except ValueError as exc:  # the op's argument checks (c10::ValueError), one line each
         raise VQVAEInputError(str(exc).splitlines()[0]) from None

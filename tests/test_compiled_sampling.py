@@ -125,12 +125,12 @@ def test_opcheck():
     network = float64_prior(prior)
     w = flat_weights(network)
     for device in ["cpu"] + (["cuda"] if CUDA else []):
-        weights = [w[k].to(device) for k in ops._SAMPLER_ARGS]
+        weights = [w[k].to(device) for k in ops.SAMPLER_WEIGHTS]
         noise = gumbel_noise([1, 2], (3, 2), 6).to(device)
         bias = torch.randn(2, 2, 8, dtype=torch.float64, device=device)
         for b in (bias, None):
             torch.library.opcheck(torch.ops.galsim_vqvae.pixelcnn_sample.default,
-                                  (*weights, b, noise, 0.8, 3))
+                                  (weights, b, noise, 0.8, 3))
 
 
 @needs_op
@@ -158,7 +158,10 @@ def test_bad_arguments_are_named():
         ops.pixelcnn_sample({k: v for k, v in w.items() if k != "head2_b"}, None, noise, 1.0, 3)
     with pytest.raises(ValueError, match="embedding must be Double"):  # the raw op: ValueError
         torch.ops.galsim_vqvae.pixelcnn_sample(
-            w["embedding"].float(), *[w[k] for k in ops._SAMPLER_ARGS[1:]], None, noise, 1.0, 3)
+            [w["embedding"].float(), *[w[k] for k in ops.SAMPLER_WEIGHTS[1:]]], None, noise, 1.0, 3)
+    with pytest.raises(ValueError, match="weights must be 13 tensors"):
+        torch.ops.galsim_vqvae.pixelcnn_sample(
+            [w[k] for k in ops.SAMPLER_WEIGHTS[:-1]], None, noise, 1.0, 3)
     with pytest.raises(VQVAEInputError, match="implementation must be one of"):
         sample_fast(prior, 1, (2, 2), seeds=[1], implementation="cpp")
 

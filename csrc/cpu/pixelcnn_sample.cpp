@@ -265,48 +265,41 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const float* noise, in
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
-  const SamplerDims d =
-      check_sampler_inputs(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w,
-                           head1_b, head2_w, head2_b, bias, noise, temperature, kernel_size);
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(at::TensorList weights,
+                                                       const c10::optional<at::Tensor>& bias,
+                                                       const at::Tensor& noise, double temperature,
+                                                       int64_t kernel_size) {
+  const SamplerDims d = check_sampler_inputs(weights, bias, noise, temperature, kernel_size);
   TORCH_CHECK(noise.device().is_cpu(), "pixelcnn_sample_cpu: tensors must be on the CPU");
   auto codes = at::empty({d.batch, d.height, d.width}, noise.options().dtype(at::kLong));
   auto gap = at::empty({d.batch}, noise.options().dtype(at::kDouble));
   if (d.batch == 0) return {codes, gap};
 
   // Contiguous inputs, kept alive for the whole call.
-  const at::Tensor e = embedding.contiguous(), vb = v_b.contiguous(), hbias = h_b.contiguous(),
-                   vhb = vh_b.contiguous(), ob = out_b.contiguous(), h1b = head1_b.contiguous(),
-                   h2b = head2_b.contiguous(), nz = noise.contiguous();
+  const std::vector<at::Tensor> w = contiguous_weights(weights);
+  const at::Tensor nz = noise.contiguous();
   const at::Tensor bs = d.has_bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor vw = v_w.contiguous(), hw = h_w.contiguous(), vhw = vh_w.contiguous(),
-                   ow = out_w.contiguous(), h1w = head1_w.contiguous(), h2w = head2_w.contiguous();
+  auto ptr = [&](SamplerWeight q) { return w[q].data_ptr<double>(); };
   const int64_t C = d.channels, C2 = 2 * C, L = d.layers, p = d.pad;
   Model m;
   m.d = d;
-  m.embedding = e.data_ptr<double>();
-  m.v_b = vb.data_ptr<double>();
-  m.h_b = hbias.data_ptr<double>();
-  m.vh_b = vhb.data_ptr<double>();
-  m.out_b = ob.data_ptr<double>();
-  m.head1_b = h1b.data_ptr<double>();
-  m.head2_b = h2b.data_ptr<double>();
+  m.embedding = ptr(kEmbedding);
+  m.v_b = ptr(kVB);
+  m.h_b = ptr(kHB);
+  m.vh_b = ptr(kVhB);
+  m.out_b = ptr(kOutB);
+  m.head1_b = ptr(kHead1B);
+  m.head2_b = ptr(kHead2B);
   m.bias = d.has_bias ? bs.data_ptr<double>() : nullptr;
   const int64_t kv = (p + 1) * d.kernel * C, kh = (p + 1) * C;
   for (int64_t l = 0; l < L; ++l) {
-    m.v_w.emplace_back(vw.data_ptr<double>() + l * kv * C2, kv, C2);
-    m.h_w.emplace_back(hw.data_ptr<double>() + l * kh * C2, kh, C2);
-    m.vh_w.emplace_back(vhw.data_ptr<double>() + l * C2 * C2, C2, C2);
-    m.out_w.emplace_back(ow.data_ptr<double>() + l * C * C, C, C);
+    m.v_w.emplace_back(ptr(kVW) + l * kv * C2, kv, C2);
+    m.h_w.emplace_back(ptr(kHW) + l * kh * C2, kh, C2);
+    m.vh_w.emplace_back(ptr(kVhW) + l * C2 * C2, C2, C2);
+    m.out_w.emplace_back(ptr(kOutW) + l * C * C, C, C);
   }
-  m.head1_w = Panels(h1w.data_ptr<double>(), C, C);
-  m.head2_w = Panels(h2w.data_ptr<double>(), C, d.codes);
+  m.head1_w = Panels(ptr(kHead1W), C, C);
+  m.head2_w = Panels(ptr(kHead2W), C, d.codes);
 
   const float* noise_p = nz.data_ptr<float>();
   int64_t* codes_p = codes.data_ptr<int64_t>();

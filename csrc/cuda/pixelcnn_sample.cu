@@ -17,7 +17,6 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -167,6 +166,46 @@ constexpr int kTK = 64;       // reduction step
 constexpr int kThreads = 128; // 16 rows x 8 column groups; each thread: 1 map x 4 columns
 constexpr int kLoadA = kTM * kTK / kThreads, kLoadB = kTK * kTN / kThreads;
 
+// The operands of one per-position product, by MODE: the weight matrix [kdim, ldw] and the left
+// operand's row of map b (h_conv: the window of columns j-p .. j of row buffer l, .. j-1 for layer
+// 0; h_out: the gate; head1: the last row buffer at j, before its ELU; head2: the head).
+struct Operands {
+  int kdim, ldw;
+  const double* w;
+};
+
+template <int MODE>
+__device__ __forceinline__ Operands operands(const Net& n, int l) {
+  const int C = n.C, p = n.p;
+  if (MODE == kHConvGate)
+    return {(l == 0 ? p : p + 1) * C, 2 * C, n.h_w + (int64_t)l * (p + 1) * C * 2 * C};
+  if (MODE == kHOut) return {C, C, n.out_w + (int64_t)l * C * C};
+  if (MODE == kHead1) return {C, C, n.head1_w};
+  return {C, n.K, n.head2_w};
+}
+
+template <int MODE>
+__device__ __forceinline__ const double* left_row(const Net& n, int l, int j, int64_t b) {
+  if (MODE == kHConvGate) return n.HB(l, b, j);
+  if (MODE == kHOut) return n.gate + b * n.C;
+  if (MODE == kHead1) return n.HB(n.L, b, n.p + j);
+  return n.head + b * n.C;
+}
+
+// The weight column that tile column q (of 32) reads, from column c0 on; false past the matrix.
+// h_conv: q < 16 the first halves of 16 gate channels c0 + q, q >= 16 their second halves.
+template <int MODE>
+__device__ __forceinline__ bool weight_column(const Net& n, const Operands& op, int c0, int q,
+                                              int* col) {
+  if (MODE == kHConvGate) {
+    const int ch = c0 + (q & 15);
+    *col = q < 16 ? ch : n.C + ch;
+    return ch < n.C;
+  }
+  *col = c0 + q;
+  return *col < op.ldw;
+}
+
 // out[b][cols] = A[b][:] @ Wt[:, cols] for the maps of one tile, with the mode's operands and
 // epilogue. Thread (ty, tx) accumulates tile columns tx, tx+8, tx+16, tx+24. The next step's
 // operands are loaded into registers while the current one is multiplied from shared memory.
@@ -178,50 +217,18 @@ __global__ void __launch_bounds__(kThreads) position_kernel(Net n, int l, int j)
   const int C = n.C, p = n.p;
   const int64_t m0 = (int64_t)blockIdx.x * kTM;
   const int c0 = blockIdx.y * (MODE == kHConvGate ? kTN / 2 : kTN);
-  int kdim, ldw;
-  const double* wmat;
-  if (MODE == kHConvGate) {
-    kdim = (l == 0 ? p : p + 1) * C;  // the window: columns j-p .. j (.. j-1 for layer 0)
-    wmat = n.h_w + (int64_t)l * (p + 1) * C * 2 * C;
-    ldw = 2 * C;
-  } else if (MODE == kHOut) {
-    kdim = C;
-    wmat = n.out_w + (int64_t)l * C * C;
-    ldw = C;
-  } else if (MODE == kHead1) {
-    kdim = C;
-    wmat = n.head1_w;
-    ldw = C;
-  } else {
-    kdim = C;
-    wmat = n.head2_w;
-    ldw = n.K;
-  }
+  const Operands op = operands<MODE>(n, l);
+  const int kdim = op.kdim, ldw = op.ldw;
+  const double* wmat = op.w;
   // Row pointers of this thread's A loads and column of its B loads (fixed over the k steps).
   const double* arow[kLoadA];
 #pragma unroll
   for (int t = 0; t < kLoadA; ++t) {
     const int64_t b = m0 + (tid + t * kThreads) / kTK;
-    const double* r = nullptr;
-    if (b < n.B) {
-      if (MODE == kHConvGate) r = n.HB(l, b, j);
-      else if (MODE == kHOut) r = n.gate + b * C;
-      else if (MODE == kHead1) r = n.HB(n.L, b, p + j);
-      else r = n.head + b * C;
-    }
-    arow[t] = r;
+    arow[t] = b < n.B ? left_row<MODE>(n, l, j, b) : nullptr;
   }
-  const int q = tid % kTN;  // every B load of this thread is in tile column q
-  int bcol;
-  bool bok;
-  if (MODE == kHConvGate) {
-    const int ch = c0 + (q & 15);
-    bcol = q < 16 ? ch : C + ch;
-    bok = ch < C;
-  } else {
-    bcol = c0 + q;
-    bok = bcol < ldw;
-  }
+  int bcol;  // every B load of this thread is in tile column tid % kTN
+  const bool bok = weight_column<MODE>(n, op, c0, tid % kTN, &bcol);
   double ra[kLoadA], rb[kLoadB];
   auto load = [&](int k0) {
 #pragma unroll
@@ -315,45 +322,15 @@ __global__ void __launch_bounds__(32 * kGS) position_gemv_kernel(Net n, int l, i
   const int C = n.C, p = n.p;
   const int64_t m0 = (int64_t)blockIdx.x * kGM;
   const int c0 = blockIdx.y * (MODE == kHConvGate ? 16 : 32);
-  int kdim, ldw;
-  const double* wmat;
-  if (MODE == kHConvGate) {
-    kdim = (l == 0 ? p : p + 1) * C;
-    wmat = n.h_w + (int64_t)l * (p + 1) * C * 2 * C;
-    ldw = 2 * C;
-  } else if (MODE == kHOut) {
-    kdim = C;
-    wmat = n.out_w + (int64_t)l * C * C;
-    ldw = C;
-  } else if (MODE == kHead1) {
-    kdim = C;
-    wmat = n.head1_w;
-    ldw = C;
-  } else {
-    kdim = C;
-    wmat = n.head2_w;
-    ldw = n.K;
-  }
+  const Operands op = operands<MODE>(n, l);
+  const int kdim = op.kdim, ldw = op.ldw;
+  const double* wmat = op.w;
   // Rows of the left operand; a map past the batch reads map m0's row (its sums are dropped).
   const double* arow[kGM];
 #pragma unroll
-  for (int m = 0; m < kGM; ++m) {
-    const int64_t b = m0 + m < n.B ? m0 + m : m0;
-    if (MODE == kHConvGate) arow[m] = n.HB(l, b, j);
-    else if (MODE == kHOut) arow[m] = n.gate + b * C;
-    else if (MODE == kHead1) arow[m] = n.HB(n.L, b, p + j);
-    else arow[m] = n.head + b * C;
-  }
+  for (int m = 0; m < kGM; ++m) arow[m] = left_row<MODE>(n, l, j, m0 + m < n.B ? m0 + m : m0);
   int bcol;
-  bool bok;
-  if (MODE == kHConvGate) {  // lanes 0-15: first halves of 16 gate channels; 16-31: second
-    const int ch = c0 + (lane & 15);
-    bcol = lane < 16 ? ch : C + ch;
-    bok = ch < C;
-  } else {
-    bcol = c0 + lane;
-    bok = bcol < ldw;
-  }
+  const bool bok = weight_column<MODE>(n, op, c0, lane, &bcol);
   const int per = (kdim + kGS - 1) / kGS;
   const int k0 = slice * per, k1 = min(kdim, k0 + per);
   double acc[kGM];
@@ -577,16 +554,13 @@ void abandon_capture(cudaStream_t s) {
   cudaGetLastError();
 }
 
-std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
-  const SamplerDims d =
-      check_sampler_inputs(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w,
-                           head1_b, head2_w, head2_b, bias, noise, temperature, kernel_size);
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
+                                                        const c10::optional<at::Tensor>& bias,
+                                                        const at::Tensor& noise, double temperature,
+                                                        int64_t kernel_size) {
+  const SamplerDims d = check_sampler_inputs(weights, bias, noise, temperature, kernel_size);
   TORCH_CHECK(noise.is_cuda(), "pixelcnn_sample_cuda: tensors must be on a CUDA device");
   TORCH_CHECK_VALUE(d.batch < (1 << 24) && d.height < (1 << 20) && d.width < (1 << 20) &&
                         d.codes < (1 << 24) && d.channels < (1 << 16) && d.layers < (1 << 16),
@@ -600,11 +574,9 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   if (d.batch == 0) return {codes, gap};
 
   const int64_t B = d.batch, W = d.width, C = d.channels, L = d.layers, p = d.pad, R = p + 1;
-  const at::Tensor e = embedding.contiguous(), vw = v_w.contiguous(), vb = v_b.contiguous(),
-                   hw = h_w.contiguous(), hbias = h_b.contiguous(), vhw = vh_w.contiguous(),
-                   vhb = vh_b.contiguous(), ow = out_w.contiguous(), ob = out_b.contiguous(),
-                   h1w = head1_w.contiguous(), h1b = head1_b.contiguous(),
-                   h2w = head2_w.contiguous(), h2b = head2_b.contiguous(), nz = noise.contiguous();
+  const std::vector<at::Tensor> w = contiguous_weights(weights);
+  const at::Tensor nz = noise.contiguous();
+  const at::Tensor &vw = w[kVW], &vhw = w[kVhW];
   const at::Tensor bs = d.has_bias ? bias->contiguous() : at::Tensor();
   const SamplerLayout lay(d);
   // The caches (nn/fast_sampling.py::cache_bytes, less the pre-activations, kept in registers),
@@ -630,19 +602,19 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   n.p = (int)p;
   n.k = (int)d.kernel;
   n.temperature = d.temperature;
-  n.embedding = e.data_ptr<double>();
-  n.v_w = vw.data_ptr<double>();
-  n.v_b = vb.data_ptr<double>();
-  n.h_w = hw.data_ptr<double>();
-  n.h_b = hbias.data_ptr<double>();
-  n.vh_w = vhw.data_ptr<double>();
-  n.vh_b = vhb.data_ptr<double>();
-  n.out_w = ow.data_ptr<double>();
-  n.out_b = ob.data_ptr<double>();
-  n.head1_w = h1w.data_ptr<double>();
-  n.head1_b = h1b.data_ptr<double>();
-  n.head2_w = h2w.data_ptr<double>();
-  n.head2_b = h2b.data_ptr<double>();
+  n.embedding = w[kEmbedding].data_ptr<double>();
+  n.v_w = w[kVW].data_ptr<double>();
+  n.v_b = w[kVB].data_ptr<double>();
+  n.h_w = w[kHW].data_ptr<double>();
+  n.h_b = w[kHB].data_ptr<double>();
+  n.vh_w = w[kVhW].data_ptr<double>();
+  n.vh_b = w[kVhB].data_ptr<double>();
+  n.out_w = w[kOutW].data_ptr<double>();
+  n.out_b = w[kOutB].data_ptr<double>();
+  n.head1_w = w[kHead1W].data_ptr<double>();
+  n.head1_b = w[kHead1B].data_ptr<double>();
+  n.head2_w = w[kHead2W].data_ptr<double>();
+  n.head2_b = w[kHead2B].data_ptr<double>();
   n.bias = d.has_bias ? bs.data_ptr<double>() : nullptr;
   n.noise = nz.data_ptr<float>();
   n.vc = vc.data_ptr<double>();
@@ -717,9 +689,4 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   return {codes, gap};
 }
 
-}  // namespace
 }  // namespace galsim_vqvae
-
-TORCH_LIBRARY_IMPL(galsim_vqvae, CUDA, m) {
-  m.impl("pixelcnn_sample", &galsim_vqvae::pixelcnn_sample_cuda);
-}
