@@ -15,8 +15,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(galsim_vqvae, m) {
   m.def("nearest_code(Tensor z, Tensor codebook) -> (Tensor, Tensor)");
   m.def(
-      "pixelcnn_sample(Tensor[] weights, Tensor? bias, Tensor noise, float temperature, "
-      "int kernel_size) -> (Tensor, Tensor)");
+      "pixelcnn_sample(Tensor[] weights, Tensor? bias, Tensor seeds, int height, int width, "
+      "float temperature, int kernel_size) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(galsim_vqvae, CPU, m) {

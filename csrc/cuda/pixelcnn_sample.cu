@@ -8,8 +8,9 @@
 // terms' biases. Once per position, 2L + 3 fused kernels: per layer the h_conv product of the
 // window fused with the row term and the gate (each thread holds both halves of its gate
 // channels), the h_out product fused with bias and residual; the head's two products with their
-// ELUs, the second one forming the float64 scores logits / T + noise; and the draw (one warp per
-// map: argmax, the top-2 gap, the code, the drawn code's embedding into the first row buffer).
+// ELUs, the second one forming logits / T; and the draw (one warp per map: the Gumbel noise of
+// ../philox.h, argmax, the top-2 gap, the code, the drawn code's embedding into the first row
+// buffer).
 // The kernels read the row index from device memory, so the vertical step and the W positions of a
 // row are captured once as two CUDA graphs and replayed for every row (GALSIM_VQVAE_CUDA_GRAPHS=0
 // launches them one by one instead).
@@ -35,14 +36,14 @@ namespace {
     TORCH_CHECK(err_ == cudaSuccess, "pixelcnn_sample (CUDA): ", cudaGetErrorString(err_)); \
   } while (0)
 
-// Everything a kernel needs, passed by value: sizes, weights, buffers (all float64 but the noise,
+// Everything a kernel needs, passed by value: sizes, weights, buffers (all float64 but the seeds,
 // the codes and the row index).
 struct Net {
   int B, H, W, K, C, L, p, k;
   double temperature;
   const double *embedding, *v_w, *v_b, *h_w, *h_b, *vh_w, *vh_b, *out_w, *out_b, *head1_w,
       *head1_b, *head2_w, *head2_b, *bias;
-  const float* noise;
+  const int64_t* seeds;
   double *vc, *rowt, *hb, *gate, *head, *scores, *im2col, *vpre, *gap;
   int64_t* codes;
   int* row;  // the row being sampled
@@ -296,12 +297,10 @@ __global__ void __launch_bounds__(kThreads) position_kernel(Net n, int l, int j)
       if (c < C) n.head[b * C + c] = elu(acc[h] + n.head1_b[c]);
     }
   } else {
-    const int i = *n.row;
-    const float* g = n.noise + ((b * n.H + i) * n.W + j) * (int64_t)n.K;
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const int k = c0 + tx + 8 * h;
-      if (k < n.K) n.scores[b * n.K + k] = (acc[h] + n.head2_b[k]) / n.temperature + (double)g[k];
+      if (k < n.K) n.scores[b * n.K + k] = (acc[h] + n.head2_b[k]) / n.temperature;
     }
   }
 }
@@ -381,9 +380,7 @@ __global__ void __launch_bounds__(32 * kGS) position_gemv_kernel(Net n, int l, i
   } else if (MODE == kHead1) {
     if (c < C) n.head[b * C + c] = elu(sum + n.head1_b[c]);
   } else if (c < n.K) {
-    const int i = *n.row;
-    const float* g = n.noise + ((b * n.H + i) * n.W + j) * (int64_t)n.K;
-    n.scores[b * n.K + c] = (sum + n.head2_b[c]) / n.temperature + (double)g[c];
+    n.scores[b * n.K + c] = (sum + n.head2_b[c]) / n.temperature;
   }
 }
 
@@ -396,28 +393,38 @@ __device__ __forceinline__ bool better(double sa, int ka, double sb, int kb) {
   return ka < kb;
 }
 
-// One warp per map: the draw at (i, j), the top-2 gap, the code's embedding into row buffer 0.
+// One warp per map: the draw at (i, j) (scores: logits / T, plus the Gumbel noise of philox.h
+// computed here, four codes per lane and Philox call), the top-2 gap, the code's embedding into
+// row buffer 0.
 __global__ void draw_kernel(Net n, int j) {
   const int64_t b = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (b >= n.B) return;
+  const int i = *n.row;
+  const uint64_t seed = (uint64_t)n.seeds[b];
   const double* s = n.scores + b * n.K;
   double best_s = -INFINITY, s1 = -INFINITY, s2 = -INFINITY;
   int best_k = 0x7fffffff;
   bool nan = false;
-  for (int k = lane; k < n.K; k += 32) {
-    const double v = s[k];
-    if (better(v, k, best_s, best_k)) {
-      best_s = v;
-      best_k = k;
-    }
-    if (isnan(v)) {
-      nan = true;
-    } else if (v > s1) {
-      s2 = s1;
-      s1 = v;
-    } else if (v > s2) {
-      s2 = v;
+  for (int k = 4 * lane; k < n.K; k += 128) {
+    double g[4];
+    gumbel4(seed, i, j, k / 4, g);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (k + w >= n.K) break;
+      const double v = s[k + w] + g[w];
+      if (better(v, k + w, best_s, best_k)) {
+        best_s = v;
+        best_k = k + w;
+      }
+      if (isnan(v)) {
+        nan = true;
+      } else if (v > s1) {
+        s2 = s1;
+        s1 = v;
+      } else if (v > s2) {
+        s2 = v;
+      }
     }
   }
 #pragma unroll
@@ -434,7 +441,6 @@ __global__ void draw_kernel(Net n, int j) {
     s1 = fmax(s1, o1);
   }
   nan = __any_sync(0xffffffffu, nan);
-  const int i = *n.row;
   if (lane == 0) {
     n.codes[(b * n.H + i) * n.W + j] = best_k;
     double& gap = n.gap[b];
@@ -556,26 +562,26 @@ void abandon_capture(cudaStream_t s) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
-                                                        const c10::optional<at::Tensor>& bias,
-                                                        const at::Tensor& noise, double temperature,
-                                                        int64_t kernel_size) {
-  const SamplerDims d = check_sampler_inputs(weights, bias, noise, temperature, kernel_size);
-  TORCH_CHECK(noise.is_cuda(), "pixelcnn_sample_cuda: tensors must be on a CUDA device");
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
+    at::TensorList weights, const c10::optional<at::Tensor>& bias, const at::Tensor& seeds,
+    int64_t height, int64_t width, double temperature, int64_t kernel_size) {
+  const SamplerDims d =
+      check_sampler_inputs(weights, bias, seeds, height, width, temperature, kernel_size);
+  TORCH_CHECK(seeds.is_cuda(), "pixelcnn_sample_cuda: tensors must be on a CUDA device");
   TORCH_CHECK_VALUE(d.batch < (1 << 24) && d.height < (1 << 20) && d.width < (1 << 20) &&
                         d.codes < (1 << 24) && d.channels < (1 << 16) && d.layers < (1 << 16),
                     msg("pixelcnn_sample (CUDA): sizes out of range: B=", d.batch,
                         " H=", d.height, " W=", d.width, " K=", d.codes, " C=", d.channels,
                         " L=", d.layers));
-  const at::cuda::CUDAGuard guard(noise.device());
-  const auto f64 = noise.options().dtype(at::kDouble);
-  auto codes = at::empty({d.batch, d.height, d.width}, noise.options().dtype(at::kLong));
+  const at::cuda::CUDAGuard guard(seeds.device());
+  const auto f64 = seeds.options().dtype(at::kDouble);
+  auto codes = at::empty({d.batch, d.height, d.width}, seeds.options().dtype(at::kLong));
   auto gap = at::full({d.batch}, INFINITY, f64);
   if (d.batch == 0) return {codes, gap};
 
   const int64_t B = d.batch, W = d.width, C = d.channels, L = d.layers, p = d.pad, R = p + 1;
   const std::vector<at::Tensor> w = contiguous_weights(weights);
-  const at::Tensor nz = noise.contiguous();
+  const at::Tensor sd = seeds.contiguous();
   const at::Tensor &vw = w[kVW], &vhw = w[kVhW];
   const at::Tensor bs = d.has_bias ? bias->contiguous() : at::Tensor();
   const SamplerLayout lay(d);
@@ -589,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
   auto scores = at::empty({B, lay.logits}, f64);
   auto im2col = at::empty({B * W, R * d.kernel * C}, f64);
   auto vpre = at::empty({B * W, 2 * C}, f64);
-  auto row = at::zeros({1}, noise.options().dtype(at::kInt));
+  auto row = at::zeros({1}, seeds.options().dtype(at::kInt));
 
   Launcher run;
   Net& n = run.n;
@@ -616,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
   n.head2_w = w[kHead2W].data_ptr<double>();
   n.head2_b = w[kHead2B].data_ptr<double>();
   n.bias = d.has_bias ? bs.data_ptr<double>() : nullptr;
-  n.noise = nz.data_ptr<float>();
+  n.seeds = sd.data_ptr<int64_t>();
   n.vc = vc.data_ptr<double>();
   n.rowt = rowt.data_ptr<double>();
   n.hb = hbuf.data_ptr<double>();
@@ -638,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(at::TensorList weights,
   // All work on a side stream (graph capture needs a non-default stream), ordered after what the
   // caller's stream has queued, and the caller's stream ordered after it.
   const auto origin = c10::cuda::getCurrentCUDAStream();
-  const auto side = side_stream(noise.device().index());
+  const auto side = side_stream(seeds.device().index());
   order_after(side.stream(), origin.stream());
   {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
