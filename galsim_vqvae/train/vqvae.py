@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
-from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
+from ..nn.forward import NoiseLookup, chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
-TRAIN_KEYS = ("observed", "sigma", "psf_index")
+TRAIN_KEYS = ("observed", "sigma", "psf_index", "noise_index", "weight")
 NOISE_MODES = ("data", "independent")
 GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
@@ -74,7 +74,9 @@ def load_split(data, split, keys, limit=None):
         index = index[(index % 10 == 9) == (split == "test")]
         index = index[:limit] if limit is not None else index
         arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
-        arrays["psf_bank"] = np.asarray(data["psf_bank"], dtype=np.float32)
+        for bank in ("psf_bank", "noise_bank"):
+            if bank in data:
+                arrays[bank] = np.asarray(data[bank], dtype=np.float32)
         header = dict(data.get("header", {}))
         header.setdefault("stamp_size", int(np.asarray(data["observed"]).shape[-1]))
         header.setdefault("source", "in-memory")
@@ -89,7 +91,8 @@ def load_split(data, split, keys, limit=None):
         index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
         index = index[:limit] if limit is not None else index
         keys = [k for k in keys if k != "truth" or header.get("has_truth", True)]
-        arrays = dataset.load_arrays(path, indices=index, keys=tuple(keys) + ("psf_bank",))
+        arrays = dataset.load_arrays(path, indices=index,
+                                     keys=tuple(keys) + ("psf_bank", "noise_bank"))
         header["path"] = os.path.abspath(path)
     header = {k: _plain(v) for k, v in header.items()}
     if len(index) and "psf_index" in arrays:
@@ -142,7 +145,7 @@ class BatchSchedule:
 # ----------------------------------------------------------------------------------------------
 
 def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-                   quantize=True, target=None):
+                   quantize=True, target=None, noise=None):
     """Losses of one batch.
 
     Parameters:
@@ -157,6 +160,8 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
                     no commitment loss and no codebook update. [default: True]
         target:     [B, 1, S, S] stamps the chi^2 compares with. [default: None, i.e.
                     ``observed``; see `noisy_pair` for an independent realisation]
+        noise:      The batch's noise model, keyword arguments of `chi2` (``noise_power``,
+                    ``weight``) from a `NoiseLookup`. [default: None, white noise, weight 1]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment), ``chi2`` [B], ``decoded``,
@@ -165,7 +170,7 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
         decoded, quant = _autoencode(model, observed, quantize)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
-    c2 = chi2(predicted, observed if target is None else target, sigma)
+    c2 = chi2(predicted, observed if target is None else target, sigma, **(noise or {}))
     return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
             "model": predicted, "quant": quant}
 
@@ -196,10 +201,10 @@ class _Autoencoder(nn.Module):
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-               quantize=True, grad_clip=GRAD_CLIP, target=None):
+               quantize=True, grad_clip=GRAD_CLIP, target=None, noise=None):
     """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
     without synchronising with the device."""
-    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target)
+    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target, noise)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if grad_clip:
@@ -414,6 +419,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
     sig = torch.as_tensor(sigma_np).to(dev)
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev, f"dataset {header.get('path')}")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
              if noise == "independent" else None)
     schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
@@ -449,7 +456,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             if quantize and ctx.active and not net.quantizer._initialized:
                 _init_codebook(ctx, net, x, amp)
             acc += train_step(model, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
-                              psf_layers, amp, quantize=quantize, target=target)
+                              psf_layers, amp, quantize=quantize, target=target,
+                              noise=noise_for(i))
             n_acc += 1
             done = step + 1
             bar.update(1)
@@ -526,7 +534,7 @@ def _rewrite_log(path, history):
 def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, chunk=256):
     """Decoded and reconstructed (convolved if psf_layers) images of up to ``limit`` stamps of
     ``split`` (the training split when the test split is empty), as numpy arrays with the inputs."""
-    keys = ("observed", "sigma", "psf_index", "truth")
+    keys = ("observed", "sigma", "psf_index", "truth", "noise_index", "weight")
     arrays, _ = load_split(data, split, keys, limit)
     if len(arrays["observed"]) == 0:
         arrays, _ = load_split(data, "train", keys, limit)
@@ -534,6 +542,8 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
     was_training = net.training
     net.eval()
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev)
     decoded, model, c2 = [], [], []
     obs = torch.as_tensor(arrays["observed"], dtype=torch.float32)
     for a in range(0, len(obs), chunk):
@@ -541,7 +551,7 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
         x = obs[a:a + chunk, None].to(dev)
         out = forward_losses(net, x, torch.as_tensor(arrays["sigma"][a:a + chunk]).to(dev),
                              psf_for(i) if psf_layers else None, psf_layers,
-                             amp=dev.type == "cuda")
+                             amp=dev.type == "cuda", noise=noise_for(i))
         decoded.append(out["decoded"][:, 0].float().cpu())
         model.append(out["model"][:, 0].float().cpu())
         c2.append(out["chi2"].cpu())
