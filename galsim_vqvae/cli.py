@@ -67,7 +67,8 @@ def cmd_make_dataset(args):
 
         if not args.input or not args.psf:
             raise VQVAEInputError("--source fits needs --input DIR and --psf FILE_OR_DIR")
-        summary = make_fits_dataset(args.out, args.input, args.psf,
+        summary = make_fits_dataset(args.out, args.input, args.psf, weight=args.weight,
+                                    stamp_size=args.stamp_size, pixel_scale=args.pixel_scale,
                                     input_pixel_scale=args.input_pixel_scale,
                                     band=args.band or "F160W", zeropoint=args.zeropoint,
                                     progress=not args.quiet)
@@ -77,6 +78,7 @@ def cmd_make_dataset(args):
         if not args.catalog:
             raise VQVAEInputError("--source cosmos needs --catalog FILE (and --dir DIR)")
         summary = make_cosmos_dataset(args.out, args.catalog, args.dir,
+                                      stamp_size=args.stamp_size, pixel_scale=args.pixel_scale,
                                       max_galaxies=args.max_galaxies, band=args.band,
                                       zeropoint=args.zeropoint, progress=not args.quiet)
     return f"wrote {summary.get('n', '?')} stamps to {args.out}"
@@ -285,6 +287,12 @@ def build_parser():
     p.add_argument("--input", help="fits: folder of FITS stamps")
     p.add_argument("--psf", help="fits: one PSF FITS file, or a folder of one PSF per stamp")
     p.add_argument("--input-pixel-scale", type=float, help="fits: pixel scale if not in headers")
+    p.add_argument("--weight", help="fits: folder of weight or mask maps, one per stamp")
+    p.add_argument("--pixel-scale", type=float, default=0.06,
+                   help="fits/cosmos: the model's pixel scale in arcsec (0.03 keeps COSMOS "
+                        "pixels) [default: 0.06]")
+    p.add_argument("--stamp-size", type=_positive_int, default=84,
+                   help="fits/cosmos: the model's stamp side in pixels [default: 84]")
     p.add_argument("--catalog", help="cosmos: RealGalaxyCatalog file")
     p.add_argument("--dir", help="cosmos: folder of the catalog's image files")
     p.add_argument("--max-galaxies", type=_positive_int, help="cosmos: use the first N only")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
-from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
+from ..nn.forward import NoiseLookup, chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from . import augment as dihedral
@@ -29,7 +29,7 @@ from . import distributed
 from .augment import all_transforms
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
-TRAIN_KEYS = ("observed", "sigma", "psf_index")
+TRAIN_KEYS = ("observed", "sigma", "psf_index", "noise_index", "weight")
 NOISE_MODES = ("data", "independent")
 GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
@@ -79,7 +79,9 @@ def load_split(data, split, keys, limit=None):
         index = index[(index % 10 == 9) == (split == "test")]
         index = index[:limit] if limit is not None else index
         arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
-        arrays["psf_bank"] = np.asarray(data["psf_bank"], dtype=np.float32)
+        for bank in ("psf_bank", "noise_bank"):
+            if bank in data:
+                arrays[bank] = np.asarray(data[bank], dtype=np.float32)
         header = dict(data.get("header", {}))
         header.setdefault("stamp_size", int(np.asarray(data["observed"]).shape[-1]))
         header.setdefault("source", "in-memory")
@@ -94,7 +96,8 @@ def load_split(data, split, keys, limit=None):
         index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
         index = index[:limit] if limit is not None else index
         keys = [k for k in keys if k != "truth" or header.get("has_truth", True)]
-        arrays = dataset.load_arrays(path, indices=index, keys=tuple(keys) + ("psf_bank",))
+        arrays = dataset.load_arrays(path, indices=index,
+                                     keys=tuple(keys) + ("psf_bank", "noise_bank"))
         header["path"] = os.path.abspath(path)
     header = {k: _plain(v) for k, v in header.items()}
     if len(index) and "psf_index" in arrays:
@@ -147,7 +150,7 @@ class BatchSchedule:
 # ----------------------------------------------------------------------------------------------
 
 def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-                   quantize=True, target=None, truth=None, truth_weight=0.0):
+                   quantize=True, target=None, truth=None, truth_weight=0.0, noise=None):
     """Losses of one batch: the one place where the training loss is put together.
 
     Parameters:
@@ -167,6 +170,8 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
         truth_weight:   Weight W of the truth term: the loss gains ``W * mean over stamps of
                         chi2(decoded, truth, sigma)``, the decoded image's squared distance to
                         the truth per pixel in units of the stamp's noise sigma. [default: 0]
+        noise:          The batch's noise model, keyword arguments of `chi2` (``noise_power``,
+                        ``weight``) from a `NoiseLookup`. [default: None, white noise, weight 1]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment [+ W * truth term]), ``chi2``
@@ -176,7 +181,7 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
         decoded, quant = _autoencode(model, observed, quantize)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
-    c2 = chi2(predicted, observed if target is None else target, sigma)
+    c2 = chi2(predicted, observed if target is None else target, sigma, **(noise or {}))
     loss = c2.mean() + quant.commitment_loss
     truth_c2 = torch.zeros_like(c2)
     if truth is not None:
@@ -213,12 +218,13 @@ class _Autoencoder(nn.Module):
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-               quantize=True, grad_clip=GRAD_CLIP, target=None, truth=None, truth_weight=0.0):
+               quantize=True, grad_clip=GRAD_CLIP, target=None, truth=None, truth_weight=0.0,
+               noise=None):
     """One optimizer step (the arguments are `forward_losses`'s); returns detached (loss, mean
     chi^2/pixel, perplexity, usage, mean truth chi^2/pixel) tensors without synchronising with
     the device."""
     out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target,
-                         truth, truth_weight)
+                         truth, truth_weight, noise)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if grad_clip:
@@ -463,6 +469,12 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
     sig = torch.as_tensor(sigma_np).to(dev)
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev, augment)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev, f"dataset {header.get('path')}")
+    if augment and (noise_for.bank is not None or noise_for.weight is not None):
+        raise VQVAEInputError(f"dataset {header.get('path')}: --augment turns the stamps but not "
+                              "their correlated-noise spectra or weight maps; train this dataset "
+                              "without --augment")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
              if "truth" in arrays else None)
     turn = dihedral.Dihedral(s, dev) if augment else None
@@ -504,7 +516,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
                 _init_codebook(ctx, net, x, amp)
             acc += train_step(model, optimizer, x, sig[i], psf_ft, psf_layers, amp,
                               quantize=quantize, target=target,
-                              truth=tru if truth_weight else None, truth_weight=truth_weight)
+                              truth=tru if truth_weight else None, truth_weight=truth_weight,
+                              noise=noise_for(i))
             n_acc += 1
             done = step + 1
             bar.update(1)
@@ -583,7 +596,7 @@ def _rewrite_log(path, history, keys=HISTORY_KEYS):
 def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, chunk=256):
     """Decoded and reconstructed (convolved if psf_layers) images of up to ``limit`` stamps of
     ``split`` (the training split when the test split is empty), as numpy arrays with the inputs."""
-    keys = ("observed", "sigma", "psf_index", "truth")
+    keys = ("observed", "sigma", "psf_index", "truth", "noise_index", "weight")
     arrays, _ = load_split(data, split, keys, limit)
     if len(arrays["observed"]) == 0:
         arrays, _ = load_split(data, "train", keys, limit)
@@ -591,6 +604,8 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
     was_training = net.training
     net.eval()
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev)
     decoded, model, c2 = [], [], []
     obs = torch.as_tensor(arrays["observed"], dtype=torch.float32)
     for a in range(0, len(obs), chunk):
@@ -598,7 +613,7 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
         x = obs[a:a + chunk, None].to(dev)
         out = forward_losses(net, x, torch.as_tensor(arrays["sigma"][a:a + chunk]).to(dev),
                              psf_for(i) if psf_layers else None, psf_layers,
-                             amp=dev.type == "cuda")
+                             amp=dev.type == "cuda", noise=noise_for(i))
         decoded.append(out["decoded"][:, 0].float().cpu())
         model.append(out["model"][:, 0].float().cpu())
         c2.append(out["chi2"].cpu())

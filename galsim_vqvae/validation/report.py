@@ -21,7 +21,8 @@ from . import codebook, conditioning, fidelity, real, realism, shear
 from .common import SPLITS, cell, check_grid, fmt, load_heldout, shown_path, skipped
 
 FIGURES = ("fidelity.png", "fidelity_gallery.png", "realism.png", "realism_gallery.png",
-           "conditioning.png", "codebook.png", "real.png")
+           "conditioning.png", "codebook.png", "real.png", "real_residuals.png",
+           "real_samples.png", "real_gini_m20.png")
 
 
 def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None, real_path=None,
