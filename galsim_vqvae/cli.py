@@ -103,6 +103,8 @@ def cmd_train_vqvae(args):
 
 
 def cmd_train_prior(args):
+    from .checkpoints import load_checkpoint
+    from .data.dataset import mean_psf
     from .emulator import Emulator
     from .train.distributed import is_main_process
     from .train.prior import train_prior
@@ -121,7 +123,9 @@ def cmd_train_prior(args):
     if not is_main_process():  # under torchrun, rank 0 writes the bundle and reports
         return None
     bundle = os.path.join(args.out, "model.safetensors")
-    Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt")).save(bundle)
+    trained_on = load_checkpoint(vqvae_ckpt)["data"]["path"]  # the VQ-VAE's training data
+    Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt"),
+                              psf_image=mean_psf(trained_on)).save(bundle)
     bits = summary.get("test_bits_per_code")
     return (f"trained prior to step {summary.get('step')}"
             + (f", held-out NLL {bits:.4f} bits/code" if bits is not None else "")

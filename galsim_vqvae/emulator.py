@@ -126,17 +126,17 @@ class Emulator:
             f.write(payload)
 
     @classmethod
-    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image=None):
+    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image):
         """Assemble a bundle from the checkpoints written by ``train-vqvae`` and ``train-prior``.
 
         Parameters:
             vqvae_checkpoint:   Path of the VQ-VAE's ``checkpoint.pt``.
             prior_checkpoint:   Path of the prior's ``checkpoint.pt``.
-            psf_image:          The training PSF image; by default the mean of the PSFs of the
-                                training stamps, read from the dataset the VQ-VAE was trained on.
-                                [default: None]
+            psf_image:          The training PSF image, e.g. the mean PSF of the stamps the
+                                VQ-VAE was trained on (`galsim_vqvae.data.dataset.mean_psf`, as
+                                ``train-prior`` does).
         """
-        from .train.checkpoint import load_checkpoint
+        from .checkpoints import load_checkpoint
 
         vq_state = load_checkpoint(vqvae_checkpoint)
         prior_state = load_checkpoint(prior_checkpoint)
@@ -145,8 +145,6 @@ class Emulator:
         prior = GatedPixelCNN(**prior_state["config"])
         prior.load_state_dict(prior_state["model"])
         data = dict(vq_state["data"])
-        if psf_image is None:
-            psf_image = _mean_training_psf(data["path"])
         psf_image = np.asarray(psf_image, dtype=np.float64)
         psf_image = (psf_image / psf_image.sum()).astype(np.float32)
         latent = vqvae.config["stamp_size"] // 4
@@ -550,14 +548,6 @@ def _check_consistency(vqvae, prior, metadata, psf_image, path):
         fail("psf_image must be finite with a positive sum")
     if not (metadata["pixel_scale"] > 0):
         fail(f"pixel_scale must be > 0, got {metadata['pixel_scale']}")
-
-
-def _mean_training_psf(dataset_path):
-    from .data.dataset import load_arrays
-
-    arrays = load_arrays(dataset_path, keys=("psf_bank", "psf_index"))
-    counts = np.bincount(arrays["psf_index"], minlength=len(arrays["psf_bank"]))
-    return np.tensordot(counts / counts.sum(), arrays["psf_bank"].astype(np.float64), axes=1)
 
 
 def psf_fwhm(psf_image, pixel_scale):

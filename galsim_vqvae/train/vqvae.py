@@ -500,7 +500,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             quantize = step >= ae_warmup
-            if quantize and ctx.active and not net.quantizer._initialized:
+            if quantize and ctx.active and not net.quantizer.is_initialized:
                 _init_codebook(ctx, net, x, amp)
             acc += train_step(model, optimizer, x, sig[i], psf_ft, psf_layers, amp,
                               quantize=quantize, target=target,
