@@ -107,9 +107,11 @@ def cmd_train_vqvae(args):
 
 
 def cmd_train_prior(args):
-    from .emulator import Emulator
+    from .checkpoints import load_checkpoint
+    from .data.dataset import mean_psf
+    from .emulator import MAX_LABEL_ROWS, Emulator
     from .train.distributed import is_main_process
-    from .train.prior import train_prior
+    from .train.prior import label_table, train_prior
 
     model = {k: v for k, v in (("channels", args.channels), ("layers", args.layers),
                                ("kernel_size", args.kernel_size), ("dropout", args.dropout))
@@ -125,7 +127,13 @@ def cmd_train_prior(args):
     if not is_main_process():  # under torchrun, rank 0 writes the bundle and reports
         return None
     bundle = os.path.join(args.out, "model.safetensors")
-    Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt")).save(bundle)
+    trained_on = load_checkpoint(vqvae_ckpt)["data"]["path"]  # the VQ-VAE's training data
+    # the labels of the prior's training split travel in the bundle (missing labels are drawn
+    # from them): its conditions, then its class label
+    labels = list(conditions) + ([args.class_label] if args.class_label else [])
+    table = label_table(args.data, labels, MAX_LABEL_ROWS) if labels else None
+    Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt"),
+                              psf_image=mean_psf(trained_on), label_table=table).save(bundle)
     bits = summary.get("test_bits_per_code")
     return (f"trained prior to step {summary.get('step')}"
             + (f", held-out NLL {bits:.4f} bits/code" if bits is not None else "")

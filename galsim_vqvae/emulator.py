@@ -157,8 +157,7 @@ class Emulator:
             f.write(payload)
 
     @classmethod
-    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image=None,
-                         class_label=None):
+    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image, label_table=None):
         """Assemble a bundle from the checkpoints written by ``train-vqvae`` and ``train-prior``.
 
         The bundle holds the labels of the prior's training split (`label_table`, read from the
@@ -167,15 +166,15 @@ class Emulator:
         Parameters:
             vqvae_checkpoint:   Path of the VQ-VAE's ``checkpoint.pt``.
             prior_checkpoint:   Path of the prior's ``checkpoint.pt``.
-            psf_image:          The training PSF image; by default the mean of the PSFs of the
-                                training stamps, read from the dataset the VQ-VAE was trained on.
-                                [default: None]
-            class_label:        The dataset label (``params/NAME``) of a class-conditional prior;
-                                by default the one its checkpoint names (``class_label``).
-                                [default: None]
+            psf_image:          The training PSF image, e.g. the mean PSF of the stamps the
+                                VQ-VAE was trained on (`galsim_vqvae.data.dataset.mean_psf`, as
+                                ``train-prior`` does).
+            label_table:        The labels of the prior's training split, [m, C] in the order of
+                                its conditions then its class label (``train-prior`` passes
+                                `galsim_vqvae.train.prior.label_table`), or None for a bundle
+                                that cannot draw missing labels. [default: None]
         """
-        from .train.checkpoint import load_checkpoint
-        from .train.prior import label_table, read_classes
+        from .checkpoints import load_checkpoint
 
         vq_state = load_checkpoint(vqvae_checkpoint)
         prior_state = load_checkpoint(prior_checkpoint)
@@ -184,28 +183,21 @@ class Emulator:
         prior = GatedPixelCNN(**prior_state["config"])
         prior.load_state_dict(prior_state["model"])
         data = dict(vq_state["data"])
-        if psf_image is None:
-            psf_image = _mean_training_psf(data["path"])
         psf_image = np.asarray(psf_image, dtype=np.float64)
         psf_image = (psf_image / psf_image.sum()).astype(np.float32)
         latent = vqvae.config["stamp_size"] // 4
         conditions = {k: list(v) if isinstance(v, (list, tuple)) else v
                       for k, v in prior_state.get("conditions", {"names": []}).items()}
-        prior_data = (prior_state.get("data") or {}).get("path") or data["path"]
         classes = prior_state.get("classes") or {}
-        if class_label is None:
-            class_label = classes.get("label")
-        if prior.config.get("num_classes", 0) and not class_label:
-            raise VQVAEInputError(f"{prior_checkpoint}: the prior is class-conditional "
-                                  f"(num_classes={prior.config['num_classes']}) but its checkpoint "
-                                  "names no class label; pass class_label=")
+        class_label = classes.get("label")
         if prior.config.get("num_classes", 0):
-            names_of_classes = (list(classes["names"]) if classes.get("label") == class_label
-                                else read_classes(prior_data, class_label)[1])
+            if not class_label:
+                raise VQVAEInputError(f"{prior_checkpoint}: the prior is class-conditional "
+                                      f"(num_classes={prior.config['num_classes']}) but its "
+                                      "checkpoint names no class label")
             conditions["class_label"] = {"name": str(class_label),
-                                         "class_names": names_of_classes}
-        names = list(conditions.get("names", [])) + ([str(class_label)] if class_label else [])
-        table = label_table(prior_data, names, MAX_LABEL_ROWS) if names else None
+                                         "class_names": list(classes["names"])}
+        table = None if label_table is None else np.asarray(label_table, dtype=np.float32)
         metadata = {
             "format_version": FORMAT_VERSION,
             "pixel_scale": float(data["pixel_scale"]),

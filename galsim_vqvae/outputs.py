@@ -69,11 +69,11 @@ def read_stamps(path, what, stamp_size=None, pixel_scale=None, psf=False):
         what:           How it was given (e.g. ``"--input"``), named in every error.
         stamp_size:     If given, the stamps must be ``stamp_size`` pixels square. [default: None]
         pixel_scale:    If given, a pixel scale in the header (``PIXSCALE``... or the WCS, see
-                        `galsim_vqvae.data.fits`) must equal it (to 0.1%); a header without one
+                        `galsim_vqvae.fitsimage`) must equal it (to 0.1%); a header without one
                         is taken to be at this scale. [default: None]
         psf:            Each stamp is a PSF: its sum must be positive. [default: False]
     """
-    from .data.fits import header_scale, read_image
+    from .fitsimage import header_scale, read_image
 
     path = os.fspath(path)
     if not os.path.isfile(path):

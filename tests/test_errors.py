@@ -943,7 +943,7 @@ def _(w):
       "the disk fills up while the checkpoint is written (no run folder is left)",
       ["could not write checkpoint", "No space left on device", "previous checkpoint"])
 def _(w):
-    import galsim_vqvae.train.checkpoint as checkpoint
+    import galsim_vqvae.checkpoints as checkpoint
 
     w.mp.setattr(checkpoint, "open", full_disk_open, raising=False)
     return train_vqvae_cli(w, w.dataset())

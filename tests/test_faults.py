@@ -23,7 +23,7 @@ from astropy.io import fits
 
 import galsim_vqvae
 from galsim_vqvae.cli import EXIT_BAD_INPUT, main
-from galsim_vqvae.train import checkpoint as checkpoint_module
+from galsim_vqvae import checkpoints as checkpoint_module
 from galsim_vqvae.train.checkpoint import load_checkpoint
 from test_errors import TINY_VQVAE, full_disk_open, write_dataset
 
@@ -162,7 +162,7 @@ def fail_second_checkpoint(monkeypatch, how):
     100 bytes into the file) or "denied" (the folder refuses new files). Returns the bytes of
     the first checkpoint as written."""
     import galsim_vqvae.fileio as fileio
-    import galsim_vqvae.train.vqvae as trainer
+    import galsim_vqvae.train.core as trainer  # where the trainers save checkpoints
 
     real = checkpoint_module.save_checkpoint
     first = {}

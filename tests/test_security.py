@@ -141,7 +141,7 @@ def test_pickle_bearing_checkpoint_is_refused(bomb, tmp_path, capsys):
     with pytest.raises(VQVAEFormatError, match="pickled Python objects.*refused"):
         load_checkpoint(bomb)
     with pytest.raises(VQVAEFormatError):
-        Emulator.from_checkpoints(bomb, bomb)
+        Emulator.from_checkpoints(bomb, bomb, np.ones((4, 4)))
     with pytest.raises(VQVAEFormatError, match="corrupt or truncated|training checkpoint"):
         Emulator.load(bomb)  # not a safetensors file: never handed to pickle
     # --resume of a run whose checkpoint was replaced by a bomb

@@ -9,6 +9,7 @@ import torch
 
 from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
+from galsim_vqvae.train import core
 from galsim_vqvae.train import prior as trainer
 from galsim_vqvae.train.checkpoint import load_checkpoint
 
@@ -46,7 +47,7 @@ def fit(inputs, out, steps, resume=False, **kwargs):
                     conditions=("a", "b"), model=TINY, log_every=4, checkpoint_every=5,
                     progress=False)
     settings.update(kwargs)
-    state = trainer._existing_checkpoint(str(out), resume)
+    state = core.resume_state(str(out), resume, required=False)
     return trainer._fit(inputs, str(out), state, steps, **settings)
 
 
@@ -230,16 +231,25 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     (run / "checkpoint.pt").write_bytes((ckpt4 / "checkpoint.pt").read_bytes())
     fit(inputs, run, 8, resume=True, checkpoint_every=4)
     assert [e["step"] for e in read_log(run)] == [4, 8]
+    # a fresh run drops the lines of an earlier attempt that never wrote a checkpoint
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "log.jsonl").write_text('{"step": 4, "train_bits_per_code": 9.0}\n')
+    fit(inputs, fresh, 4)
+    assert [e["train_bits_per_code"] != 9.0 for e in read_log(fresh)] == [True]
 
 
 def test_epoch_permutation_schedule():
-    a = trainer.epoch_permutation(5, 0, 180)
-    assert torch.equal(a, trainer.epoch_permutation(5, 0, 180))
+    a = core.epoch_permutation(5, 0, 180)
+    assert torch.equal(a, core.epoch_permutation(5, 0, 180))
     assert sorted(a.tolist()) == list(range(180))
-    assert not torch.equal(a, trainer.epoch_permutation(5, 1, 180))
-    assert not torch.equal(a, trainer.epoch_permutation(6, 0, 180))
-    assert trainer.learning_rate(0, 1.0) == pytest.approx(1 / trainer.WARMUP_STEPS)
-    assert trainer.learning_rate(10 ** 6, 1.0) == 1.0
+    assert not torch.equal(a, core.epoch_permutation(5, 1, 180))
+    assert not torch.equal(a, core.epoch_permutation(6, 0, 180))
+    lr = [core.learning_rate(s, 1.0, trainer.WARMUP_STEPS) for s in range(0, 10 ** 4, 7)]
+    assert lr[0] == pytest.approx(1 / trainer.WARMUP_STEPS)
+    assert lr[-1] == 1.0 and lr == sorted(lr)  # a warm-up, then constant
+    cosine = [core.learning_rate(s, 1.0, 10, "cosine", 1000) for s in (0, 500, 1000, 2000)]
+    assert cosine == pytest.approx([0.1, 0.55, 0.1, 0.1])  # warm-up, then to lr/10 at the horizon
     assert trainer.ema_decay(0) == pytest.approx(0.1)
     assert trainer.ema_decay(10 ** 6) == trainer.EMA_DECAY
 

@@ -10,7 +10,8 @@ import torch
 from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.nn.forward import convolve_psf
 from galsim_vqvae.train.checkpoint import load_checkpoint
-from galsim_vqvae.train.vqvae import BatchSchedule, noisy_pair, pick_image_scale, train_vqvae
+from galsim_vqvae.train.core import BatchSchedule
+from galsim_vqvae.train.vqvae import noisy_pair, pick_image_scale, train_vqvae
 
 TINY = dict(hidden=16, res_blocks=1, res_hidden=8, embed_dim=8, num_codes=32, restart_every=7)
 

@@ -305,6 +305,14 @@ def load_arrays(path, indices=None, keys=None):
     return out
 
 
+def mean_psf(path):
+    """The mean PSF image [S, S] (float64) of a dataset's stamps: the PSF bank weighted by the
+    number of stamps that use each entry."""
+    arrays = load_arrays(path, keys=("psf_bank", "psf_index"))
+    counts = np.bincount(arrays["psf_index"], minlength=len(arrays["psf_bank"]))
+    return np.tensordot(counts / counts.sum(), arrays["psf_bank"].astype(np.float64), axes=1)
+
+
 class DatasetWriter:
     """Write a dataset file by streaming chunks of stamps; the file appears only on success.
 

@@ -101,6 +101,20 @@ class VectorQuantizer(nn.Module):
         self._initialized = bool(self.initialized)
         self._updates = int(self.updates)
 
+    @property
+    def is_initialized(self):
+        """Whether the codebook has been initialised (read without a device sync)."""
+        return self._initialized
+
+    @torch.no_grad()
+    def mark_initialized(self):
+        """Declare the codebook, as it now stands, initialised: the start of the first restart
+        window. `kmeans_init` ends with it; so does a codebook set from elsewhere (e.g. another
+        process's k-means, `galsim_vqvae.train.distributed.Context.init_codebook`)."""
+        self.window_count.zero_()
+        self.initialized.fill_(True)
+        self._initialized = True
+
     def _generator(self, device, salt):
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + salt * 7919 + 12345) % (2 ** 63))
@@ -130,8 +144,7 @@ class VectorQuantizer(nn.Module):
             if self.kmeans_iters > 0:
                 self.kmeans_init(z.detach())
             else:
-                self.initialized.fill_(True)
-                self._initialized = True
+                self.mark_initialized()
         codes, _ = ops.nearest_code(z.detach(), self.codebook)
         q = F.embedding(codes, self.codebook)  # before this batch's update, as in the EMA papers
         if self.training:
@@ -244,6 +257,4 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(centres)
         self.ema_count.copy_(count)
         self.ema_sum.copy_(centres * count[:, None])
-        self.window_count.zero_()
-        self.initialized.fill_(True)
-        self._initialized = True
+        self.mark_initialized()

@@ -6,10 +6,10 @@ checkpoint it came from are unchanged), the conditioning labels are read from th
 prior is fit by cross-entropy. The held-out split (stamp i with ``i % 10 == 9``) gives the negative
 log-likelihood in bits per code at each log and at the end.
 
-Runs resume exactly: the batch of step s is a function of (seed, epoch, s) alone, the learning
-rate a function of s alone, and the model and optimizer state are in the checkpoint, so N steps
-straight and N/2 + N/2 resumed give the same weights on the CPU. Nothing depends on the total
-number of steps, so a run can also be extended. The shipped weights are an exponential moving
+Runs resume exactly (`galsim_vqvae.train.core`: the batch of step s is a function of (seed, s)
+alone, the learning rate a function of s alone, and the model and optimizer state are in the
+checkpoint), so N steps straight and N/2 + N/2 resumed give the same weights on the CPU. Nothing
+depends on the total number of steps, so a run can also be extended. The shipped weights are an exponential moving
 average of the optimizer's weights (`ema_decay`), which plays the part of a learning-rate decay.
 
 With ``class_label`` the prior is also conditioned on an integer class (e.g. ``morph_class``)
@@ -34,11 +34,10 @@ from ..devices import resolve_device
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 from ..nn.pixelcnn import GatedPixelCNN
-from . import distributed
-from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
+from . import core, distributed
+from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint
 
 CODES_NAME = "codes.npz"
-LOG_NAME = "log.jsonl"
 DEFAULT_MODEL = dict(channels=128, layers=15, kernel_size=5)
 WARMUP_STEPS = 100
 EMA_DECAY = 0.999
@@ -49,15 +48,7 @@ _LN2 = math.log(2.0)
 
 
 # ------------------------------------------------------------------------------------------------
-# Schedule
-def learning_rate(step, lr):
-    """The learning rate of step ``step``: linear warm-up over `WARMUP_STEPS`, then constant.
-
-    It depends on the step alone (not on the run length), so resumed runs follow it exactly.
-    """
-    return lr * min(1.0, (step + 1) / WARMUP_STEPS)
-
-
+# Schedule (the learning rate and the batches: `galsim_vqvae.train.core`)
 def ema_decay(step, decay=EMA_DECAY):
     """Decay of the weights' moving average after step ``step``: ``min(decay,
     (1 + step) / (10 + step))``, so early averages are not dominated by the initial weights
@@ -71,14 +62,6 @@ def dropout_seed(seed, step, rank=0):
     words = np.random.SeedSequence([int(seed), int(step), int(rank), 0xD80]).generate_state(
         1, dtype=np.uint64)
     return int(words[0]) >> 1
-
-
-def epoch_permutation(seed, epoch, n):
-    """The order [n] in which epoch ``epoch`` visits the training split: a function of
-    (seed, epoch) alone. Its first ``n // batch_size`` whole batches are used in turn."""
-    words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, dtype=np.uint64)
-    gen = torch.Generator().manual_seed(int(words[0]) >> 1)
-    return torch.randperm(n, generator=gen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,19 +298,6 @@ def _evaluate(prior, codes, cond, classes, index, batch_size, use_amp):
     return total / max(1, index.numel() * codes.shape[1] * codes.shape[2])
 
 
-def _trim_log(path, step):
-    """Drop log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        with atomic_path(path) as tmp:
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-
-
 def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed=0, device="cpu",
                 conditions=("mag", "hlr"), model=None, log_every=50, checkpoint_every=500,
                 resume=False, progress=True, ema=EMA_DECAY, class_label=None):
@@ -347,7 +317,8 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
         out:                Output directory (created if needed).
         steps:              Total number of optimizer steps (a resumed run continues to it).
         batch_size:         Code maps per step (at most the training split). [default: 64]
-        lr:                 Adam learning rate after a 100-step linear warm-up. [default: 3e-4]
+        lr:                 Adam learning rate after a `WARMUP_STEPS`-step linear warm-up.
+                            [default: 3e-4]
         seed:               Seed of the initial weights and of the batch schedule. [default: 0]
         device:             Torch device; on CUDA the step runs under bf16 autocast. [default: "cpu"]
         conditions:         Names of labels in the dataset's ``params`` group to condition on
@@ -411,7 +382,7 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
         with ctx.main_context(lambda: RunLock(out)):  # locked by rank 0
             # rank 0 first: it encodes the codes cache that the other ranks then read
             state, inputs = ctx.main_first(lambda: (
-                _existing_checkpoint(out, resume),
+                core.resume_state(out, resume, required=False),
                 prepare_inputs(data, vqvae_checkpoint, out, conditions, ctx.device,
                                progress and ctx.is_main, class_label)))
             summary = _fit(inputs, out, state, steps, batch_size, float(lr), seed, ctx.device,
@@ -421,16 +392,6 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
             return summary
     finally:
         ctx.close()
-
-
-def _existing_checkpoint(out, resume):
-    path = os.path.join(out, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        return None
-    if not resume:
-        raise VQVAEInputError(f"{path} exists; pass resume=True to continue that run, "
-                              "or choose another output directory")
-    return load_checkpoint(path)
 
 
 def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progress=True,
@@ -472,7 +433,6 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
 
     t0 = time.perf_counter()
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-    log_path = os.path.join(out, LOG_NAME)
     codes_np, num_codes, labels = inputs["codes"], inputs["num_codes"], inputs["labels"]
     fingerprint, data = inputs["fingerprint"], inputs["data"]["path"]
     n = codes_np.shape[0]
@@ -480,10 +440,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     test_index = split_indices(n, "test")
     if train_index.size == 0:
         raise VQVAEInputError(f"{data}: no training stamps (N={n})")
-    if batch_size * ctx.world_size > train_index.size:
-        raise VQVAEInputError(f"train_prior: batch_size {batch_size}"
-                              + (f" x {ctx.world_size} processes" if ctx.active else "")
-                              + f" exceeds the {train_index.size} training code maps of {data}")
+    schedule = core.BatchSchedule(train_index.size, batch_size, seed, device, ctx.rank,
+                                  ctx.world_size, what=f"training code maps of {data}")
     norm = label_normalisation(labels[train_index], conditions)
     classes = inputs.get("classes")
     class_info = None if classes is None else {"label": classes["label"],
@@ -518,22 +476,16 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     start = 0
     history = {"step": [], "train_bits_per_code": [], "test_bits_per_code": [], "lr": []}
     if state is not None:
-        for key, mine, theirs in (("config", prior.config,
-                                   dict(CONFIG_DEFAULTS, **state["config"])),
-                                  ("training settings", train_info,
-                                   dict(SETTING_DEFAULTS, **(state.get("train") or {}))),
-                                  ("classes", class_info, state.get("classes")),
-                                  ("codes", fingerprint, state.get("codes_fingerprint"))):
-            if mine != theirs:
-                raise VQVAEInputError(f"cannot resume {ckpt_path}: its {key} {theirs} differ from "
-                                      f"this run's {mine}")
+        core.check_resume(ckpt_path, state, {"config": prior.config, "train": train_info,
+                                             "classes": class_info,
+                                             "codes_fingerprint": fingerprint},
+                          defaults={"config": CONFIG_DEFAULTS, "train": SETTING_DEFAULTS})
         prior.load_state_dict(state["model_raw"])
         average.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         history = {k: list(v) for k, v in state["history"].items()}
-        if ctx.is_main:
-            _trim_log(log_path, start)
+    log_file = core.RunLog(out, ctx, start)
 
     codes = torch.from_numpy(codes_np).to(device)
     cond = torch.from_numpy(((labels - np.asarray(norm["mean"])) / np.asarray(norm["std"]))
@@ -542,43 +494,35 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     train_dev = torch.from_numpy(train_index).to(device)
     test_dev = torch.from_numpy(test_index).to(device)
     eval_batch = max(batch_size, 256)
-    per_epoch = train_index.size // (batch_size * ctx.world_size)
     data_info = inputs["data"]
     last = {"train": None, "test": None}
 
     def checkpoint(step):
-        ctx.check_identical({**{"raw." + k: v for k, v in prior.state_dict().items()},
-                             **{"average." + k: v for k, v in average.state_dict().items()}},
-                            "prior weights")
-        if not ctx.is_main:
-            return
-        save_checkpoint({
+        core.save_run(ctx, ckpt_path, lambda: {
             "model": {k: v.detach().cpu() for k, v in average.state_dict().items()},
             "model_raw": {k: v.detach().cpu() for k, v in prior.state_dict().items()},
             "config": prior.config, "optimizer": optimizer.state_dict(), "step": step,
             "seed": seed, "history": history, "data": data_info, "conditions": norm,
             "vqvae_checkpoint": inputs["vqvae_checkpoint"],
             "test_bits_per_code": last["test"], "train": train_info,
-            "codes_fingerprint": fingerprint, "classes": class_info}, ckpt_path)
+            "codes_fingerprint": fingerprint, "classes": class_info},
+            {**{"raw." + k: v for k, v in prior.state_dict().items()},
+             **{"average." + k: v for k, v in average.state_dict().items()}}, "prior weights")
 
     def log(step, loss_sum, count, started):
         train_bits = ctx.mean(loss_sum / count).item() / _LN2  # the host sync: at log time only
         rate = count * batch_size * ctx.world_size / max(1e-9, time.perf_counter() - started)
-        if not math.isfinite(train_bits):
-            raise FloatingPointError(f"prior training diverged at step {step} (loss "
-                                     f"{train_bits}); lower lr (now {lr})")
+        core.check_finite(train_bits, step, lr, "loss (bits per code)")
         test_bits = (_evaluate(average, codes, cond, class_of, test_dev, eval_batch,
                                use_amp).item() / _LN2
                      if test_index.size and ctx.is_main else None)
         last.update(train=train_bits, test=test_bits)
         entry = {"step": step, "train_bits_per_code": train_bits, "test_bits_per_code": test_bits,
-                 "lr": learning_rate(step - 1, lr), "maps_per_s": rate,
+                 "lr": core.learning_rate(step - 1, lr, WARMUP_STEPS), "maps_per_s": rate,
                  "elapsed_s": time.perf_counter() - t0}
         for k in history:
             history[k].append(entry[k])
-        if ctx.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        log_file.write(entry)
         bar.set_postfix(train=f"{train_bits:.3f}",
                         test=f"{test_bits:.3f}" if test_bits is not None else "-")
 
@@ -587,7 +531,6 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     loss_sum = torch.zeros((), device=device)
     count = 0
     started = time.perf_counter()
-    perm_epoch, perm = None, None
     params = list(prior.parameters())
     averaged = list(average.parameters())
     dropout = prior.dropout > 0
@@ -597,16 +540,10 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     with torch.random.fork_rng(devices=rng_devices, enabled=dropout), \
             contextlib.closing(bar):
         for step in range(start, steps):
-            epoch, k = divmod(step, per_epoch)
-            if epoch != perm_epoch:
-                perm = epoch_permutation(seed, epoch, train_index.size)
-                perm = perm.pin_memory() if device.type == "cuda" else perm
-                perm = perm.to(device, non_blocking=True)
-                perm_epoch = epoch
-            idx = train_dev[perm[distributed.rank_slice(k, batch_size, ctx.rank, ctx.world_size)]]
+            idx = train_dev[schedule.indices(step)]
             x = codes[idx]
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, lr)
+                group["lr"] = core.learning_rate(step, lr, WARMUP_STEPS)
             if dropout:
                 torch.manual_seed(dropout_seed(seed, step, ctx.rank))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -1,33 +1,34 @@
 """Training the VQ-VAE through the instrument: decode, convolve with each stamp's PSF, compare
 with the noisy stamp under its own Gaussian noise (chi^2), plus the codebook commitment loss.
 
-The training split is held in memory on the device; batches follow a deterministic schedule (the
-permutation of epoch ``e`` comes from ``(seed, e)``), so a resumed run needs only the step counter
-and the saved model, optimizer and codebook state to continue exactly as an uninterrupted one.
+The training split is held in memory on the device; batches, learning rate, checkpoints and log
+follow `galsim_vqvae.train.core`, so a resumed run needs only the step counter and the saved
+model, optimizer and codebook state to continue exactly as an uninterrupted one.
 Under ``torchrun`` the run is data-parallel (`galsim_vqvae.train.distributed`): ``batch_size`` is
 per process, each rank takes its slice of every global batch, and a run resumes with any number
 of processes.
 """
 
-import json
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import dataset
 from ..errors import VQVAEFormatError, VQVAEInputError
-from ..fileio import atomic_path
 from ..nn.forward import NoiseLookup, chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from . import augment as dihedral
-from . import distributed
+from . import core, distributed
 from .augment import all_transforms
-from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, RunLock
+from .core import BatchSchedule, learning_rate
 
 TRAIN_KEYS = ("observed", "sigma", "psf_index", "noise_index", "weight")
 NOISE_MODES = ("data", "independent")
@@ -75,8 +76,7 @@ def load_split(data, split, keys, limit=None):
         if missing:
             raise VQVAEInputError(f"in-memory dataset lacks arrays {missing}")
         n = len(data["observed"])
-        index = np.arange(n, dtype=np.int64)
-        index = index[(index % 10 == 9) == (split == "test")]
+        index = dataset.split_indices(n, split)
         index = index[:limit] if limit is not None else index
         arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
         for bank in ("psf_bank", "noise_bank"):
@@ -88,8 +88,6 @@ def load_split(data, split, keys, limit=None):
         header.setdefault("path", None)
         header["n"] = n
     else:
-        from ..data import dataset
-
         path = os.fspath(data)
         header = dict(dataset.read_header(path))
         n = int(header["n"])
@@ -115,34 +113,6 @@ def pick_image_scale(observed):
     if not (math.isfinite(scale) and scale > 0):
         raise VQVAEInputError(f"cannot set image_scale: the median stamp peak is {scale}")
     return scale
-
-
-class BatchSchedule:
-    """Deterministic batches: step ``s`` takes global batch ``s mod E`` of the permutation of
-    epoch ``s // E`` (``E = n // (batch_size * world_size)`` steps an epoch), drawn from
-    ``(seed, epoch)``; rank ``r`` of ``world_size`` processes takes the ``r``-th ``batch_size``
-    rows of it (`galsim_vqvae.train.distributed.rank_slice`)."""
-
-    def __init__(self, n, batch_size, seed, device, rank=0, world_size=1):
-        if batch_size * world_size > n:
-            raise VQVAEInputError(
-                f"batch_size {batch_size}" + (f" x {world_size} processes" if world_size > 1
-                                              else "") + f" exceeds the {n} training stamps")
-        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = n // (batch_size * world_size)
-        self._epoch, self._perm = None, None
-
-    def indices(self, step):
-        epoch, k = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
-            perm = torch.randperm(self.n, generator=g)
-            if torch.device(self.device).type == "cuda":  # no wait on the queued steps
-                perm = perm.pin_memory()
-            self._perm = perm.to(self.device, non_blocking=True)
-            self._epoch = epoch
-        return self._perm[distributed.rank_slice(k, self.batch_size, self.rank, self.world_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,15 +230,6 @@ def noisy_pair(convolved, sigma, seed, step, rank=0, world_size=1):
     return convolved + s * noise[0], convolved + s * noise[1]
 
 
-def learning_rate(step, lr, warmup, schedule, steps):
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to lr/10 at ``steps``."""
-    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    if schedule == "cosine":
-        t = min(1.0, step / max(1, steps))
-        factor *= 0.1 + 0.45 * (1.0 + math.cos(math.pi * t))
-    return lr * factor
-
-
 def _psf_lookup(psf_bank, psf_index, device, augment=False):
     """A function (batch indices, transforms) -> PSF transforms [B, n, n//2+1] of those stamps'
     PSFs, each turned by its `augment` transform (None: as they are; ``augment=True`` prepares
@@ -381,27 +342,29 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
     needs_truth = {"noise='independent'": noise == "independent",
                    f"truth_weight={truth_weight:g}": truth_weight > 0}
     needs_truth = [k for k, v in needs_truth.items() if v]
-    if lr_schedule not in ("constant", "cosine"):
+    if lr_schedule not in core.SCHEDULES:
         raise VQVAEInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
                     ("checkpoint_every", checkpoint_every)):
         if not isinstance(v, int) or v < 1:
             raise VQVAEInputError(f"{name} must be a positive integer, got {v!r}")
+    # What a resumed run must share with the checkpoint (`core.check_resume`) ...
+    settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
+                "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
+                "horizon": steps if lr_schedule == "cosine" else None, "noise": noise,
+                "truth_weight": float(truth_weight), "augment": augment}
+    # ... and what it may change
+    run = SimpleNamespace(data=data, out=out, steps=steps, model=dict(model or {}),
+                          log_every=log_every, checkpoint_every=checkpoint_every,
+                          gallery_every=gallery_every, progress=progress, compile=compile,
+                          channels_last=channels_last)
     ctx = distributed.setup(device)  # one process, or this rank of a torchrun job
-    ckpt_path = os.path.join(out, CHECKPOINT_NAME)
 
     def claim():  # the run directory, created and locked by rank 0
         return RunLock(out)  # creates the directory; removes it if the run fails at once
 
     def inputs():
-        if not resume and os.path.exists(ckpt_path):
-            raise VQVAEInputError(f"{ckpt_path} exists; pass resume=True (--resume) to continue "
-                                  "that run, or choose another output directory")
-        state = None
-        if resume:
-            if not os.path.exists(ckpt_path):
-                raise VQVAEInputError(f"cannot resume: no checkpoint in {out}")
-            state = load_checkpoint(ckpt_path)  # every rank loads it
+        state = core.resume_state(out, resume, required=True)  # every rank loads it
         keys = TRAIN_KEYS + (("truth",) if needs_truth else ())
         arrays, header = load_split(data, "train", keys)
         if needs_truth and "truth" not in arrays:
@@ -414,20 +377,16 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
     try:
         with ctx.main_context(claim):
             state, arrays, header = ctx.main_first(inputs)
-            summary = _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr,
-                           seed, ctx, psf_layers, dict(model or {}), log_every,
-                           checkpoint_every, gallery_every, progress, warmup, ae_warmup,
-                           lr_schedule, compile, channels_last, noise, float(truth_weight),
-                           augment)
+            summary = _run(arrays, header, state, ctx, settings, run)
             ctx.barrier()  # the ranks end together, after rank 0's evaluation and gallery
             return summary
     finally:
         ctx.close()
 
 
-def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, ctx,
-         psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
-         ae_warmup, lr_schedule, compile, channels_last, noise, truth_weight, augment):
+def _check_inputs(arrays, header, model_kwargs):
+    """The training arrays agree with each other and with the model's stamp size; returns the
+    stamp size."""
     observed = arrays["observed"]
     s = int(observed.shape[-1])
     if observed.ndim != 3 or observed.shape[1] != s:
@@ -439,24 +398,33 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     if arrays["psf_bank"].shape[-2:] != (s, s):
         raise VQVAEFormatError(f"dataset {header.get('path')}: psf_bank stamps are "
                                f"{arrays['psf_bank'].shape[-2:]}, observed are {s}x{s}")
-    sigma_np = np.asarray(arrays["sigma"], dtype=np.float32)
-    if not (np.isfinite(sigma_np).all() and (sigma_np > 0).all()):
+    sigma = np.asarray(arrays["sigma"], dtype=np.float32)
+    if not (np.isfinite(sigma).all() and (sigma > 0).all()):
         raise VQVAEFormatError(f"dataset {header.get('path')}: sigma must be finite and > 0")
-    model_kwargs.setdefault("image_scale", pick_image_scale(observed))
+    return s
+
+
+def _run(arrays, header, state, ctx, settings, run):
+    """The training loop of `train_vqvae` on the loaded training split: ``state`` is the
+    checkpoint to resume (or None), ``settings`` what the checkpoint records and a resumed run
+    must match, ``run`` the other arguments of `train_vqvae`."""
+    cfg = SimpleNamespace(**settings)
+    seed, steps, noise, truth_weight = cfg.seed, run.steps, cfg.noise, cfg.truth_weight
+    model_kwargs = run.model
+    s = _check_inputs(arrays, header, model_kwargs)
+    model_kwargs.setdefault("image_scale", pick_image_scale(arrays["observed"]))
     model_kwargs.setdefault("seed", seed)
-    train_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
-                 "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
-                 "horizon": steps if lr_schedule == "cosine" else None, "noise": noise,
-                 "truth_weight": truth_weight, "augment": augment}
+    ckpt_path = os.path.join(run.out, CHECKPOINT_NAME)
 
     dev = ctx.device
     torch.manual_seed(seed)
     net = VQVAE(**model_kwargs)
     if state is not None:
-        _check_resume(state, net.config, train_cfg, ckpt_path)
+        core.check_resume(ckpt_path, state, {"config": net.config, "train": settings},
+                          defaults={"train": SETTING_DEFAULTS})
         net.load_state_dict(state["model"])
     amp = dev.type == "cuda"
-    optimizer, channels_last = prepare_model(net, dev, lr, channels_last, compile)
+    optimizer, channels_last = prepare_model(net, dev, cfg.lr, run.channels_last, run.compile)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     ctx.share_codebook(net.quantizer)  # codebook updates from the global batch
@@ -466,44 +434,41 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
         {k: [] for k in history_keys}
     start = int(state["step"]) if state else 0
 
-    obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
-    sig = torch.as_tensor(sigma_np).to(dev)
-    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev, augment)
+    obs = torch.as_tensor(arrays["observed"], dtype=torch.float32).to(dev)[:, None]
+    sig = torch.as_tensor(np.asarray(arrays["sigma"], dtype=np.float32)).to(dev)
+    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev, cfg.augment)
     noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
                             dev, f"dataset {header.get('path')}")
-    if augment and (noise_for.bank is not None or noise_for.weight is not None):
+    if cfg.augment and (noise_for.bank is not None or noise_for.weight is not None):
         raise VQVAEInputError(f"dataset {header.get('path')}: --augment turns the stamps but not "
                               "their correlated-noise spectra or weight maps; train this dataset "
                               "without --augment")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
              if "truth" in arrays else None)
-    turn = dihedral.Dihedral(s, dev) if augment else None
-    schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
-    log_path = os.path.join(out, "log.jsonl")
-    if ctx.is_main:
-        _rewrite_log(log_path, history, history_keys)
+    turn = dihedral.Dihedral(s, dev) if cfg.augment else None
+    schedule = BatchSchedule(len(obs), cfg.batch_size, seed, dev, ctx.rank, ctx.world_size)
+    log = core.RunLog(run.out, ctx, start)
 
     def checkpoint(step):
-        ctx.check_identical(net.state_dict(), "VQ-VAE weights or codebooks")
-        if ctx.is_main:
-            save_checkpoint({"model": net.state_dict(), "config": net.config,
-                             "optimizer": optimizer.state_dict(), "step": step, "seed": seed,
-                             "history": history, "data": header, "train": train_cfg,
-                             "kind": "vqvae", "world_size": ctx.world_size}, ckpt_path)
+        core.save_run(ctx, ckpt_path, lambda: {
+            "model": net.state_dict(), "config": net.config, "optimizer": optimizer.state_dict(),
+            "step": step, "seed": seed, "history": history, "data": header, "train": settings,
+            "kind": "vqvae", "world_size": ctx.world_size},
+            net.state_dict(), "VQ-VAE weights or codebooks")
 
     net.train()
     acc = torch.zeros(5, device=dev)
     n_acc, t0 = 0, time.perf_counter()
-    bar = tqdm(total=steps, initial=start, disable=not (progress and ctx.is_main),
+    bar = tqdm(total=steps, initial=start, disable=not (run.progress and ctx.is_main),
                desc="train-vqvae", dynamic_ncols=True)
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, lr, warmup, lr_schedule, steps)
+                group["lr"] = learning_rate(step, cfg.lr, cfg.warmup, cfg.lr_schedule, steps)
             i = schedule.indices(step)
-            k = (dihedral.draw(seed, step, len(i), dev, ctx.rank, ctx.world_size) if augment
-                 else None)
-            psf_ft = psf_for(i, k) if psf_layers else None
+            k = (dihedral.draw(seed, step, len(i), dev, ctx.rank, ctx.world_size)
+                 if cfg.augment else None)
+            psf_ft = psf_for(i, k) if cfg.psf_layers else None
             tru = None if truth is None else truth[i] if k is None else turn.apply(truth[i], k)
             x, target = (obs[i] if k is None else turn.apply(obs[i], k)), None
             if noise == "independent":
@@ -511,40 +476,37 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
                                        step, ctx.rank, ctx.world_size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            quantize = step >= ae_warmup
-            if quantize and ctx.active and not net.quantizer._initialized:
+            quantize = step >= cfg.ae_warmup
+            if quantize and ctx.active and not net.quantizer.is_initialized:
                 _init_codebook(ctx, net, x, amp)
-            acc += train_step(model, optimizer, x, sig[i], psf_ft, psf_layers, amp,
+            acc += train_step(model, optimizer, x, sig[i], psf_ft, cfg.psf_layers, amp,
                               quantize=quantize, target=target,
                               truth=tru if truth_weight else None, truth_weight=truth_weight,
                               noise=noise_for(i))
             n_acc += 1
             done = step + 1
             bar.update(1)
-            if done % log_every == 0 or done == steps:
+            if done % run.log_every == 0 or done == steps:
                 values = ctx.mean(acc / n_acc).tolist()  # the one host sync of the interval
                 elapsed = time.perf_counter() - t0
-                row = {"step": done, "loss": values[0], "chi2": values[1],
-                       "perplexity": values[2], "usage": values[3],
-                       "images_per_s": n_acc * batch_size * ctx.world_size / max(elapsed, 1e-9),
-                       TRUTH_KEY: values[4]}
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"training diverged at step {done}: loss "
-                                             f"{row['loss']}; lower the learning rate ({lr})")
-                row = {k: row[k] for k in history_keys}
+                row = dict(zip(("step", "loss", "chi2", "perplexity", "usage", TRUTH_KEY),
+                               [done] + values))
+                row["images_per_s"] = (n_acc * cfg.batch_size * ctx.world_size
+                                       / max(elapsed, 1e-9))
+                core.check_finite(row["loss"], done, cfg.lr)
+                row = {key: row[key] for key in history_keys}
                 for key in history_keys:
                     history[key].append(row[key])
-                if ctx.is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", chi2=f"{row['chi2']:.4g}",
                                 ppl=f"{row['perplexity']:.1f}", img_s=f"{row['images_per_s']:.0f}")
                 acc.zero_()
                 n_acc, t0 = 0, time.perf_counter()
-            if done % checkpoint_every == 0 and done != steps:
+            if done % run.checkpoint_every == 0 and done != steps:
                 checkpoint(done)
-            if gallery_every and done % gallery_every == 0 and done != steps and ctx.is_main:
-                draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
+            if (run.gallery_every and done % run.gallery_every == 0 and done != steps
+                    and ctx.is_main):
+                draw_gallery(net, run.data, os.path.join(run.out, "gallery.png"), cfg.psf_layers)
                 net.train()
     finally:
         bar.close()
@@ -553,8 +515,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     summary = {"step": final}
     summary.update({k: history[k][-1] for k in history_keys[1:] if history[k]})
     if ctx.is_main:  # the other ranks hold the same weights
-        summary.update(evaluate(net, data, psf_layers))
-        draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
+        summary.update(evaluate(net, run.data, cfg.psf_layers))
+        draw_gallery(net, run.data, os.path.join(run.out, "gallery.png"), cfg.psf_layers)
     return summary
 
 
@@ -566,26 +528,6 @@ def _init_codebook(ctx, net, x, amp):
         z = net.encode(x)
     z = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     ctx.init_codebook(net.quantizer, z)
-
-
-def _check_resume(state, config, train_cfg, path):
-    old = state.get("config", {})
-    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-    if diff:
-        raise VQVAEInputError(f"cannot resume from {path}: its model config differs "
-                              f"(checkpoint vs now): {diff}")
-    old_train = dict(SETTING_DEFAULTS, **state.get("train", {}))
-    diff = {k: (old_train.get(k), v) for k, v in train_cfg.items() if old_train.get(k) != v}
-    if diff:
-        raise VQVAEInputError(f"cannot resume from {path}: its training settings differ "
-                              f"(checkpoint vs now): {diff}")
-
-
-def _rewrite_log(path, history, keys=HISTORY_KEYS):
-    """``log.jsonl`` as the checkpoint's history says (drops lines of a crashed run's tail)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for j in range(len(history["step"])):
-            f.write(json.dumps({k: history[k][j] for k in keys}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
