@@ -18,9 +18,10 @@ set -uo pipefail
 ACTION=${1:-start}
 export RUN=${RUN:-/tmp/runs/default}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NCCL_NVLS_ENABLE=0
-export PYTHONPATH=/tmp/site:$PWD
 export WORKERS=${WORKERS:-$(nproc)}
 EVAL_N=${EVAL_N:-10000}
+export DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then export PYTHONPATH=$PWD; else export PYTHONPATH=/tmp/site:$PWD; fi
 mkdir -p "$RUN"
 LOG=$RUN/chain.log
 
@@ -35,11 +36,13 @@ step() {  # step NAME COMMAND...: run, time and log one step
 }
 
 chain() {
-  if [ ! -d /tmp/site/galsim ]; then
+  if [ "$DEVICE" != cpu ] && [ ! -d /tmp/site/galsim ]; then
     mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
   fi
   python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
   (TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 step build python3 setup.py build_ext --inplace) &
+  # (a local dry run: DEVICE=cpu N=300 N_HELDOUT=60 VQ_STEPS=6 AE_WARMUP=2 VQ_BATCH=16
+  #  PRIOR_STEPS=4 PRIOR_BATCH=16 EVAL_N=20 bash benchmarks/gpu_default_model.sh chain)
   local build=$!
   step dataset bash examples/train_default_model.sh dataset || return 1
   wait $build
@@ -53,10 +56,10 @@ chain() {
   [ -f .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits ] && \
       real=(--real .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits)
   step evaluate python3 -m galsim_vqvae.cli evaluate --model "$model" --n "$EVAL_N" \
-      --data "$RUN/val.h5" --split all --seed 7 --device cuda --workers "$WORKERS" --quiet \
+      --data "$RUN/val.h5" --split all --seed 7 --device "$DEVICE" --workers "$WORKERS" --quiet \
       --out "$RUN/evaluate" "${real[@]}"
   step gallery python3 -m galsim_vqvae.cli gallery --model "$model" --data "$RUN/val.h5" \
-      --n 64 --seed 1 --out "$RUN/gallery.png" --device cuda
+      --n 64 --seed 1 --out "$RUN/gallery.png" --device "$DEVICE"
   echo "[$(date +%T)] chain done" >> "$LOG"
 }
 

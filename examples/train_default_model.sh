@@ -16,6 +16,8 @@ N_HELDOUT=${N_HELDOUT:-10000}
 WORKERS=${WORKERS:-$(nproc)}
 VQ_STEPS=${VQ_STEPS:-10000}
 PRIOR_STEPS=${PRIOR_STEPS:-6000}
+VQ_BATCH=${VQ_BATCH:-512}
+PRIOR_BATCH=${PRIOR_BATCH:-256}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
@@ -30,16 +32,17 @@ if [ "$STAGE" = all ] || [ "$STAGE" = dataset ]; then
       --workers "$WORKERS" --out "$RUN/val.h5"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
-  # Noise2Noise targets, the truth term (the synthetic set's pre-PSF truth constrains what the
-  # PSF hides: frames at the stamp edges, rings, faint junk), the 8 rotations/flips.
+  # Noise2Noise targets, the l1 truth term (the synthetic set's pre-PSF truth constrains what
+  # the PSF hides: frames at the stamp edges, rings, faint junk; see docs/default_model.md), the
+  # 8 rotations/flips.
   cli train-vqvae --data "$RUN/synthetic.h5" --out "$RUN/vqvae" --steps "$VQ_STEPS" \
-      --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 --warmup 200 \
+      --batch-size "$VQ_BATCH" --lr 3e-4 --lr-schedule cosine --ae-warmup "${AE_WARMUP:-500}" --warmup 200 \
       --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --noise independent \
-      --truth-weight 1 --augment --device "$DEVICE" $(resume "$RUN/vqvae")
+      --truth-weight 1 --truth-norm l1 --augment --device "$DEVICE" $(resume "$RUN/vqvae")
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
-      --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device "$DEVICE" \
+      --steps "$PRIOR_STEPS" --batch-size "$PRIOR_BATCH" --lr 1e-3 --seed 2 --device "$DEVICE" \
       --conditions mag,hlr --class-label morph_class --channels 96 --layers 10 --kernel-size 5 \
       --dropout 0.1 --ema 0.999 $(resume "$RUN/prior")
   "$PY" -c "import sys; from galsim_vqvae.plots import save_training_curves as s; s(*sys.argv[1:])" \

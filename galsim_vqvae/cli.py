@@ -98,7 +98,8 @@ def cmd_train_vqvae(args):
                           progress=not args.quiet, warmup=args.warmup, ae_warmup=args.ae_warmup,
                           lr_schedule=args.lr_schedule, log_every=args.log_every,
                           checkpoint_every=args.checkpoint_every, noise=args.noise,
-                          truth_weight=args.truth_weight, augment=args.augment)
+                          truth_weight=args.truth_weight, augment=args.augment,
+                          truth_norm=args.truth_norm)
     if not is_main_process():  # under torchrun, rank 0 reports
         return None
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
@@ -327,6 +328,10 @@ def build_parser():
                    help="datasets with truth: add W * mean over pixels of ((decoded - truth) / "
                         "sigma)^2 per stamp to the loss, constraining the pre-PSF image where "
                         "the PSF does not (edges, ringing) [default: 0]")
+    p.add_argument("--truth-norm", choices=["l2", "l1"], default="l2",
+                   help="the truth term's distance: l2 (squared, as above) or l1 (mean |decoded "
+                        "- truth| / sigma, which drives faint frames and halos to exactly zero) "
+                        "[default: l2]")
     p.add_argument("--augment", action="store_true",
                    help="give each stamp one of the 8 rotations/flips about its centre (the "
                         "same for its truth and PSF), drawn from (seed, step)")

@@ -860,14 +860,6 @@ def _check_label_table(table, metadata, path):
                  f"{len(klass['class_names']) - 1}")
 
 
-def _mean_training_psf(dataset_path):
-    from .data.dataset import load_arrays
-
-    arrays = load_arrays(dataset_path, keys=("psf_bank", "psf_index"))
-    counts = np.bincount(arrays["psf_index"], minlength=len(arrays["psf_bank"]))
-    return np.tensordot(counts / counts.sum(), arrays["psf_bank"].astype(np.float64), axes=1)
-
-
 def psf_fwhm(psf_image, pixel_scale):
     """Gaussian-equivalent FWHM in arcsec of a PSF image: 2.355 times its HSM adaptive-moments
     sigma. (GalSim's ``calculateFWHM`` is unreliable on diffraction PSFs with struts.)"""

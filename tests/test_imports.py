@@ -21,7 +21,7 @@ LAYERS = {
     1: ("data",),
     2: ("nn",),
     3: ("train",),
-    4: ("emulator", "outputs"),
+    4: ("emulator", "outputs", "provenance"),
     5: ("profile", "generate"),
     6: ("config",),
     7: ("validation", "benchmark", "cli", "__init__"),

@@ -86,7 +86,8 @@ def test_training_lowers_the_loss(toy, tmp_path):
 @pytest.mark.parametrize("psf_layers,noise,extra", [
     (True, "data", {}), (False, "data", {}), (True, "independent", {}),
     (True, "data", dict(truth_weight=0.5, augment=True)),
-    (True, "independent", dict(truth_weight=2.0, augment=True))])
+    (True, "independent", dict(truth_weight=2.0, augment=True)),
+    (True, "independent", dict(truth_weight=1.0, truth_norm="l1"))])
 def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise, extra):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3, noise=noise,
@@ -110,7 +111,8 @@ def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise, extra):
     assert a["model"]["quantizer.updates"].item() == 16 - 5  # quantized steps only
     log = [json.loads(line) for line in open(halves / "log.jsonl")]
     assert [r["step"] for r in log] == [4, 8, 12, 16]
-    for key, value in {"truth_weight": 0.0, "augment": False, **extra}.items():
+    for key, value in {"truth_weight": 0.0, "augment": False, "truth_norm": "l2",
+                       **extra}.items():
         assert a["train"][key] == value
     if extra.get("truth_weight"):  # the truth term is logged under its own key
         assert a["history"]["truth_chi2"] == [r["truth_chi2"] for r in log]
@@ -354,6 +356,21 @@ def test_truth_term_of_the_loss(toy, tmp_path):
     torch.testing.assert_close(weighted["loss"].double(),
                                plain["loss"].double() + 0.7 * expected.mean(), rtol=1e-5, atol=0)
     assert torch.equal(weighted["truth_chi2"], chi2(weighted["decoded"], truth, sigma))
+    # the l1 truth term: mean |decoded - truth| / sigma, and its pull on faint light does not
+    # fade with the light's amplitude (the l2 term's does)
+    l1 = forward_losses(net, x, sigma, psf_ft, quantize=False, truth=truth, truth_weight=0.7,
+                        truth_norm="l1")
+    expected = ((d - truth.double()).abs() / sigma.double()[:, None, None, None]).mean((1, 2, 3))
+    torch.testing.assert_close(l1["truth_chi2"].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(l1["loss"].double(), plain["loss"].double() + 0.7 * expected.mean(),
+                               rtol=1e-5, atol=0)
+    from galsim_vqvae.nn.forward import abs_deviation
+
+    faint = torch.full((1, 1, 4, 4), 1e-3, requires_grad=True)
+    abs_deviation(faint, torch.zeros_like(faint), torch.ones(1)).sum().backward()
+    assert torch.allclose(faint.grad, torch.full_like(faint, 1 / 16))
+    with pytest.raises(VQVAEInputError, match="truth_norm must be"):
+        _run(toy, tmp_path / "e", 2, truth_weight=1.0, truth_norm="l3")
     no_truth = {k: v for k, v in toy.items() if k != "truth"}
     with pytest.raises(VQVAEInputError, match="truth_weight=1 need.*truth"):
         _run(no_truth, tmp_path / "a", 2, truth_weight=1.0)

@@ -192,3 +192,19 @@ class NoiseLookup:
         if self.weight is not None:
             out["weight"] = self.weight[i][:, None]
         return out
+
+
+def abs_deviation(model, target, sigma):
+    """Mean absolute deviation per pixel of each stamp in units of its noise ``sigma``.
+
+    Parameters:
+        model:      Tensor [B, 1, S, S].
+        target:     Tensor [B, 1, S, S] (e.g. the noiseless pre-PSF truth).
+        sigma:      Tensor [B], the noise standard deviation of each stamp (> 0).
+
+    Returns:
+        Tensor [B] float32: ``mean over pixels of |model - target| / sigma``.
+    """
+    with torch.autocast(device_type=model.device.type, enabled=False):
+        sigma = sigma.float().reshape(-1, *([1] * (model.dim() - 1)))
+        return ((model.float() - target.float()).abs() / sigma).flatten(1).mean(1)

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..data import dataset
 from ..errors import VQVAEFormatError, VQVAEInputError
-from ..nn.forward import NoiseLookup, chi2, convolve_psf, padded_size, psf_transform
+from ..nn.forward import (NoiseLookup, abs_deviation, chi2, convolve_psf, padded_size,
+                          psf_transform)
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
 from . import augment as dihedral
@@ -36,7 +37,8 @@ GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
 TRUTH_KEY = "truth_chi2"  # history key of the truth term (runs with truth_weight > 0)
 # Training settings added later, with the value that older checkpoints were trained with
-SETTING_DEFAULTS = {"truth_weight": 0.0, "augment": False}
+SETTING_DEFAULTS = {"truth_weight": 0.0, "augment": False, "truth_norm": "l2"}
+TRUTH_NORMS = ("l2", "l1")
 PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
 GALLERY_ROWS = 8
 EVAL_STAMPS = 1024
@@ -120,7 +122,8 @@ def pick_image_scale(observed):
 # ----------------------------------------------------------------------------------------------
 
 def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-                   quantize=True, target=None, truth=None, truth_weight=0.0, noise=None):
+                   quantize=True, target=None, truth=None, truth_weight=0.0, noise=None,
+                   truth_norm="l2"):
     """Losses of one batch: the one place where the training loss is put together.
 
     Parameters:
@@ -142,6 +145,10 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
                         the truth per pixel in units of the stamp's noise sigma. [default: 0]
         noise:          The batch's noise model, keyword arguments of `chi2` (``noise_power``,
                         ``weight``) from a `NoiseLookup`. [default: None, white noise, weight 1]
+        truth_norm:     ``"l2"``: the truth term is the squared distance above; ``"l1"``: the
+                        mean absolute distance per pixel in units of sigma (`abs_deviation`),
+                        whose pull on faint light does not fade with its amplitude, so that a
+                        faint frame or halo is driven to exactly zero. [default: "l2"]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment [+ W * truth term]), ``chi2``
@@ -155,7 +162,7 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
     loss = c2.mean() + quant.commitment_loss
     truth_c2 = torch.zeros_like(c2)
     if truth is not None:
-        truth_c2 = chi2(decoded, truth, sigma)
+        truth_c2 = (abs_deviation if truth_norm == "l1" else chi2)(decoded, truth, sigma)
         if truth_weight:
             loss = loss + truth_weight * truth_c2.mean()
     return {"loss": loss, "chi2": c2, "truth_chi2": truth_c2, "decoded": decoded,
@@ -189,12 +196,12 @@ class _Autoencoder(nn.Module):
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
                quantize=True, grad_clip=GRAD_CLIP, target=None, truth=None, truth_weight=0.0,
-               noise=None):
+               noise=None, truth_norm="l2"):
     """One optimizer step (the arguments are `forward_losses`'s); returns detached (loss, mean
     chi^2/pixel, perplexity, usage, mean truth chi^2/pixel) tensors without synchronising with
     the device."""
     out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target,
-                         truth, truth_weight, noise)
+                         truth, truth_weight, noise, truth_norm)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if grad_clip:
@@ -273,7 +280,8 @@ def prepare_model(net, device, lr, channels_last=None, compile=False):
 def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
                 model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
                 progress=True, warmup=100, ae_warmup=200, lr_schedule="constant", compile=False,
-                channels_last=None, noise="data", truth_weight=0.0, augment=False):
+                channels_last=None, noise="data", truth_weight=0.0, augment=False,
+                truth_norm="l2"):
     """Train a `VQVAE` on the training split of a dataset; checkpoint, log and draw a gallery.
 
     Parameters:
@@ -317,6 +325,9 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             / sigma)^2``, sigma the stamp's noise sigma; logged as
                             ``truth_chi2``. It constrains what the PSF leaves free (light at the
                             stamp's edge, deconvolution ringing). [default: 0]
+        truth_norm:         ``"l2"`` (the squared distance above) or ``"l1"`` (mean absolute
+                            distance in units of sigma: drives faint light to exactly zero).
+                            [default: "l2"]
         augment:            Give each stamp of a batch one of the 8 rotations/flips about its
                             centre pixel (`galsim_vqvae.train.augment`), the same for its
                             observed stamp, truth and PSF, drawn from (seed, step). [default: False]
@@ -337,6 +348,8 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
     if truth_weight and not psf_layers:
         raise VQVAEInputError("truth_weight compares the pre-PSF decoded image with the truth; it "
                               "needs the PSF layers (not psf_layers=False, --no-psf-layers)")
+    if truth_norm not in TRUTH_NORMS:
+        raise VQVAEInputError(f"truth_norm must be one of {TRUTH_NORMS}, got {truth_norm!r}")
     if not isinstance(augment, bool):
         raise VQVAEInputError(f"augment must be True or False, got {augment!r}")
     needs_truth = {"noise='independent'": noise == "independent",
@@ -352,7 +365,7 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
     settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
                 "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
                 "horizon": steps if lr_schedule == "cosine" else None, "noise": noise,
-                "truth_weight": float(truth_weight), "augment": augment}
+                "truth_weight": float(truth_weight), "augment": augment, "truth_norm": truth_norm}
     # ... and what it may change
     run = SimpleNamespace(data=data, out=out, steps=steps, model=dict(model or {}),
                           log_every=log_every, checkpoint_every=checkpoint_every,
@@ -410,6 +423,7 @@ def _run(arrays, header, state, ctx, settings, run):
     must match, ``run`` the other arguments of `train_vqvae`."""
     cfg = SimpleNamespace(**settings)
     seed, steps, noise, truth_weight = cfg.seed, run.steps, cfg.noise, cfg.truth_weight
+    truth_norm = cfg.truth_norm
     model_kwargs = run.model
     s = _check_inputs(arrays, header, model_kwargs)
     model_kwargs.setdefault("image_scale", pick_image_scale(arrays["observed"]))
@@ -482,7 +496,7 @@ def _run(arrays, header, state, ctx, settings, run):
             acc += train_step(model, optimizer, x, sig[i], psf_ft, cfg.psf_layers, amp,
                               quantize=quantize, target=target,
                               truth=tru if truth_weight else None, truth_weight=truth_weight,
-                              noise=noise_for(i))
+                              noise=noise_for(i), truth_norm=truth_norm)
             n_acc += 1
             done = step + 1
             bar.update(1)
