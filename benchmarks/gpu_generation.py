@@ -6,8 +6,8 @@
 Prints one table and writes ``generation.json`` under ``--out`` (default ``$OUT`` or ``.``):
 
 * ``Emulator.sample`` of the shipped default model (codes and decode, images on the host as a
-  numpy array) in galaxies/s for each ``--sample-n``, after one untimed call of 64 galaxies; and
-  ``Emulator.sample_codes`` alone for the same n.
+  numpy array; every label at its training mean) in galaxies/s for each ``--sample-n``, after one
+  untimed call of 64 galaxies; and ``Emulator.sample_codes`` alone for the same n.
 * The random ``--prior`` (layers x channels, K = 512, 5x5 kernels, 21x21 maps) at
   ``--prior-batch``: the compiled op through `sample_fast` (noise inside the op) in maps/s, against
   the naive sampler on the float64 prior (``naive64``, the reference) and on the float32 prior with
@@ -42,14 +42,25 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
+def mean_conditions(emulator, n):
+    """The training mean of every label, for n galaxies (None for an unconditional model)."""
+    names = emulator.condition_names
+    if not names:
+        return None
+    mean = emulator.metadata["conditions"]["mean"]
+    return {k: np.full(n, float(mean[c])) for c, k in enumerate(names)}
+
+
 def emulator_rows(device, sizes):
     emulator = Emulator.load("default", device=device)
-    emulator.sample(64, seed=0)  # warm-up: weights, float64 prior, kernels, allocator
+    # warm-up: weights, float64 prior, kernels, allocator
+    emulator.sample(64, mean_conditions(emulator, 64), seed=0)
     rows = []
     for n in sizes:
-        seconds, images = timed(lambda: emulator.sample(n, seed=1), device)
+        cond = mean_conditions(emulator, n)
+        seconds, images = timed(lambda: emulator.sample(n, cond, seed=1), device)
         assert isinstance(images, np.ndarray) and images.shape[0] == n
-        codes_s, _ = timed(lambda: emulator.sample_codes(n, seed=1), device)
+        codes_s, _ = timed(lambda: emulator.sample_codes(n, cond, seed=1), device)
         rows.append(dict(what=f"Emulator.sample, default model, n={n}", n=n,
                          seconds=seconds, per_s=n / seconds, codes_per_s=n / codes_s))
         print(f"Emulator.sample n={n}: {n / seconds:.1f} galaxies/s "
