@@ -40,6 +40,29 @@ GVQ_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
+// Every noise value lies in [kGumbelMin, kGumbelMax] (u ranges over [2^-33, 1 - 2^-33]:
+// g from -log(33 log 2) = -3.1300 to -log(-log(1 - 2^-33)) = 22.874, with margin). So the score
+// a_k + g_k of code k (a_k = logit / T) lies in [a_k + kGumbelMin, a_k + kGumbelMax]: a code with
+// fl(a_k + kGumbelMax) < fl(a_m + kGumbelMin) for two other codes m scores below both of them
+// (rounding is monotone), can be neither the draw nor the runner-up, and its noise need not be
+// computed (`gumbel_cut`). The draws and the top-2 gaps are the same as with every code scored.
+constexpr double kGumbelMin = -3.2, kGumbelMax = 23.0;
+
+// The second largest of a_k + kGumbelMin over the K codes (the cut above; -inf for K = 1).
+GVQ_HD double gumbel_cut(const double* a, int64_t count, int64_t stride = 1) {
+  double lo1 = -INFINITY, lo2 = -INFINITY;
+  for (int64_t k = 0; k < count; ++k) {
+    const double lo = a[k * stride] + kGumbelMin;
+    if (lo > lo1) {
+      lo2 = lo1;
+      lo1 = lo;
+    } else if (lo > lo2) {
+      lo2 = lo;
+    }
+  }
+  return lo2;
+}
+
 // The Gumbel noise of codes 4q .. 4q+3 at (i, j) of the map with seed `seed`.
 GVQ_HD void gumbel4(uint64_t seed, int64_t i, int64_t j, int64_t q, double g[4]) {
   uint32_t c[4] = {(uint32_t)q, (uint32_t)j, (uint32_t)i, 0u};

@@ -350,3 +350,27 @@ def test_cuda_noise_and_maps_are_the_cpu_ones_over_hundreds_of_maps():
     cpu = sample_fast(prior, n, (7, 9), cond, None, seeds, implementation="compiled")
     gpu = sample_fast(prior.cuda(), n, (7, 9), cond, None, seeds, implementation="compiled")
     assert torch.equal(gpu.cpu(), cpu), f"FRESH = {FRESH}"
+
+
+@needs_op
+def test_peaked_logits_skip_noise_and_still_draw_the_naive_maps():
+    """Logits spread over ~100 (as in the trained model): the ops skip the noise of codes that
+    cannot be among the two best scores (csrc/philox.h); the maps and the top-2 gaps are still
+    the naive sampler's, also at a low temperature (which spreads the scores further)."""
+    rng = np.random.default_rng([FRESH, 1100])
+    prior = fresh_prior(rng, num_codes=96, channels=8, layers=2, kernel_size=3, cond_dim=1)
+    with torch.no_grad():
+        prior.head[-1].weight.mul_(40.0)
+    n, shape = 6, (5, 4)
+    cond, _ = fresh_conditions(rng, prior, n)
+    seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
+    for temperature in (1.0, 0.3):
+        naive = sample_naive(prior, n, shape, cond, None, seeds, temperature)
+        network = float64_prior(prior)
+        biases = network._layer_biases(n, cond.double(), None, torch.float64)
+        bias = torch.stack([b[:, :, 0, 0] for b in biases], 1)
+        codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, ops.seeds_tensor(seeds),
+                                         shape, temperature, 3)
+        assert torch.equal(codes, naive), f"FRESH = {FRESH}"
+        expected = teacher_forced_gap(prior, codes, cond, None, seeds, temperature)
+        torch.testing.assert_close(gap, expected, rtol=0, atol=1e-9, msg=f"FRESH = {FRESH}")

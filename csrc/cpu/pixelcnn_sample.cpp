@@ -7,8 +7,8 @@
 // rows, read in place, as one matrix product, then v_to_h for the row terms and the gate into the
 // next layer's cache) and every position the horizontal stack (per layer: the h_conv product of
 // the window of the row buffer, the gate, the h_out product plus residual), the head and the draw.
-// The draw's Gumbel noise is computed at the draw (../philox.h). All products go through one
-// register-blocked kernel (`gemm`: 4 rows x 16 columns of float64
+// The draw's Gumbel noise is computed at the draw (../philox.h), for the codes that can be among
+// the two best scores only. All products go through one register-blocked kernel (`gemm`: 4 rows x 16 columns of float64
 // accumulators, weights packed once per call in panels of 16 columns), compiled for AVX-512,
 // AVX2+FMA and the baseline (function multiversioning, csrc/cpu/multiversion.h).
 #include <ATen/Parallel.h>
@@ -142,8 +142,7 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const int64_t* seeds, 
   const SamplerLayout lay(d);
   std::vector<double> vc(L * nb * lay.vc_layer, 0.0), rowt(L * nb * lay.row_layer);
   std::vector<double> hb((L + 1) * nb * lay.h_layer, 0.0), pre(nb * lay.pre),
-      gbuf(nb * lay.gate), head(nb * lay.head), logits(nb * lay.logits), vpre(nb * W * C2),
-      noise((K + 3) / 4 * 4);
+      gbuf(nb * lay.gate), head(nb * lay.head), logits(nb * lay.logits), vpre(nb * W * C2);
   std::vector<const double*> ptr(nb * W * R);
   auto VC = [&](int64_t l, int64_t b, int64_t slot, int64_t x) {
     return vc.data() + ((l * nb + b) * R + slot) * WP * C + x * C;
@@ -232,28 +231,36 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const int64_t* seeds, 
       }
       gemm(nb, 1, C, ptr.data(), m.head2_w, logits.data(), K, true);
       for (int64_t b = 0; b < nb; ++b) {
-        const double* lg = logits.data() + b * K;
+        double* a = logits.data() + b * K;  // becomes logits / T
+        for (int64_t k = 0; k < K; ++k) a[k] = a[k] / d.temperature;
+        const double cut = gumbel_cut(a, K);
         const uint64_t seed = (uint64_t)seeds[b0 + b];
-        for (int64_t q = 0; 4 * q < K; ++q) gumbel4(seed, i, j, q, noise.data() + 4 * q);
-        const double* g = noise.data();
-        int64_t best = 0;
+        int64_t best = -1;
         double s1 = -std::numeric_limits<double>::infinity(), s2 = s1, best_s = 0.0;
         bool nan = false;
-        for (int64_t k = 0; k < K; ++k) {
-          const double s = lg[k] / d.temperature + g[k];
-          if (k == 0) {
-            best_s = s;
-          } else if (std::isnan(s) ? !std::isnan(best_s) : s > best_s) {
-            best = k;
-            best_s = s;
-          }
-          if (std::isnan(s)) {
-            nan = true;
-          } else if (s > s1) {
-            s2 = s1;
-            s1 = s;
-          } else if (s > s2) {
-            s2 = s;
+        for (int64_t q = 0; 4 * q < K; ++q) {
+          const int64_t kn = std::min<int64_t>(4, K - 4 * q);
+          bool needed = false;  // is any of the four a candidate for the two best scores?
+          for (int64_t w = 0; w < kn; ++w) needed = needed || !(a[4 * q + w] + kGumbelMax < cut);
+          if (!needed) continue;
+          double g[4];
+          gumbel4(seed, i, j, q, g);
+          for (int64_t w = 0; w < kn; ++w) {
+            const int64_t k = 4 * q + w;
+            if (a[k] + kGumbelMax < cut) continue;
+            const double s = a[k] + g[w];
+            if (best < 0 || (std::isnan(s) ? !std::isnan(best_s) : s > best_s)) {
+              best = k;
+              best_s = s;
+            }
+            if (std::isnan(s)) {
+              nan = true;
+            } else if (s > s1) {
+              s2 = s1;
+              s1 = s;
+            } else if (s > s2) {
+              s2 = s;
+            }
           }
         }
         codes[((b0 + b) * H + i) * W + j] = best;

@@ -394,8 +394,8 @@ __device__ __forceinline__ bool better(double sa, int ka, double sb, int kb) {
 }
 
 // One warp per map: the draw at (i, j) (scores: logits / T, plus the Gumbel noise of philox.h
-// computed here, four codes per lane and Philox call), the top-2 gap, the code's embedding into
-// row buffer 0.
+// computed here, four codes per lane and Philox call, for the codes that can be among the two
+// best scores only), the top-2 gap, the code's embedding into row buffer 0.
 __global__ void draw_kernel(Net n, int j) {
   const int64_t b = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -403,15 +403,39 @@ __global__ void draw_kernel(Net n, int j) {
   const int i = *n.row;
   const uint64_t seed = (uint64_t)n.seeds[b];
   const double* s = n.scores + b * n.K;
+  // The cut of philox.h: the second largest s[k] + kGumbelMin of the warp's codes.
+  double lo1 = -INFINITY, lo2 = -INFINITY;
+  for (int k = lane; k < n.K; k += 32) {
+    const double lo = s[k] + kGumbelMin;
+    if (lo > lo1) {
+      lo2 = lo1;
+      lo1 = lo;
+    } else if (lo > lo2) {
+      lo2 = lo;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    const double o1 = __shfl_xor_sync(0xffffffffu, lo1, off);
+    const double o2 = __shfl_xor_sync(0xffffffffu, lo2, off);
+    lo2 = fmax(fmin(lo1, o1), fmax(lo2, o2));
+    lo1 = fmax(lo1, o1);
+  }
+  const double cut = lo2;
   double best_s = -INFINITY, s1 = -INFINITY, s2 = -INFINITY;
   int best_k = 0x7fffffff;
   bool nan = false;
   for (int k = 4 * lane; k < n.K; k += 128) {
+    bool needed = false;  // can any of the four be among the two best scores?
+#pragma unroll
+    for (int w = 0; w < 4; ++w) needed = needed || (k + w < n.K && !(s[k + w] + kGumbelMax < cut));
+    if (!needed) continue;
     double g[4];
     gumbel4(seed, i, j, k / 4, g);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       if (k + w >= n.K) break;
+      if (s[k + w] + kGumbelMax < cut) continue;
       const double v = s[k + w] + g[w];
       if (better(v, k + w, best_s, best_k)) {
         best_s = v;
