@@ -179,7 +179,8 @@ def _peak_rss_child(name, batch, implementation, queue):
 def peak_memory(name, batch, implementation="compiled"):
     """Measured growth of the peak resident memory of a fresh process over one `sample_fast`
     call, against the formula for the caches plus the row step's scratch (`row_step_bytes`: with
-    the im2col for the PyTorch loop, without for the C++ op), the Gumbel noise and the codes."""
+    the im2col for the PyTorch loop, without for the C++ op), the Gumbel noise (float64, the
+    PyTorch loop only: the op computes it where it draws) and the codes."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(name, batch, implementation, queue))
@@ -190,7 +191,7 @@ def peak_memory(name, batch, implementation="compiled"):
     cfg = PRIORS[name]
     caches = cache_bytes(batch, cfg["layers"], cfg["channels"], width, 5, NUM_CODES)
     scratch = row_step_bytes(batch, cfg["channels"], width, 5, im2col=(implementation == "torch"))
-    noise = 4 * batch * height * width * NUM_CODES
+    noise = 8 * batch * height * width * NUM_CODES if implementation == "torch" else 0
     codes = 8 * batch * height * width
     return dict(measured=measured, caches=caches, scratch=scratch, noise=noise, codes=codes,
                 predicted=caches + scratch + noise + codes)

@@ -30,6 +30,19 @@ _SIZE_FIELDS = ("stamp_size", "hidden", "res_blocks", "res_hidden", "embed_dim",
                 "channels", "layers", "kernel_size", "cond_dim", "num_classes")  # network sizes
 _SAMPLERS = {"fast": sample_fast, "naive": sample_naive}
 OUT_OF_RANGE_POLICIES = ("error", "clip")
+LABEL_TABLE_KEY = "labels.table"   # the bundle's tensor of training labels [N, labels]
+MAX_LABEL_ROWS = 20_000            # a larger training split is subsampled (seeded)
+_LABEL_SALT = 0x4C41_4245          # "LABE": label draws apart from the sampler's noise stream
+
+
+def _absent(column):
+    """Where a label column of `Emulator.check_conditions` holds no value."""
+    return column < 0 if column.dtype.kind == "i" else np.isnan(column)
+
+
+def _label_uniform(seed):
+    """The uniform number in [0, 1) that picks galaxy ``seed``'s row of the label table."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _LABEL_SALT])).random()
 
 
 def _positive_count(n, what="n"):
@@ -46,18 +59,31 @@ class Emulator:
         prior:      The trained `galsim_vqvae.nn.pixelcnn.GatedPixelCNN` over its code maps.
         metadata:   A dict with at least the keys of ``_REQUIRED_METADATA`` (see `save`).
         psf_image:  The training PSF image (numpy array, sums to 1) at the model's pixel scale.
+        label_table: The labels of the training galaxies, [N, len(label_names)] (continuous
+                    labels in `condition_names` order, then the class label's numbers), from
+                    which `draw_conditions` draws missing labels; None for a model without.
+                    [default: None]
     """
 
-    def __init__(self, vqvae, prior, metadata, psf_image):
+    def __init__(self, vqvae, prior, metadata, psf_image, label_table=None):
         self.vqvae = vqvae.eval()
         self.prior = prior.eval()
-        self.metadata = dict(metadata)
+        self.metadata = json.loads(json.dumps(metadata))  # a deep copy, JSON-clean
         self.psf_image = np.asarray(psf_image, dtype=np.float32)
         missing = [k for k in _REQUIRED_METADATA if k not in self.metadata]
         if missing:
             raise VQVAEFormatError(f"model <in memory>: metadata lacks {missing}")
+        self.metadata["conditions"].pop("table", None)
+        self.label_table = None
+        if label_table is not None:
+            self.label_table = np.ascontiguousarray(label_table, dtype=np.float32)
+            self.metadata["conditions"]["table"] = {
+                "columns": self.label_names, "rows": int(len(self.label_table)),
+                "description": "labels of the training galaxies (the training split, a seeded "
+                               f"subsample of at most {MAX_LABEL_ROWS} rows)"}
         _check_metadata(self.metadata, "<in memory>")
         _check_consistency(self.vqvae, self.prior, self.metadata, self.psf_image, "<in memory>")
+        _check_label_table(self.label_table, self.metadata, "<in memory>")
 
     # ----------------------------------------------------------------------------------------
     # Construction, loading and saving
@@ -107,7 +133,10 @@ class Emulator:
         emulator.prior = prior.eval()
         emulator.metadata = metadata
         emulator.psf_image = tensors["psf_image"].float().numpy()
+        table = tensors.get(LABEL_TABLE_KEY)
+        emulator.label_table = None if table is None else table.float().numpy()
         _check_consistency(vqvae, prior, metadata, emulator.psf_image, path)
+        _check_label_table(emulator.label_table, metadata, path)
         emulator.path = path
         return emulator.to(device)
 
@@ -120,23 +149,32 @@ class Emulator:
         tensors.update({"prior." + k: v.detach().cpu().contiguous()
                         for k, v in self.prior.state_dict().items()})
         tensors["psf_image"] = torch.from_numpy(np.ascontiguousarray(self.psf_image))
+        if self.label_table is not None:
+            tensors[LABEL_TABLE_KEY] = torch.from_numpy(np.ascontiguousarray(self.label_table))
         metadata = dict(self.metadata, format_version=FORMAT_VERSION)
         payload = save(tensors, metadata={_HEADER_KEY: json.dumps(metadata)})
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk: an OSError naming it
             f.write(payload)
 
     @classmethod
-    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image=None):
+    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image, label_table=None):
         """Assemble a bundle from the checkpoints written by ``train-vqvae`` and ``train-prior``.
+
+        The bundle holds the labels of the prior's training split (`label_table`, read from the
+        dataset the prior was trained on), from which `draw_conditions` draws missing labels.
 
         Parameters:
             vqvae_checkpoint:   Path of the VQ-VAE's ``checkpoint.pt``.
             prior_checkpoint:   Path of the prior's ``checkpoint.pt``.
-            psf_image:          The training PSF image; by default the mean of the PSFs of the
-                                training stamps, read from the dataset the VQ-VAE was trained on.
-                                [default: None]
+            psf_image:          The training PSF image, e.g. the mean PSF of the stamps the
+                                VQ-VAE was trained on (`galsim_vqvae.data.dataset.mean_psf`, as
+                                ``train-prior`` does).
+            label_table:        The labels of the prior's training split, [m, C] in the order of
+                                its conditions then its class label (``train-prior`` passes
+                                `galsim_vqvae.train.prior.label_table`), or None for a bundle
+                                that cannot draw missing labels. [default: None]
         """
-        from .train.checkpoint import load_checkpoint
+        from .checkpoints import load_checkpoint
 
         vq_state = load_checkpoint(vqvae_checkpoint)
         prior_state = load_checkpoint(prior_checkpoint)
@@ -145,11 +183,21 @@ class Emulator:
         prior = GatedPixelCNN(**prior_state["config"])
         prior.load_state_dict(prior_state["model"])
         data = dict(vq_state["data"])
-        if psf_image is None:
-            psf_image = _mean_training_psf(data["path"])
         psf_image = np.asarray(psf_image, dtype=np.float64)
         psf_image = (psf_image / psf_image.sum()).astype(np.float32)
         latent = vqvae.config["stamp_size"] // 4
+        conditions = {k: list(v) if isinstance(v, (list, tuple)) else v
+                      for k, v in prior_state.get("conditions", {"names": []}).items()}
+        classes = prior_state.get("classes") or {}
+        class_label = classes.get("label")
+        if prior.config.get("num_classes", 0):
+            if not class_label:
+                raise VQVAEInputError(f"{prior_checkpoint}: the prior is class-conditional "
+                                      f"(num_classes={prior.config['num_classes']}) but its "
+                                      "checkpoint names no class label")
+            conditions["class_label"] = {"name": str(class_label),
+                                         "class_names": list(classes["names"])}
+        table = None if label_table is None else np.asarray(label_table, dtype=np.float32)
         metadata = {
             "format_version": FORMAT_VERSION,
             "pixel_scale": float(data["pixel_scale"]),
@@ -163,8 +211,7 @@ class Emulator:
             "image_scale": float(vqvae.config.get("image_scale", 1.0)),
             "psf_fwhm": psf_fwhm(psf_image, float(data["pixel_scale"])),
             "psf_description": "mean of the effective PSFs (pixel included) of the training stamps",
-            "conditions": {k: list(v) if isinstance(v, (list, tuple)) else v
-                           for k, v in prior_state.get("conditions", {"names": []}).items()},
+            "conditions": conditions,
             "vqvae_config": vqvae.config,
             "prior_config": prior.config,
             "training_data": {k: data.get(k) for k in ("source", "description", "seed", "n")
@@ -173,7 +220,7 @@ class Emulator:
                          "prior_steps": int(prior_state["step"]),
                          "prior_test_bits_per_code": prior_state.get("test_bits_per_code")},
         }
-        return cls(vqvae, prior, metadata, psf_image)
+        return cls(vqvae, prior, metadata, psf_image, table)
 
     def __repr__(self):
         m = self.metadata
@@ -182,76 +229,270 @@ class Emulator:
                 f"conditions {self.condition_names}>")
 
     # ----------------------------------------------------------------------------------------
-    # Conditions
-    def normalize_conditions(self, conditions, n, out_of_range="error"):
-        """Check physical conditions and return them normalised for the prior, [n, C] float32.
+    # Conditions: the labels each galaxy is generated with
+    @property
+    def class_label(self):
+        """The name of the class label the prior is conditioned on (e.g. ``"morph_class"``), or
+        None."""
+        info = self.metadata["conditions"].get("class_label")
+        return info["name"] if info else None
+
+    @property
+    def class_names(self):
+        """The names of the classes of `class_label`, in the order of their integer values."""
+        info = self.metadata["conditions"].get("class_label")
+        return list(info["class_names"]) if info else []
+
+    @property
+    def label_names(self):
+        """Every label a galaxy is generated with: `condition_names`, then `class_label`."""
+        return self.condition_names + ([self.class_label] if self.class_label else [])
+
+    def _range_text(self):
+        info = self.metadata["conditions"]
+        parts = [f"{k} in [{lo:g}, {hi:g}]" for k, lo, hi in
+                 zip(self.condition_names, info.get("min", []), info.get("max", []))]
+        if self.class_label:
+            parts.append(f"{self.class_label} one of {self.class_names}")
+        return ", ".join(parts)
+
+    def check_conditions(self, conditions, n, out_of_range="error"):
+        """Check the labels given for ``n`` galaxies: the one place where conditions are checked.
 
         Parameters:
-            conditions:     A dict label -> value or array of n values, or an array [n, C] in
-                            `condition_names` order; None for an unconditional model.
-            n:              The number of samples.
-            out_of_range:   ``"error"`` raises on a value outside the training range;
+            conditions:     None, a dict label -> a value or n values, a list of n such dicts
+                            (one per galaxy, each naming any subset of the labels), or an array
+                            [n, C] of every continuous label in `condition_names` order. The
+                            class label (`class_label`) is given by name (``"bulge"``) or number.
+            n:              The number of galaxies.
+            out_of_range:   ``"error"`` raises on a continuous value outside the training range;
                             ``"clip"`` clips it to the range with a warning. [default: "error"]
+
+        Returns:
+            A dict label -> array [n] (float64; int64 for the class label) of the labels given;
+            a label not given for some galaxies holds NaN there (-1 for the class label).
+
+        Raises:
+            VQVAEInputError naming the label and the value; for a value outside its range the
+            error has ``value_range = (value, min, max)``.
         """
-        names = self.condition_names
-        if not names:
-            if conditions is not None and len(conditions):
-                raise VQVAEInputError("this model is unconditional; it takes no conditions, "
-                                      f"got {sorted(conditions) if isinstance(conditions, dict) else 'an array'}")
-            return None
         if out_of_range not in OUT_OF_RANGE_POLICIES:
             raise VQVAEInputError(f"out_of_range must be one of {OUT_OF_RANGE_POLICIES}, "
                                   f"got {out_of_range!r}")
+        names = self.label_names
         if conditions is None:
-            raise VQVAEInputError(f"this model is conditional; give conditions for {names}")
-        if isinstance(conditions, dict):
-            unknown = sorted(set(conditions) - set(names))
-            missing = [k for k in names if k not in conditions]
-            if unknown or missing:
-                raise VQVAEInputError(f"conditions must name exactly {names}; "
-                                      f"unknown: {unknown}, missing: {missing}")
-            columns = []
-            for k in names:
-                v = np.asarray(conditions[k], dtype=np.float64)
-                if v.ndim == 0:
-                    v = np.full(n, float(v))
-                if v.shape != (n,):
-                    raise VQVAEInputError(f"condition {k!r} must be a number or an array of "
-                                          f"{n} values, got shape {v.shape}")
-                columns.append(v)
-            values = np.stack(columns, axis=1)
-        else:
-            values = np.asarray(conditions, dtype=np.float64)
-            if values.shape != (n, len(names)):
-                raise VQVAEInputError(f"conditions array must have shape ({n}, {len(names)}) "
-                                      f"for labels {names}, got {values.shape}")
+            return {}
+        if not names:
+            if len(conditions):
+                what = sorted(conditions) if isinstance(conditions, dict) else "some"
+                raise VQVAEInputError(f"this model is unconditional; it takes no conditions, "
+                                      f"got {what}")
+            return {}
+        columns = self._condition_columns(conditions, n)
+        unknown = sorted(set(columns) - set(names))
+        if unknown:
+            raise VQVAEInputError(f"conditions name unknown label(s) {unknown}; this model's "
+                                  f"labels are {names}")
+        out = {}
         info = self.metadata["conditions"]
-        lo, hi = np.asarray(info["min"], float), np.asarray(info["max"], float)
-        for c, name in enumerate(names):
-            col = values[:, c]
-            if not np.all(np.isfinite(col)):
+        for c, name in enumerate(self.condition_names):
+            if name not in columns:
+                continue
+            try:
+                col = np.array([np.nan if v is None else v for v in columns[name]],
+                               dtype=np.float64)
+            except (TypeError, ValueError):
+                raise VQVAEInputError(f"condition {name!r} must be a number, got "
+                                      f"{next(v for v in columns[name] if v is not None)!r}"
+                                      ) from None
+            given = np.array([v is not None for v in columns[name]])
+            if not np.all(np.isfinite(col[given])):
                 raise VQVAEInputError(f"condition {name!r} has non-finite values")
-            bad = (col < lo[c]) | (col > hi[c])
+            lo, hi = float(info["min"][c]), float(info["max"][c])
+            bad = given & ((col < lo) | (col > hi))
             if bad.any():
-                msg = (f"condition {name!r} = {col[bad][0]:g} is outside the training range "
-                       f"[{lo[c]:g}, {hi[c]:g}]")
+                value = float(col[bad][0])
+                msg = (f"condition {name!r} = {value:g} is outside the training range "
+                       f"[{lo:g}, {hi:g}]")
                 if out_of_range == "error":
-                    raise VQVAEInputError(msg + " (out_of_range='clip', --out-of-range clip in the "
-                                          "command, clips it)")
+                    err = VQVAEInputError(msg + " (out_of_range='clip' in Python or in "
+                                          "vqvae_model, --out-of-range clip in the command, "
+                                          "clips it)")
+                    err.value_range = (value, lo, hi)
+                    raise err
                 warnings.warn(msg + "; clipped to the range", stacklevel=3)
-                values[:, c] = np.clip(col, lo[c], hi[c])
-        mean, std = np.asarray(info["mean"], float), np.asarray(info["std"], float)
-        return torch.from_numpy(((values - mean) / std).astype(np.float32))
+                col[bad] = np.clip(col[bad], lo, hi)
+            out[name] = col
+        if self.class_label in columns:
+            out[self.class_label] = np.array([self._class_number(v) for v in
+                                              columns[self.class_label]], dtype=np.int64)
+        return out
+
+    def _condition_columns(self, conditions, n):
+        """Conditions as a dict label -> list of n values (None where not given)."""
+        if isinstance(conditions, dict):
+            out = {}
+            for k, v in conditions.items():
+                arr = np.asarray(v, dtype=object if isinstance(v, str) or np.ndim(v) and
+                                 any(isinstance(x, str) for x in np.ravel(v)) else None)
+                if arr.ndim == 0:
+                    out[k] = [v] * n
+                elif arr.shape == (n,):
+                    out[k] = list(arr.tolist())
+                else:
+                    raise VQVAEInputError(f"condition {k!r} must be a value or an array of "
+                                          f"{n} values, got shape {arr.shape}")
+            return out
+        if isinstance(conditions, (list, tuple)) and conditions and \
+                all(isinstance(c, dict) or c is None for c in conditions):
+            if len(conditions) != n:
+                raise VQVAEInputError(f"conditions: a list of {len(conditions)} dicts for "
+                                      f"n={n} galaxies")
+            keys = sorted({k for c in conditions if c for k in c})
+            return {k: [(c or {}).get(k) for c in conditions] for k in keys}
+        names = self.condition_names
+        values = np.asarray(conditions, dtype=np.float64)
+        if values.shape != (n, len(names)):
+            raise VQVAEInputError(f"conditions array must have shape ({n}, {len(names)}) "
+                                  f"for labels {names}, got {values.shape}")
+        return {k: list(values[:, i]) for i, k in enumerate(names)}
+
+    def _class_number(self, value):
+        """The integer of a class given by name or number (-1: not given)."""
+        if value is None:
+            return -1
+        names = self.class_names
+        if isinstance(value, str):
+            if value in names:
+                return names.index(value)
+            if not value.strip().lstrip("-").isdigit():
+                raise VQVAEInputError(f"{self.class_label} = {value!r} is not a class of this "
+                                      f"model; its classes are {names}")
+            value = int(value)
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not 0 <= value < len(names):
+            raise VQVAEInputError(f"{self.class_label} = {value!r} is not a class of this model: "
+                                  f"give a name of {names} or a number from 0 to "
+                                  f"{len(names) - 1}")
+        return int(value)
+
+    def draw_conditions(self, n, conditions=None, seed=None, out_of_range="error"):
+        """The labels of ``n`` galaxies: those given, checked (see `check_conditions`), and the
+        missing ones drawn from the training population stored in the bundle (`label_table`).
+
+        Galaxy i's missing labels are those of one row of the table, picked with a uniform
+        number drawn from its own seed (``SeedSequence([seed_i, 0x4C41_4245])``), so they depend
+        on its seed and given labels alone, never on the batch. A row is picked with
+        probability proportional to a Gaussian kernel in the given continuous labels, each
+        divided by its standard deviation in the table: ``exp(-d^2 / 2 h^2)`` with ``h =
+        N^(-1/(d+4))`` (Scott's rule for N rows and d given labels), the nearest row always
+        possible; among the rows of the given class only, if the class is given. With nothing
+        given, every row is equally likely: the training population itself.
+
+        Parameters:
+            n:              The number of galaxies.
+            conditions:     The labels given (any subset; see `check_conditions`).
+                            [default: None]
+            seed:           An int, None (fresh entropy), or a list of n per-galaxy seeds, as
+                            for `sample_codes` (the same seeds give the same labels).
+                            [default: None]
+            out_of_range:   Policy for given values outside the training range.
+                            [default: "error"]
+
+        Returns:
+            A dict label -> array [n] of every label of the model (`label_names`): float64, the
+            class label int64.
+        """
+        n = _positive_count(n)
+        return self.fill_conditions(self.check_conditions(conditions, n, out_of_range), n,
+                                    self._seeds(seed, n))
+
+    def fill_conditions(self, given, n, seeds):
+        """`draw_conditions` on labels already checked: ``given`` is the output of
+        `check_conditions` for ``n`` galaxies, ``seeds`` their n per-galaxy seeds."""
+        names = self.label_names
+        if not names:
+            return {}
+        out = {k: given[k].copy() if k in given else
+               np.full(n, -1, np.int64) if k == self.class_label else np.full(n, np.nan)
+               for k in names}
+        absent = {k: _absent(out[k]) for k in names}
+        todo = np.logical_or.reduce([absent[k] for k in names])
+        if not todo.any():
+            return out
+        if self.label_table is None:
+            absent = [k for k in names if absent[k].any()]
+            raise VQVAEInputError(
+                f"this model has no table of training labels, so it cannot draw the missing "
+                f"label(s) {absent}: give every label (conditions= in Python, --conditions in the "
+                f"command, gal.conditions in a config); training ranges: {self._range_text()}")
+        table = self.label_table.astype(np.float64)
+        groups = {}  # galaxies with the same given labels share one set of row weights
+        for i in np.flatnonzero(todo):
+            key = tuple((k, out[k][i].item()) for k in names if not absent[k][i])
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            cdf = self._label_cdf(table, dict(key))
+            u = np.array([_label_uniform(seeds[i]) for i in members])
+            rows = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), len(table) - 1)
+            for c, k in enumerate(names):
+                if k not in dict(key):
+                    out[k][members] = table[rows, c].astype(out[k].dtype)
+        info = self.metadata["conditions"]  # float32 table rounding: keep to the ranges
+        for c, k in enumerate(self.condition_names):
+            out[k] = np.clip(out[k], info["min"][c], info["max"][c])
+        return out
+
+    def _label_cdf(self, table, pattern):
+        """Cumulative weights of the table's rows given the labels ``pattern`` (see
+        `draw_conditions`)."""
+        eligible = np.ones(len(table), dtype=bool)
+        names = self.label_names
+        if self.class_label in pattern:
+            eligible = table[:, names.index(self.class_label)] == pattern[self.class_label]
+            if not eligible.any():
+                raise VQVAEInputError(
+                    f"{self.class_label} = {self.class_names[pattern[self.class_label]]!r}: no "
+                    f"galaxy of that class in the model's table of training labels")
+        given = [k for k in self.condition_names if k in pattern]
+        if not given:
+            return np.cumsum(eligible.astype(np.float64))
+        cols = [names.index(k) for k in given]
+        scale = table[:, cols].std(axis=0)
+        scale[~(scale > 0)] = 1.0
+        h = len(table) ** (-1.0 / (len(cols) + 4))
+        d2 = (((table[:, cols] - np.array([pattern[k] for k in given])) / (h * scale)) ** 2
+              ).sum(axis=1)
+        d2 = np.where(eligible, d2, np.inf)
+        return np.cumsum(np.exp(-0.5 * (d2 - d2.min())))
+
+    def _prior_inputs(self, labels, start, stop):
+        """The prior's inputs for galaxies start..stop-1 of complete ``labels``: normalised
+        continuous labels [m, C] and class numbers [m], each None if the model has none."""
+        names = self.condition_names
+        cond = klass = None
+        if names:
+            info = self.metadata["conditions"]
+            values = np.stack([labels[k][start:stop] for k in names], axis=1)
+            cond = torch.from_numpy(((values - np.asarray(info["mean"], float))
+                                     / np.asarray(info["std"], float)).astype(np.float32))
+        if self.class_label:
+            klass = torch.from_numpy(np.asarray(labels[self.class_label][start:stop], np.int64))
+        return cond, klass
 
     # ----------------------------------------------------------------------------------------
     # Generation
     def sample_codes(self, n, conditions=None, seed=None, method="fast", temperature=1.0,
-                     out_of_range="error", batch_size=256, progress=False):
+                     out_of_range="error", batch_size=None, progress=False):
         """Sample ``n`` code maps [n, latent, latent] (numpy int64) from the prior.
 
         Parameters:
             n:              How many code maps.
-            conditions:     Physical labels (see `normalize_conditions`). [default: None]
+            conditions:     Labels, any subset (see `check_conditions`); the missing ones are
+                            drawn from the training population (see `draw_conditions`).
+                            [default: None]
             seed:           An int, None (fresh entropy), or a list of n ints, one per sample.
                             Each sample depends only on its own seed and conditions, never on the
                             batch it is drawn in. [default: None]
@@ -261,10 +502,30 @@ class Emulator:
                             [default: "fast"]
             temperature:    Softmax temperature, > 0. [default: 1.0]
             out_of_range:   Policy for conditions outside the training range. [default: "error"]
-            batch_size:     Code maps per network call. [default: 256]
+            batch_size:     Code maps per sampler call; None: `default_batch_size` (256 on the
+                            CPU, 4096 on a GPU). Does not change the maps. [default: None]
             progress:       Show a progress bar. [default: False]
         """
+        latent = self.metadata["latent_size"]
+        out = np.empty((_positive_count(n), latent, latent), np.int64)
+        for start, stop, codes in self._code_chunks(n, conditions, seed, method, temperature,
+                                                    out_of_range, batch_size, progress):
+            out[start:stop] = codes.cpu().numpy()
+        return out
+
+    def default_batch_size(self):
+        """Maps sampled together when ``batch_size`` is None: 256 on the CPU (the C++ op splits
+        them over the threads), 4096 on a GPU (the CUDA op's throughput grows up to about that
+        batch; the caches take ``fast_sampling.cache_bytes`` per batch, 3.8 GB for the shipped
+        10 x 64 prior at 4096)."""
+        return 4096 if self.device.type == "cuda" else 256
+
+    def _code_chunks(self, n, conditions, seed, method, temperature, out_of_range, batch_size,
+                     progress):
+        """Yields ``(start, stop, codes)``: the code maps of samples start..stop-1 as an int64
+        tensor on the model's device, one sampler call of at most ``batch_size`` maps each."""
         n = _positive_count(n)
+        batch_size = self.default_batch_size() if batch_size is None else batch_size
         batch_size = _positive_count(batch_size, "batch_size")
         if method not in _SAMPLERS:
             raise VQVAEInputError(f"sampling method {method!r} is not available; choose from "
@@ -272,26 +533,45 @@ class Emulator:
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise VQVAEInputError(f"temperature must be a number > 0, got {temperature!r}")
         seeds = self._seeds(seed, n)
-        cond = self.normalize_conditions(conditions, n, out_of_range)
+        labels = self.draw_conditions(n, conditions, seeds, out_of_range)
         latent = self.metadata["latent_size"]
-        out = []
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
-            c = None if cond is None else cond[start:stop].to(self.device)
+            c, k = (None if t is None else t.to(self.device)
+                    for t in self._prior_inputs(labels, start, stop))
             with torch.no_grad():
                 codes = _SAMPLERS[method](self.prior, stop - start, (latent, latent), cond=c,
-                                     seeds=seeds[start:stop], temperature=float(temperature),
-                                     progress=progress)
-            out.append(codes.cpu())
-        return torch.cat(out).numpy().astype(np.int64)
+                                          class_label=k, seeds=seeds[start:stop],
+                                          temperature=float(temperature), progress=progress,
+                                          batch_size=stop - start)
+            yield start, stop, codes
 
     def sample(self, n, conditions=None, seed=None, **kwargs):
         """Sample ``n`` pre-PSF galaxy images [n, stamp, stamp] (numpy float32).
 
         Pixel values follow ``metadata["flux_convention"]``. Keyword arguments go to
-        `sample_codes`.
+        `sample_codes`. The code maps never leave the model's device:
+        each chunk of ``batch_size`` maps is decoded there as soon as it is drawn, so the device
+        holds one chunk's caches and images whatever ``n``. On a GPU a chunk is decoded on its own
+        stream while the next chunk is sampled, and its images come back through pinned host
+        memory asynchronously. The images are those of ``decode(sample_codes(...))`` (bit for bit
+        where ``batch_size`` is a multiple of decode's 256, as by default; else up to the float32
+        decoder's rounding at other batch sizes).
         """
-        return self.decode(self.sample_codes(n, conditions, seed, **kwargs))
+        s = self.stamp_size
+        out = np.empty((_positive_count(n), s, s), np.float32)
+        chunks = self._code_chunks(n, conditions, seed, kwargs.pop("method", "fast"),
+                                   kwargs.pop("temperature", 1.0),
+                                   kwargs.pop("out_of_range", "error"),
+                                   kwargs.pop("batch_size", None), kwargs.pop("progress", False))
+        if kwargs:
+            raise VQVAEInputError(f"sample: unknown keyword arguments {sorted(kwargs)}")
+        if self.device.type != "cuda":
+            for start, stop, codes in chunks:
+                out[start:stop] = self._decode_tensor(codes).numpy()
+            return out
+        _decode_overlapped(self, chunks, out)
+        return out
 
     @staticmethod
     def _seeds(seed, n):
@@ -320,14 +600,21 @@ class Emulator:
 
     def decode(self, codes, batch_size=256):
         """Decode code maps [n, latent, latent] into pre-PSF images [n, stamp, stamp] (numpy)."""
-        codes = self._codes_tensor(codes)
-        out = []
+        return self._decode_tensor(self._codes_tensor(codes), batch_size).numpy()
+
+    def _decode_tensor(self, codes, batch_size=256, out=None):
+        """Images [n, stamp, stamp] float32 of code maps ``codes`` (int64 tensor, any device),
+        decoded on the model's device ``batch_size`` maps at a time, into ``out`` (a tensor, on
+        any device; a new CPU tensor if None)."""
+        s = self.stamp_size
+        if out is None:
+            out = torch.empty((len(codes), s, s), dtype=torch.float32)
         with torch.no_grad():
             for start in range(0, len(codes), batch_size):
                 batch = codes[start:start + batch_size].to(self.device)
-                out.append(self.vqvae.decode_codes(batch)[:, 0].float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0,) + (self.stamp_size,) * 2,
-                                                            np.float32)
+                out[start:start + len(batch)].copy_(self.vqvae.decode_codes(batch)[:, 0],
+                                                    non_blocking=True)
+        return out
 
     @property
     def stamp_size(self):
@@ -394,6 +681,49 @@ class Emulator:
 
 # --------------------------------------------------------------------------------------------
 # Bundle reading and checking
+def _is_torch_checkpoint(path):
+    """Whether ``path`` is a file written by ``torch.save`` (a zip archive holding a pickle), as
+    the training checkpoints are; it is only inspected, never unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+def _decode_overlapped(emulator, chunks, out):
+    """GPU pipeline of `Emulator.sample`: each chunk ``(start, stop, codes)`` (codes on the GPU)
+    is decoded on a side stream into one of two pinned host buffers (asynchronous copies) while
+    the caller's stream samples the next chunk; a buffer is copied into ``out`` (numpy) once the
+    chunk that filled it is done, before it is reused."""
+    device = emulator.device
+    stream = torch.cuda.Stream(device)
+    s = emulator.stamp_size
+    buffers, pending = {}, {}
+
+    def drain(slot):
+        event, start, stop = pending.pop(slot)
+        event.synchronize()
+        out[start:stop] = buffers[slot][:stop - start].numpy()
+
+    for q, (start, stop, codes) in enumerate(chunks):
+        slot = q % 2
+        if slot in pending:
+            drain(slot)
+        if slot not in buffers or len(buffers[slot]) < stop - start:
+            buffers[slot] = torch.empty((stop - start, s, s), dtype=torch.float32,
+                                        pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the codes are drawn
+        with torch.cuda.stream(stream):
+            codes.record_stream(stream)
+            emulator._decode_tensor(codes, out=buffers[slot])
+            event = torch.cuda.Event()
+            event.record(stream)
+        pending[slot] = (event, start, stop)
+    for slot in sorted(pending, key=lambda k: pending[k][1]):
+        drain(slot)
+
+
 def _read_bundle(path):
     from safetensors.torch import load_file
     from safetensors import safe_open
@@ -403,6 +733,13 @@ def _read_bundle(path):
             header = f.metadata() or {}
         tensors = load_file(path)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... all mean "unreadable"
+        if _is_torch_checkpoint(path):
+            bundle = os.path.join(os.path.dirname(path), "model.safetensors")
+            here = f" (here: {bundle})" if os.path.isfile(bundle) else ""
+            raise VQVAEFormatError(
+                f"model file {path} is a training checkpoint, not a model bundle: give the bundle "
+                "model.safetensors that `galsim-vqvae train-prior` writes in its --out folder"
+                + here) from None
         raise VQVAEFormatError(f"model file {path} is corrupt or truncated "
                                f"(not a readable safetensors file: {err})") from None
     if _HEADER_KEY not in header:
@@ -523,6 +860,15 @@ def _check_metadata(metadata, path):
             if not (lo <= hi and sd > 0):
                 fail("conditions", f"consistent for label {k!r}: min {lo} <= max {hi} and "
                      f"std {sd} > 0")
+    klass = cond.get("class_label")
+    if klass is not None:
+        if not (isinstance(klass, dict) and isinstance(klass.get("name"), str)
+                and klass["name"] not in names and isinstance(klass.get("class_names"), list)
+                and klass["class_names"]
+                and all(isinstance(c, str) for c in klass["class_names"])
+                and len(set(klass["class_names"])) == len(klass["class_names"])):
+            fail("conditions.class_label", "an object {name: a label name other than the "
+                 f"continuous ones, class_names: a list of distinct names}}, not {klass!r}")
 
 
 def _check_consistency(vqvae, prior, metadata, psf_image, path):
@@ -544,6 +890,10 @@ def _check_consistency(vqvae, prior, metadata, psf_image, path):
     for key in ("mean", "std", "min", "max"):
         if names and len(metadata["conditions"].get(key, [])) != len(names):
             fail(f"conditions.{key} must have {len(names)} entries")
+    klass = metadata["conditions"].get("class_label")
+    if (len(klass["class_names"]) if klass else 0) != prior.config.get("num_classes", 0):
+        fail(f"{len(klass['class_names']) if klass else 0} class names but the prior takes "
+             f"{prior.config.get('num_classes', 0)} classes")
     if psf_image.shape != (s, s):
         fail(f"psf_image has shape {psf_image.shape}, expected ({s}, {s})")
     if not (np.all(np.isfinite(psf_image)) and psf_image.sum() > 0):
@@ -552,12 +902,38 @@ def _check_consistency(vqvae, prior, metadata, psf_image, path):
         fail(f"pixel_scale must be > 0, got {metadata['pixel_scale']}")
 
 
-def _mean_training_psf(dataset_path):
-    from .data.dataset import load_arrays
+def _check_label_table(table, metadata, path):
+    """The label table (or its absence) must agree with the metadata: a column per label, the
+    values finite and (to float32 rounding) within the training ranges, class numbers valid."""
+    def fail(msg):
+        raise VQVAEFormatError(f"model file {path}: {msg}")
 
-    arrays = load_arrays(dataset_path, keys=("psf_bank", "psf_index"))
-    counts = np.bincount(arrays["psf_index"], minlength=len(arrays["psf_bank"]))
-    return np.tensordot(counts / counts.sum(), arrays["psf_bank"].astype(np.float64), axes=1)
+    cond = metadata["conditions"]
+    described = cond.get("table")
+    if table is None:
+        if described is not None:
+            fail(f"metadata describes a label table but there is no '{LABEL_TABLE_KEY}' tensor")
+        return
+    names = list(cond.get("names", []))
+    klass = cond.get("class_label")
+    columns = names + ([klass["name"]] if klass else [])
+    if not isinstance(described, dict) or described.get("columns") != columns:
+        fail(f"tensor '{LABEL_TABLE_KEY}' needs metadata conditions.table.columns = {columns}")
+    if table.ndim != 2 or table.shape[1] != len(columns) or len(table) < 1:
+        fail(f"tensor '{LABEL_TABLE_KEY}' has shape {tuple(table.shape)}; expected "
+             f"(rows >= 1, {len(columns)}) for labels {columns}")
+    if not np.all(np.isfinite(table)):
+        fail(f"tensor '{LABEL_TABLE_KEY}' holds NaN or infinite values")
+    for c, k in enumerate(names):
+        lo, hi = cond["min"][c], cond["max"][c]
+        slack = 1e-6 * max(1.0, abs(lo), abs(hi))
+        if table[:, c].min() < lo - slack or table[:, c].max() > hi + slack:
+            fail(f"label table column {k!r} leaves the training range [{lo:g}, {hi:g}]")
+    if klass:
+        col = table[:, -1]
+        if not np.all((col == np.round(col)) & (col >= 0) & (col < len(klass["class_names"]))):
+            fail(f"label table column {klass['name']!r} must hold class numbers 0 to "
+                 f"{len(klass['class_names']) - 1}")
 
 
 def psf_fwhm(psf_image, pixel_scale):

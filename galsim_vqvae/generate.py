@@ -42,7 +42,8 @@ from .fileio import check_output_path
 
 __all__ = ["generate_stamps", "merge_shards", "generate_parallel", "shard_range"]
 
-_RUN_CARDS = ("NTOTAL", "SEED", "BLOCK", "TEMP", "NSHARDS", "MODEL", "PIXSCALE", "BAND")
+_RUN_CARDS = ("NTOTAL", "SEED", "BLOCK", "TEMP", "NSHARDS", "MODEL", "PIXSCALE", "BAND",
+              "NOISEVER")
 
 
 def _count(value, what, low=1):
@@ -89,15 +90,8 @@ def _load(model, device):
 
 
 def _run_conditions(emulator, conditions, n, out_of_range):
-    """The conditions of the whole run, checked: None, or a dict label -> float64 array [n]."""
-    emulator.normalize_conditions(conditions, n, out_of_range)  # checks all n, once
-    names = emulator.condition_names
-    if not names:
-        return None
-    if isinstance(conditions, dict):
-        return {k: np.broadcast_to(np.asarray(conditions[k], np.float64), (n,)) for k in names}
-    values = np.asarray(conditions, np.float64)
-    return {k: values[:, i] for i, k in enumerate(names)}
+    """The labels given for the whole run, checked once (see `Emulator.check_conditions`)."""
+    return emulator.check_conditions(conditions, n, out_of_range)
 
 
 def generate_stamps(model, n, out, seed, conditions=None, num_shards=1, shard=0, batch_size=256,
@@ -112,10 +106,11 @@ def generate_stamps(model, n, out, seed, conditions=None, num_shards=1, shard=0,
         out:            The FITS file of this shard (written atomically).
         seed:           The run's seed (an int >= 0): the same seed gives the same galaxies
                         whatever the number of shards.
-        conditions:     The physical labels of the run's galaxies: a dict label -> a number or
-                        an array of n values, or an array [n, C] in the model's label order;
-                        None for an unconditional model. Each shard takes its rows.
-                        [default: None]
+        conditions:     The labels given for the run's galaxies (any subset; see
+                        `Emulator.check_conditions`): a dict label -> a value or an array of n
+                        values, or an array [n, C] in the model's label order. Each shard takes
+                        its rows; labels not given are drawn from each galaxy's seed and
+                        written to the file. [default: None]
         num_shards:     Shards the run is cut into (see `shard_range`). [default: 1]
         shard:          The shard to generate, 0 <= shard < num_shards. [default: 0]
         batch_size:     Galaxies per network call; part of the run's definition (floating-point
@@ -138,18 +133,19 @@ def generate_stamps(model, n, out, seed, conditions=None, num_shards=1, shard=0,
     from .nn.sampling import per_sample_seeds
 
     seeds = per_sample_seeds(seed, last, start=first)  # those of galaxies first..last-1
+    labels = emulator.fill_conditions({k: v[first:last] for k, v in run_cond.items()},
+                                      last - first, seeds)  # missing ones: from each seed
     images, codes = [], []
     for start in range(first, last, batch_size):
         stop = min(start + batch_size, last)
-        cond = None if run_cond is None else {k: v[start:stop] for k, v in run_cond.items()}
+        cond = {k: v[start - first:stop - first] for k, v in labels.items()} or None
         c = emulator.sample_codes(stop - start, cond, seed=seeds[start - first:stop - first],
                                   method=method, temperature=temperature,
                                   out_of_range=out_of_range, batch_size=batch_size,
                                   progress=progress)
         codes.append(c)
         images.append(emulator.decode(c, batch_size=batch_size))
-    shard_cond = None if run_cond is None else {k: v[first:last] for k, v in run_cond.items()}
-    hdus = sample_hdus(np.concatenate(images), np.concatenate(codes), emulator, shard_cond,
+    hdus = sample_hdus(np.concatenate(images), np.concatenate(codes), emulator, labels,
                        last - first, seed)
     _set_shard_cards(hdus[0].header, n, first, shard, num_shards, batch_size, temperature)
     _write(out, hdus)
@@ -193,7 +189,7 @@ def merge_shards(paths, out, remove=False):
                 images = np.asarray(f[0].data)
                 codes = np.asarray(f["CODES"].data)
                 table = f["CONDITIONS"].data if "CONDITIONS" in f else None
-                cond = None if table is None else {k: np.asarray(table[k], np.float64)
+                cond = None if table is None else {k: np.asarray(table[k])
                                                    for k in table.columns.names}
         except (OSError, KeyError, TypeError, ValueError) as err:
             raise VQVAEFormatError(f"{path} is not a readable galaxy FITS file: {err}") from None
@@ -238,7 +234,8 @@ def merge_shards(paths, out, remove=False):
     hdus = [primary, fits.ImageHDU(np.concatenate([s[3] for s in order]), name="CODES")]
     if order[0][4] is not None:
         hdus.append(fits.BinTableHDU.from_columns(
-            [fits.Column(name=k, format="D", array=np.concatenate([s[4][k] for s in order]))
+            [fits.Column(name=k, format="K" if order[0][4][k].dtype.kind in "iu" else "D",
+                         array=np.concatenate([s[4][k] for s in order]))
              for k in order[0][4]], name="CONDITIONS"))
     _write(out, fits.HDUList(hdus))
     if remove:

@@ -32,6 +32,8 @@ and returns one value per image (NaN where it cannot be measured). Definitions a
 
 import numpy as np
 
+from .errors import VQVAEInputError
+
 
 def total_flux(images):
     """Sum of each image [n, S, S] -> [n] (the flux convention makes it the total flux)."""
@@ -78,7 +80,7 @@ def light_radius(images, fraction, pixel_scale=1.0, iterations=40):
     bisection. NaN for an image without positive flux.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}")
+        raise VQVAEInputError(f"fraction must lie in (0, 1), got {fraction!r}")
     flat, total, dist = _centred(images)
     n = len(flat)
     lo, hi = np.zeros(n), np.full(n, float(dist.max(initial=0.0)) + 1.0)

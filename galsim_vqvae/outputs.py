@@ -9,6 +9,8 @@ import numpy as np
 
 from .errors import VQVAEInputError
 from .fileio import atomic_path
+from .nn.sampling import SAMPLER_NOISE_VERSION
+from .provenance import provenance_cards
 
 
 def write_samples(path, images, codes, emulator, conditions, n, seed=None):
@@ -16,7 +18,8 @@ def write_samples(path, images, codes, emulator, conditions, n, seed=None):
 
     HDU 0 holds the pre-PSF images [n, stamp, stamp] with the model's pixel scale, band and flux
     convention in its header; HDU ``CODES`` the code maps; HDU ``CONDITIONS`` a table of the
-    physical conditions of each sample (absent for an unconditional model).
+    labels of each sample, given or drawn (absent for a model without labels; a class label is
+    an integer column).
     """
     _write(path, sample_hdus(images, codes, emulator, conditions, n, seed))
 
@@ -32,13 +35,15 @@ def sample_hdus(images, codes, emulator, conditions, n, seed=None):
     h["BAND"] = m["band"]
     h["ZEROPT"] = (m["zeropoint"], "AB mag of unit flux")
     h["NSAMPLE"] = n
-    h["SEED"] = (-1 if seed is None else int(seed), "-1: fresh entropy")
-    h["MODEL"] = os.path.basename(getattr(emulator, "path", "default"))[:68]
+    h["SEED"] = (-1 if seed is None else int(seed), "sampling seed (-1: fresh entropy)")
+    h["NOISEVER"] = (SAMPLER_NOISE_VERSION, "sampler noise version (docs/sampling.md)")
+    for key, card in provenance_cards(getattr(emulator, "path", None)).items():
+        h[key] = card
     h["COMMENT"] = "pre-PSF galaxy images; " + str(m["flux_convention"])
     hdus = [primary, fits.ImageHDU(np.asarray(codes, dtype=np.int32), name="CODES")]
     if conditions:
-        cols = [fits.Column(name=k, format="D",
-                            array=np.broadcast_to(np.asarray(v, float), (n,)).copy())
+        cols = [fits.Column(name=k, format="K" if np.asarray(v).dtype.kind in "iu" else "D",
+                            array=np.broadcast_to(np.asarray(v), (n,)).copy())
                 for k, v in conditions.items()]
         hdus.append(fits.BinTableHDU.from_columns(cols, name="CONDITIONS"))
     return fits.HDUList(hdus)
@@ -64,11 +69,11 @@ def read_stamps(path, what, stamp_size=None, pixel_scale=None, psf=False):
         what:           How it was given (e.g. ``"--input"``), named in every error.
         stamp_size:     If given, the stamps must be ``stamp_size`` pixels square. [default: None]
         pixel_scale:    If given, a pixel scale in the header (``PIXSCALE``... or the WCS, see
-                        `galsim_vqvae.data.fits`) must equal it (to 0.1%); a header without one
+                        `galsim_vqvae.fitsimage`) must equal it (to 0.1%); a header without one
                         is taken to be at this scale. [default: None]
         psf:            Each stamp is a PSF: its sum must be positive. [default: False]
     """
-    from .data.fits import header_scale, read_image
+    from .fitsimage import header_scale, read_image
 
     path = os.fspath(path)
     if not os.path.isfile(path):

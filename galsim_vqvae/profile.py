@@ -26,8 +26,8 @@ from galsim import (GalSimIncompatibleValuesError, GalSimRangeError, GalSimValue
                     GSParams, InterpolatedImage)
 from galsim.utilities import lazy_property
 
-__all__ = ["VQVAEGalaxy", "ResolutionWarning", "get_emulator", "check_psf", "index_seed",
-           "rng_seed", "RESOLUTION_POLICIES"]
+__all__ = ["VQVAEGalaxy", "ResolutionWarning", "get_emulator", "check_psf", "draw_labels",
+           "index_seed", "rng_seed", "RESOLUTION_POLICIES"]
 
 RESOLUTION_POLICIES = ("warn", "raise", "ignore")
 _INDEX_SALT = 0x5651_5641  # "VQVA": keeps index-derived seeds apart from other seed streams
@@ -84,48 +84,39 @@ class _ModelInfo:
         self.psf_fwhm = float(md["psf_fwhm"])
         self.psf = np.ascontiguousarray(emulator.psf_image, dtype=np.float32)
         self.psf_key = _array_key(self.psf)
-        cond = md.get("conditions") or {}
-        self.condition_names = list(cond.get("names", []))
-        self.condition_min = [float(v) for v in cond.get("min", [])]
-        self.condition_max = [float(v) for v in cond.get("max", [])]
+        self.label_names = emulator.label_names
 
-    def check_conditions(self, conditions, clip=False):
-        """Validate physical conditions: a dict label -> number. Returns a dict of floats.
-        A value outside its training range raises, or with ``clip`` is clipped to it (NaN
-        always raises)."""
-        names = self.condition_names
-        if not names:
-            if conditions:
-                raise GalSimIncompatibleValuesError(
-                    f"The model {self.name} is unconditional; it takes no conditions.",
-                    conditions=conditions)
-            return None
-        if conditions is None:
-            raise GalSimIncompatibleValuesError(
-                f"The model {self.name} is conditional: give conditions for {names} "
-                "(or a code_map).", conditions=conditions)
-        if not isinstance(conditions, dict):
-            raise GalSimValueError("conditions must be a dict label -> value.", conditions)
-        unknown = sorted(set(conditions) - set(names))
-        missing = [k for k in names if k not in conditions]
-        if unknown or missing:
-            raise GalSimValueError(f"conditions must name exactly the model's labels {names}; "
-                                   f"unknown: {unknown}, missing: {missing}.", conditions)
-        out = {}
-        for name, lo, hi in zip(names, self.condition_min, self.condition_max):
-            try:
-                value = float(conditions[name])
-            except (TypeError, ValueError):
-                raise GalSimValueError(f"condition {name!r} must be a number.",
-                                       conditions[name]) from None
-            if clip and value == value:
-                value = min(max(value, lo), hi)
-            if not (lo <= value <= hi):  # also rejects NaN
-                raise GalSimRangeError(
-                    f"condition {name!r} = {value:g} is outside the model's training range "
-                    f"[{lo:g}, {hi:g}].", value, lo, hi)
-            out[name] = value
-        return out
+
+def draw_labels(emulator, conditions, seeds, out_of_range="error"):
+    """The complete labels of the galaxies of ``seeds``: `Emulator.draw_conditions` (the labels
+    given, checked, and the missing ones drawn from each galaxy's seed), its errors raised as
+    GalSim's (`GalSimRangeError` for a value outside the training range, else
+    `GalSimValueError`).
+
+    Parameters:
+        emulator:       The `Emulator`.
+        conditions:     The labels given: None, a dict label -> a value or n values, or a list
+                        of n dicts (see `Emulator.check_conditions`).
+        seeds:          The n sampling seeds.
+        out_of_range:   ``"error"`` or ``"clip"``. [default: "error"]
+
+    Returns:
+        None for a model without labels, else a list of n dicts label -> value (floats, the
+        class label an int).
+    """
+    from .errors import VQVAEInputError
+
+    if conditions is not None and not isinstance(conditions, (dict, list, tuple)):
+        raise GalSimValueError("conditions must be a dict label -> value.", conditions)
+    try:
+        labels = emulator.draw_conditions(len(seeds), conditions, list(seeds), out_of_range)
+    except VQVAEInputError as err:
+        if getattr(err, "value_range", None):
+            raise GalSimRangeError(f"{err}.", *err.value_range) from None
+        raise GalSimValueError(f"{err}.", conditions) from None
+    if not labels:
+        return None
+    return [{k: v[i].item() for k, v in labels.items()} for i in range(len(seeds))]
 
 
 _infos = weakref.WeakKeyDictionary()
@@ -252,9 +243,12 @@ class VQVAEGalaxy(galsim.GSObject):
     * ``rng``: a galaxy drawn with a seed taken from ``rng`` (the same rng state gives the
       same galaxy); without ``index``, ``code_map`` or ``rng`` a fresh random galaxy.
 
-    A conditional model (``emulator.condition_names``, e.g. ``mag`` and ``hlr``) also needs
-    ``conditions``, within the training range of each label, together with ``index`` or ``rng``.
-    ``index`` takes precedence over ``rng`` (which is then not used, as in `galsim.RealGalaxy`);
+    A conditional model (``emulator.label_names``, e.g. ``mag``, ``hlr`` and a class such as
+    ``morph_class``) takes ``conditions``: any subset of its labels, each within its training
+    range, the class by name (``"bulge"``) or number. The labels not given are drawn from the
+    training population stored with the model, conditioned on those given, from the galaxy's own
+    seed (`Emulator.draw_conditions`); ``gal.conditions`` holds them all. ``index`` takes
+    precedence over ``rng`` (which is then not used, as in `galsim.RealGalaxy`);
     ``code_map`` cannot be combined with ``index`` or ``conditions``.
 
     The object wraps an `galsim.InterpolatedImage` of the decoded image; its pixel values are the
@@ -265,8 +259,8 @@ class VQVAEGalaxy(galsim.GSObject):
 
     Example::
 
-        >>> gal = galsim_vqvae.VQVAEGalaxy(conditions={"mag": 22., "hlr": 0.4},
-        ...                                rng=galsim.BaseDeviate(42), flux=1000.)
+        >>> gal = galsim_vqvae.VQVAEGalaxy(conditions={"mag": 22.}, rng=galsim.BaseDeviate(42),
+        ...                                flux=1000.)
         >>> psf = galsim.Kolmogorov(fwhm=0.7)
         >>> gal.check_target_psf(psf, pixel_scale=0.2)
         >>> image = galsim.Convolve(gal.shear(g1=0.02), psf).drawImage(nx=48, ny=48, scale=0.2)
@@ -277,8 +271,9 @@ class VQVAEGalaxy(galsim.GSObject):
         index:          Galaxy number (an int >= 0): the sampling seed is derived from it alone.
                         [default: None]
         code_map:       A code map [latent, latent] of ints to decode. [default: None]
-        conditions:     A dict label -> value of the model's conditioning labels, in physical
-                        units. [default: None]
+        conditions:     A dict label -> value of some or all of the model's labels, in physical
+                        units (a class by name or number); the others are drawn.
+                        [default: None]
         flux:           Total flux of the galaxy; None keeps the generated flux. [default: None]
         flux_rescale:   Factor applied to the generated flux; not with ``flux``. [default: None]
         rng:            A `galsim.BaseDeviate` to draw the sampling seed from when ``index`` and
@@ -316,12 +311,13 @@ class VQVAEGalaxy(galsim.GSObject):
             image = model.decode(code_map[None])[0]
             seed = None
         else:
-            conditions = info.check_conditions(conditions)
             if index is not None:
                 seed = index_seed(index)
             else:
                 seed = rng_seed(rng if rng is not None else galsim.BaseDeviate())
-            image = generate(model, [seed], None if conditions is None else [conditions])[0]
+            conditions = draw_labels(model, conditions, [seed])
+            image = generate(model, [seed], conditions)[0]
+            conditions = None if conditions is None else conditions[0]
         self._setup(image, info.pixel_scale, info.psf, info.psf_key, info.psf_fwhm, info.name,
                     index=index, seed=seed, conditions=conditions, code_map=code_map, flux=flux,
                     flux_rescale=flux_rescale, x_interpolant=x_interpolant,
@@ -363,14 +359,8 @@ class VQVAEGalaxy(galsim.GSObject):
                 raise GalSimValueError(f"{what} must be a number or {n} numbers.", value)
             return list(value)
 
-        cond = None
-        if conditions is not None or info.condition_names:
-            if conditions is not None and not isinstance(conditions, dict):
-                raise GalSimValueError("conditions must be a dict label -> value(s).",
-                                       conditions)
-            cols = {k: column(v, f"conditions[{k!r}]") for k, v in (conditions or {}).items()}
-            cond = [info.check_conditions({k: c[i] for k, c in cols.items()} if cols else None)
-                    for i in range(n)]
+        if conditions is not None and not isinstance(conditions, dict):
+            raise GalSimValueError("conditions must be a dict label -> value(s).", conditions)
         if index is not None:
             index = column(index, "index")
             seeds = [index_seed(i) for i in index]
@@ -378,6 +368,7 @@ class VQVAEGalaxy(galsim.GSObject):
             rng = rng if rng is not None else galsim.BaseDeviate()
             seeds = [rng_seed(rng) for _ in range(n)]
             index = [None] * n
+        cond = draw_labels(model, conditions, seeds)
         images = generate(model, seeds, cond)
         fluxes, rescales = column(flux, "flux"), column(flux_rescale, "flux_rescale")
         return [cls._from_generated(images[i], info, index=index[i], seed=seeds[i],
@@ -428,8 +419,9 @@ class VQVAEGalaxy(galsim.GSObject):
         self._model = str(model)
         self._index = None if index is None else int(index)
         self._seed = None if seed is None else int(seed)
-        self._conditions = None if conditions is None else {k: float(v)
-                                                            for k, v in conditions.items()}
+        self._conditions = None if conditions is None else {
+            k: int(v) if isinstance(v, (int, np.integer)) else float(v)
+            for k, v in conditions.items()}
         self._code_map = None if code_map is None else np.array(code_map, dtype=np.int64)
         self._input_flux = None if flux is None else float(flux)
         self._flux_rescale = None if flux_rescale is None else float(flux_rescale)
@@ -667,13 +659,13 @@ def generate(emulator, seeds, conditions=None):
     Parameters:
         emulator:       The `Emulator`.
         seeds:          A list of n sampling seeds (see `index_seed`, `rng_seed`).
-        conditions:     None for an unconditional model, else a list of n dicts label -> value,
-                        already checked. [default: None]
+        conditions:     None for a model without labels, else a list of n dicts label ->
+                        value of every label (see `draw_labels`). [default: None]
     """
     n = len(seeds)
     cond = None
     if conditions is not None:
-        names = _model_info(emulator).condition_names
-        cond = {k: np.array([c[k] for c in conditions], dtype=np.float64) for k in names}
+        cond = {k: np.array([c[k] for c in conditions])
+                for k in _model_info(emulator).label_names}
     return np.asarray(emulator.sample(n, conditions=cond, seed=[int(s) for s in seeds]),
                       dtype=np.float32)

@@ -55,7 +55,17 @@ def save_tiny_emulator(path):
         "vqvae_config": vqvae.config, "prior_config": prior.config,
         "training_data": {"source": "random weights (test fixture)"},
     }
-    Emulator(vqvae, prior, metadata, psf).save(path)
+    Emulator(vqvae, prior, metadata, psf, label_table=tiny_label_table()).save(path)
+
+
+def tiny_label_table(n=500, seed=5):
+    """A table of (mag, hlr) training labels for the `tiny_emulator`: mag normal(23, 1), hlr
+    falling with mag (larger galaxies are brighter, as in the synthetic population), both
+    clipped to the fixture's training ranges."""
+    rng = np.random.default_rng(seed)
+    mag = np.clip(rng.normal(23.0, 1.0, n), 20.0, 25.5)
+    hlr = np.clip(0.5 - 0.15 * (mag - 23.0) + rng.normal(0.0, 0.05, n), 0.1, 1.5)
+    return np.stack([mag, hlr], axis=1).astype(np.float32)
 
 
 @pytest.fixture

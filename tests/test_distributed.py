@@ -20,7 +20,8 @@ from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.train import distributed
 from galsim_vqvae.train.checkpoint import load_checkpoint
 from galsim_vqvae.train.prior import train_prior
-from galsim_vqvae.train.vqvae import BatchSchedule, train_vqvae
+from galsim_vqvae.train.core import BatchSchedule
+from galsim_vqvae.train.vqvae import train_vqvae
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not torch.distributed.is_available(),
@@ -161,6 +162,60 @@ def test_prior_two_ranks_equal_one_process_then_resume(toy_file, two_rank_vqvae,
     summary = train_prior(toy_file, vq, tmp_path / "two", 16, batch_size=8, resume=True,
                           progress=False, **common)
     assert summary["step"] == 16 and summary["test_bits_per_code"] > 0
+
+
+def test_two_rank_runs_resume_exactly(tmp_path):
+    """2-rank runs split in two halves end bit for bit where straight 2-rank runs do: the
+    VQ-VAE with independent noise, the truth term, augmentation and codebook restarts on either
+    side of the break; the prior with dropout, a moving average and a class label
+    (tests/ddp_resume.py runs the four of each in one process group)."""
+    import h5py
+
+    from galsim_vqvae.data.dataset import DatasetWriter
+    from test_train_vqvae import toy_dataset
+
+    d = toy_dataset(n=80)
+    data = tmp_path / "toy.h5"
+    with DatasetWriter(data, stamp_size=32, pixel_scale=0.1, band="toy", zeropoint=25.0,
+                       source="synthetic", seed=1) as w:
+        w.add_psfs(d["psf_bank"])
+        w.append(observed=d["observed"], sigma=d["sigma"], psf_index=d["psf_index"],
+                 truth=d["truth"], params={"mag": np.linspace(20, 24, 80),
+                                           "hlr": np.linspace(1.0, 0.2, 80),
+                                           "morph_class": np.arange(80) % 3})
+    with h5py.File(data, "a") as f:
+        f.attrs["class_names"] = json.dumps(["disk", "bulge", "irregular"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_resume.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", script, str(data), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for kind, keys in (("vq", ("model", "optimizer")), ("prior", ("model", "model_raw",
+                                                                   "optimizer"))):
+        a = load_checkpoint(tmp_path / f"{kind}_straight" / "checkpoint.pt")
+        b = load_checkpoint(tmp_path / f"{kind}_halves" / "checkpoint.pt")
+        assert a["step"] == b["step"] == (16 if kind == "vq" else 12)
+        for key in keys:
+            if key == "optimizer":
+                for x, y in zip(a[key]["state"].values(), b[key]["state"].values()):
+                    assert all(torch.equal(x[n], y[n]) for n in x), (kind, key)
+            else:
+                for name in a[key]:
+                    assert torch.equal(a[key][name], b[key][name]), (kind, key, name)
+        # the logged figures of the steps both logged agree (timings aside)
+        for name in ("loss", "chi2", "truth_chi2") if kind == "vq" else ("train_bits_per_code",
+                                                                          "test_bits_per_code"):
+            logged = dict(zip(a["history"]["step"], a["history"][name]))
+            both = [s for s in b["history"]["step"] if s in logged]
+            assert len(both) >= 3
+            assert [logged[s] for s in both] == \
+                [v for s, v in zip(b["history"]["step"], b["history"][name]) if s in logged]
+    vq = load_checkpoint(tmp_path / "vq_straight" / "checkpoint.pt")
+    assert vq["world_size"] == 2 and vq["train"]["augment"] and vq["train"]["truth_weight"]
+    assert int(vq["model"]["quantizer.restarted"]) > 0
+    prior = load_checkpoint(tmp_path / "prior_straight" / "checkpoint.pt")
+    assert prior["config"]["dropout"] == 0.2 and prior["config"]["num_classes"] == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -383,10 +383,10 @@ def _(w):
 
 
 @case("dataset-version", T, "`train-vqvae`", "`--data` of another format version",
-      ["v2.h5", "unknown format_version 2"])
+      ["v99.h5", "unknown format_version 99"])
 def _(w):
-    return train_vqvae_cli(w, w.dataset("v2.h5", edit=lambda f: f.attrs.modify(
-        "format_version", 2)))
+    return train_vqvae_cli(w, w.dataset("v99.h5", edit=lambda f: f.attrs.modify(
+        "format_version", 99)))
 
 
 @case("dataset-foreign", T, "`gallery`", "`--data` is an HDF5 file of another program",
@@ -442,6 +442,25 @@ def _(w):
                 "--steps", "2", "--conditions", "mag,size", "--quiet"])
 
 
+@case("dataset-no-truth", T, "`train-vqvae`", "`--truth-weight` on a dataset without truth",
+      ["truth_weight=1", "truth images", "data.h5", "has none"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset(), "--truth-weight", "1")
+
+
+@case("dataset-class-label", T, "`train-prior`",
+      "`--class-label` values that are not indices of the dataset's `class_names`",
+      ["classes.h5", "params/morph_class", "class indices 0..1", "stamp 2 has 2.0"])
+def _(w):
+    def edit(f):
+        f["params"].create_dataset("morph_class", data=np.arange(20, dtype=np.float32) % 3)
+        f.attrs["class_names"] = json.dumps(["disk", "bulge"])
+    _, ckpt = w.vqvae_run
+    return CLI(["train-prior", "--data", w.dataset("classes.h5", edit=edit), "--vqvae", ckpt,
+                "--out", w.path("prior"), "--steps", "2", "--class-label", "morph_class",
+                "--quiet"])
+
+
 @case("dataset-vs-vqvae", T, "`train-prior`",
       "`--data` stamps differ from the VQ-VAE's training data",
       ["other_grid.h5", "32x32", "0.03", "16x16", "0.06"])
@@ -475,9 +494,15 @@ def _(w):
 
 
 @case("model-pickle", T, "`sample`", "`--model` is a pickle (a torch `.pt` file)",
-      ["bomb.pt", "corrupt or truncated", "not a readable safetensors file"])
+      ["bomb.pt", "training checkpoint, not a model bundle"])
 def _(w):
     return sample_cli(w, w.pickle_bomb("bomb.pt"))
+
+
+@case("model-checkpoint", T, "`sample`", "`--model` is a training checkpoint",
+      ["checkpoint.pt", "training checkpoint", "model.safetensors", "train-prior"])
+def _(w):
+    return sample_cli(w, w.vqvae_run[1])
 
 
 @case("model-version", T, "`Emulator.load` (Python)", "a bundle of an unknown format version",
@@ -531,6 +556,13 @@ def _(w):
       ["nofwhm.safetensors", "metadata lacks ['psf_fwhm']"])
 def _(w):
     return sample_cli(w, w.model_with("nofwhm.safetensors", lambda m: m.pop("psf_fwhm")))
+
+
+@case("model-label-table", T, "`sample`", "a label table that contradicts the metadata",
+      ["table.safetensors", "tensor 'labels.table' has shape (500, 1)", "['mag', 'hlr']"])
+def _(w):
+    return sample_cli(w, w.model_with("table.safetensors", edit_tensors=lambda t: t.update(
+        {"labels.table": t["labels.table"][:, :1].contiguous()})))
 
 
 @case("model-metadata-type", T, "`sample`", "a metadata field of the wrong type",
@@ -593,10 +625,20 @@ def _(w):
     return Config(w.config(conditions={"mag": 22.0, "size": 0.5}), galsim.GalSimConfigError)
 
 
-@case("config-label-missing", T, "config `VQVAEGalaxy`", "a condition label left out",
-      ["missing: ['hlr']"])
+def without_table(w):
+    """A copy of the tiny model without its table of training labels (as bundles made before
+    the table existed)."""
+    return w.model_with("notable.safetensors", lambda m: m["conditions"].pop("table"),
+                        lambda t: t.pop("labels.table"))
+
+
+@case("config-label-missing", T, "config `VQVAEGalaxy`",
+      "a label left out, and the model has no table of training labels to draw it from",
+      ["no table of training labels", "['hlr']", "gal.conditions", "hlr in [0.1, 1.5]"])
 def _(w):
-    return Config(w.config(conditions={"mag": 22.0}), galsim.GalSimValueError)
+    cfg = w.config(conditions={"mag": 22.0})
+    cfg["input"]["vqvae_model"]["file_name"] = without_table(w)
+    return Config(cfg, galsim.GalSimConfigError)
 
 
 @case("config-value", T, "config `VQVAEGalaxy`", "a condition that is not a number",
@@ -664,6 +706,14 @@ def _(w):
 T = "Conditions, counts and devices"
 
 
+@case("vqvae-hidden-odd", T, "`train-vqvae`", "`--hidden` odd",
+      ["hidden must be an even number", "got 3"])
+def _(w):
+    data, _ = w.vqvae_run
+    return CLI(["train-vqvae", "--data", data, "--out", w.path("vq"), "--steps", "2",
+                "--hidden", "3", "--quiet"])
+
+
 @case("conditions-range-cli", T, "`sample`", "a condition outside the training range",
       ["'mag' = 40", "outside the training range [20, 25.5]", "--out-of-range"])
 def _(w):
@@ -705,10 +755,37 @@ def _(w):
 
 
 @case("conditions-unknown-cli", T, "`sample`", "a condition label the model lacks",
-      ["unknown: ['size']", "missing: ['hlr']"])
+      ["unknown label(s) ['size']", "['mag', 'hlr']"])
 def _(w):
     return CLI(["sample", "--model", w.model, "--n", "1", "--conditions", "mag=22,size=0.4",
                 "--out", w.path("s.fits"), "--quiet"])
+
+
+@case("conditions-no-table-cli", T, "`sample`",
+      "no `--conditions`, and the model has no table of training labels",
+      ["no table of training labels", "['mag', 'hlr']", "--conditions", "mag in [20, 25.5]"])
+def _(w):
+    return CLI(["sample", "--model", without_table(w), "--n", "1", "--out", w.path("s.fits"),
+                "--quiet"])
+
+
+@case("conditions-class-name", T, "`Emulator.sample` (Python)",
+      "a class name the model does not know",
+      ["morph_class = 'spiral'", "'disk', 'bulge'"])
+def _(w):
+    from galsim_vqvae.emulator import Emulator
+    from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
+
+    emu = Emulator.load(w.model)
+    meta = dict(emu.metadata)
+    meta["conditions"] = dict(meta["conditions"],
+                              class_label={"name": "morph_class", "class_names": ["disk", "bulge"]})
+    prior = GatedPixelCNN(num_codes=32, channels=8, layers=2, kernel_size=3, cond_dim=2,
+                          num_classes=2)
+    meta["prior_config"] = prior.config
+    table = np.concatenate([emu.label_table, np.zeros((len(emu.label_table), 1), np.float32)], 1)
+    emu = Emulator(emu.vqvae, prior, meta, emu.psf_image, label_table=table)
+    return Call(lambda: emu.sample(1, {"morph_class": "spiral"}), VQVAEInputError)
 
 
 @case("conditions-syntax", T, "`sample`", "`--conditions` not of the form name=value",
@@ -866,7 +943,7 @@ def _(w):
       "the disk fills up while the checkpoint is written (no run folder is left)",
       ["could not write checkpoint", "No space left on device", "previous checkpoint"])
 def _(w):
-    import galsim_vqvae.train.checkpoint as checkpoint
+    import galsim_vqvae.checkpoints as checkpoint
 
     w.mp.setattr(checkpoint, "open", full_disk_open, raising=False)
     return train_vqvae_cli(w, w.dataset())

@@ -312,6 +312,11 @@ def test_evaluate_end_to_end(tiny_emulator, toy_data, tmp_path, capsys):
                   "Codebook", "Real galaxies", "## Goals"):
         assert title in report
     assert ("Skipped" in report) == (not AEGIS.exists())
+    # Inputs named by file name (they lie outside the current folder), no absolute paths.
+    assert str(tmp_path) not in report and "`plain`" in report and f"`{toy_data.name}`" in report
+    assert f"`{Path(tiny_emulator.path).name}`, sha256 " in report
+    if AEGIS.exists():
+        assert str(AEGIS.parent) not in report and f"`{AEGIS.name}`" in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                and math.isfinite(v) for k, v in metrics.items())

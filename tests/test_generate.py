@@ -58,8 +58,8 @@ def test_shards_merge_to_the_one_process_file(tiny_emulator, tmp_path):
 
     with fits.open(one) as f:
         h, images, codes, table = f[0].header, f[0].data, f["CODES"].data, f["CONDITIONS"].data
-        assert (h["NSAMPLE"], h["NTOTAL"], h["FIRST"], h["SEED"], h["BLOCK"]) == \
-            (n, n, 0, seed, batch)
+        assert (h["NSAMPLE"], h["NTOTAL"], h["FIRST"], h["SEED"], h["BLOCK"], h["NOISEVER"]) == \
+            (n, n, 0, seed, batch, 2)
         np.testing.assert_array_equal(table["mag"], cond["mag"])
         np.testing.assert_array_equal(table["hlr"], cond["hlr"])
         np.testing.assert_array_equal(codes, tiny_emulator.sample_codes(n, cond, seed=seed))
@@ -124,9 +124,7 @@ def test_generate_refuses_bad_arguments(tiny_emulator, tmp_path):
     out = tmp_path / "x.fits"
     with pytest.raises(VQVAEInputError, match="seed must be an integer >= 0, got None"):
         gen.generate_stamps(tiny_emulator, 4, out, None, {"mag": 22.0, "hlr": 0.5})
-    with pytest.raises(VQVAEInputError, match="this model is conditional"):
-        gen.generate_stamps(tiny_emulator, 4, out, 1)
-    with pytest.raises(VQVAEInputError, match=r"condition 'mag' must be a number or an array "
+    with pytest.raises(VQVAEInputError, match=r"condition 'mag' must be a value or an array "
                                               r"of 4 values, got shape \(3,\)"):
         gen.generate_stamps(tiny_emulator, 4, out, 1, {"mag": [22.0] * 3, "hlr": 0.5})
     with pytest.raises(VQVAEInputError, match="output directory does not exist"):

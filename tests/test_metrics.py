@@ -70,3 +70,37 @@ def test_conditioning_accuracy_reports_bias_and_scatter(tiny_emulator):
     info = tiny_emulator.metadata["conditions"]
     assert (result["mag_requested"] >= info["min"][0]).all()
     assert (result["mag_requested"] <= info["max"][0]).all()
+
+
+class KnownGalaxies:
+    """A stand-in for an `Emulator` whose samples carry a known conditioning error: GalSim
+    exponential profiles of magnitude ``mag + MAG_OFFSET`` and half-light radius ``hlr *
+    (1 + HLR_BIAS) * (1 + HLR_SCATTER * N(0, 1))``. What `conditioning_accuracy` reports must be
+    these numbers, signs included."""
+
+    MAG_OFFSET, HLR_BIAS, HLR_SCATTER = 0.2, -0.1, 0.05
+    metadata = {"zeropoint": 25.0, "pixel_scale": 0.06,
+                "conditions": {"names": ["mag", "hlr"], "mean": [22.0, 0.35], "std": [0.8, 0.1],
+                               "min": [20.0, 0.2], "max": [24.0, 0.5]}}
+
+    def sample(self, n, conditions, seed=None):
+        rng = np.random.default_rng(seed + 1000)
+        meta = self.metadata
+        factor = (1 + self.HLR_BIAS) * (1 + self.HLR_SCATTER * rng.standard_normal(n))
+        images = []
+        for mag, hlr, f in zip(conditions["mag"], conditions["hlr"], factor):
+            flux = 10 ** (-0.4 * (mag + self.MAG_OFFSET - meta["zeropoint"]))
+            gal = galsim.Exponential(half_light_radius=hlr * f, flux=flux)
+            images.append(gal.drawImage(nx=96, ny=96, scale=meta["pixel_scale"],
+                                        method="no_pixel").array)
+        return np.array(images)
+
+
+def test_conditioning_accuracy_measures_a_known_bias():
+    result = conditioning_accuracy(KnownGalaxies(), n=40, seed=3)
+    assert result["mag_bias"] == pytest.approx(KnownGalaxies.MAG_OFFSET, abs=0.005)
+    assert result["mag_scatter"] < 0.005
+    np.testing.assert_allclose(result["mag_measured"] - result["mag_requested"], 0.2, atol=0.005)
+    assert result["hlr_rel_bias"] == pytest.approx(KnownGalaxies.HLR_BIAS, abs=0.02)
+    assert result["hlr_rel_scatter"] == pytest.approx(KnownGalaxies.HLR_SCATTER, abs=0.02)
+    assert (result["hlr_measured"] < result["hlr_requested"]).mean() > 0.9

@@ -84,7 +84,7 @@ def test_make_galaxies_in_one_batch(tiny_emulator):
     seq = [VQVAEGalaxy(tiny_emulator, conditions=COND, rng=rng2) for _ in range(2)]
     assert [g.seed for g in batch] == [g.seed for g in seq]
     assert rng.raw() == rng2.raw()  # both advanced alike
-    with pytest.raises(galsim.GalSimValueError, match="2 numbers"):
+    with pytest.raises(galsim.GalSimValueError, match="array of 2 values"):
         VQVAEGalaxy.makeGalaxies(2, tiny_emulator, conditions={"mag": [21., 22., 23.],
                                                                "hlr": 0.5})
     with pytest.raises(galsim.GalSimRangeError, match="'mag' = 26"):
@@ -295,13 +295,11 @@ def test_errors(tiny_emulator):
         VQVAEGalaxy(emu, index=1, conditions=COND, flux=1., flux_rescale=2.)
     with pytest.raises(galsim.GalSimIncompatibleValuesError):
         VQVAEGalaxy(emu, index=1, code_map=np.zeros((8, 8), int))
-    with pytest.raises(galsim.GalSimIncompatibleValuesError, match="conditional"):
-        VQVAEGalaxy(emu, index=1)
     with pytest.raises(galsim.GalSimRangeError, match=r"'mag' = 27 .*\[20, 25.5\]"):
         VQVAEGalaxy(emu, index=1, conditions={"mag": 27., "hlr": 0.5})
-    with pytest.raises(galsim.GalSimRangeError, match="hlr"):
+    with pytest.raises(galsim.GalSimValueError, match="'hlr' has non-finite"):
         VQVAEGalaxy(emu, index=1, conditions={"mag": 22., "hlr": float("nan")})
-    with pytest.raises(galsim.GalSimValueError, match="unknown: \\['size'\\]"):
+    with pytest.raises(galsim.GalSimValueError, match="unknown label\\(s\\) \\['size'\\]"):
         VQVAEGalaxy(emu, index=1, conditions={"mag": 22., "hlr": 0.5, "size": 1.})
     with pytest.raises(galsim.GalSimRangeError):
         VQVAEGalaxy(emu, index=-1, conditions=COND)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..errors import VQVAEInputError
 
 
 class QuantizerOutput(NamedTuple):
@@ -67,10 +68,10 @@ class VectorQuantizer(nn.Module):
                  kmeans_iters=10, restart_every=100, restart_threshold=1.0, seed=0):
         super().__init__()
         if num_codes < 2 or embed_dim < 1:
-            raise ValueError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, "
-                             f"{embed_dim}")
+            raise VQVAEInputError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, "
+                                  f"{embed_dim}")
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+            raise VQVAEInputError(f"decay must be in [0, 1), got {decay}")
         self.num_codes = num_codes
         self.embed_dim = embed_dim
         self.beta = beta
@@ -100,6 +101,20 @@ class VectorQuantizer(nn.Module):
         self._initialized = bool(self.initialized)
         self._updates = int(self.updates)
 
+    @property
+    def is_initialized(self):
+        """Whether the codebook has been initialised (read without a device sync)."""
+        return self._initialized
+
+    @torch.no_grad()
+    def mark_initialized(self):
+        """Declare the codebook, as it now stands, initialised: the start of the first restart
+        window. `kmeans_init` ends with it; so does a codebook set from elsewhere (e.g. another
+        process's k-means, `galsim_vqvae.train.distributed.Context.init_codebook`)."""
+        self.window_count.zero_()
+        self.initialized.fill_(True)
+        self._initialized = True
+
     def _generator(self, device, salt):
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + salt * 7919 + 12345) % (2 ** 63))
@@ -117,8 +132,8 @@ class VectorQuantizer(nn.Module):
         """
         b, d, h, w = z_e.shape
         if d != self.embed_dim:
-            raise ValueError(f"latents have {d} channels, the codebook has dimension "
-                             f"{self.embed_dim}")
+            raise VQVAEInputError(f"latents have {d} channels, the codebook has dimension "
+                                  f"{self.embed_dim}")
         with torch.autocast(device_type=z_e.device.type, enabled=False):  # codes in float32
             return self._quantize(z_e)
 
@@ -129,8 +144,7 @@ class VectorQuantizer(nn.Module):
             if self.kmeans_iters > 0:
                 self.kmeans_init(z.detach())
             else:
-                self.initialized.fill_(True)
-                self._initialized = True
+                self.mark_initialized()
         codes, _ = ops.nearest_code(z.detach(), self.codebook)
         q = F.embedding(codes, self.codebook)  # before this batch's update, as in the EMA papers
         if self.training:
@@ -243,6 +257,4 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(centres)
         self.ema_count.copy_(count)
         self.ema_sum.copy_(centres * count[:, None])
-        self.window_count.zero_()
-        self.initialized.fill_(True)
-        self._initialized = True
+        self.mark_initialized()

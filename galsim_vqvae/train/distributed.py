@@ -145,18 +145,15 @@ class Context:
         on rank 0 over the encoder outputs ``z`` [N, D] of all ranks (gathered in rank order,
         i.e. the global batch), then broadcast. Nothing to do for a single process (the quantizer
         initialises itself in its first forward pass) or once initialised."""
-        if not self.active or quantizer._initialized or quantizer.kmeans_iters <= 0:
+        if not self.active or quantizer.is_initialized or quantizer.kmeans_iters <= 0:
             return
         z = z.float().contiguous()
         parts = [torch.empty_like(z) for _ in range(self.world_size)]
         dist.all_gather(parts, z)
         if self.is_main:
             quantizer.kmeans_init(torch.cat(parts))
-        self.broadcast_([quantizer.codebook, quantizer.ema_count, quantizer.ema_sum,
-                         quantizer.window_count])
-        quantizer.window_count.zero_()
-        quantizer.initialized.fill_(True)
-        quantizer._initialized = True
+        self.broadcast_([quantizer.codebook, quantizer.ema_count, quantizer.ema_sum])
+        quantizer.mark_initialized()
 
     # --------------------------------------------------------------------------------------------
     def on_main(self, fn):

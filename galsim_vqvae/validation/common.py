@@ -2,6 +2,7 @@
 and the process pool that spreads per-galaxy measurements over the machine's cores."""
 
 import multiprocessing
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +10,17 @@ import numpy as np
 from ..errors import VQVAEInputError
 
 SPLITS = ("test", "all")
+
+
+def shown_path(path):
+    """How a report names an input file: its path relative to the current folder when it lies
+    below it, else its file name (never an absolute path of the machine that made the report);
+    None and "default" as they are."""
+    if path is None or path == "default":
+        return path
+    path = os.fspath(path)
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.basename(path) if relative.startswith(os.pardir) else relative
 
 
 @dataclass

@@ -61,7 +61,7 @@ def load_plain_autoencoder(path, device="cpu"):
 
     from ..devices import resolve_device
     from ..nn.vqvae import VQVAE
-    from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from ..checkpoints import CHECKPOINT_NAME, load_checkpoint
 
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -18,10 +18,11 @@ import numpy as np
 from ..data.dataset import read_header
 from ..errors import VQVAEInputError
 from . import codebook, conditioning, fidelity, real, realism, shear
-from .common import SPLITS, cell, check_grid, fmt, load_heldout, skipped
+from .common import SPLITS, cell, check_grid, fmt, load_heldout, shown_path, skipped
 
 FIGURES = ("fidelity.png", "fidelity_gallery.png", "realism.png", "realism_gallery.png",
-           "conditioning.png", "codebook.png", "real.png")
+           "conditioning.png", "codebook.png", "real.png", "real_residuals.png",
+           "real_samples.png", "real_gini_m20.png")
 
 
 def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None, real_path=None,
@@ -179,18 +180,21 @@ def _flat_metrics(sections):
 
 def _markdown(emulator, sections, args, seconds):
     from .. import __version__
+    from ..provenance import file_sha256, model_name
 
     md = emulator.metadata
-    name = getattr(emulator, "path", None) or "<in-memory Emulator>"
+    path = getattr(emulator, "path", None)
+    name = f"`{model_name(path)}`, sha256 {file_sha256(path)}" if path else "an in-memory Emulator"
     lines = ["# Science report", "",
-             f"Model `{args['model'] if isinstance(args['model'], str) else name}` ({name}): "
+             f"Model {name}: "
              f"{md['stamp_size']}x{md['stamp_size']} pixels of {md['pixel_scale']}\", band "
              f"{md.get('band', '?')}, {md['num_codes']} codes, conditions "
              f"{emulator.condition_names}; training data: "
              f"{md.get('training_data', {}).get('description', md.get('training_data'))}.", "",
              f"`galsim-vqvae evaluate` (galsim_vqvae {__version__}), n = {args['n']}, seed "
-             f"{args['seed']}, data `{args['data']}` (split `{args['split']}`), plain "
-             f"autoencoder `{args['plain_ae']}`, real galaxies `{args['real']}`, device "
+             f"{args['seed']}, data `{shown_path(args['data'])}` (split `{args['split']}`), "
+             f"plain autoencoder `{shown_path(args['plain_ae'])}`, real galaxies "
+             f"`{shown_path(args['real'])}`, device "
              f"{args['device']}; {seconds:.0f} s. Definitions: docs/evaluate.md.", "",
              "## Goals", "", "| goal | value | target | result |", "| --- | --- | --- | --- |"]
     for sec in sections:
