@@ -161,7 +161,7 @@ def cmd_reconstruct(args):
     emulator = Emulator.load(args.model, device=args.device)
     size, scale = emulator.stamp_size, emulator.metadata["pixel_scale"]
     observed = read_stamps(args.input, "--input", size, scale)
-    psf = read_stamps(args.psf, "--psf", size, scale, psf=True)
+    psf = read_stamps(args.psf, "--psf", None, scale, psf=True)  # any size: fit to the stamp
     if len(psf) not in (1, len(observed)):
         raise ValueError(f"--psf {args.psf} holds {len(psf)} PSF images and --input {args.input} "
                          f"{len(observed)} stamps: give one PSF for all stamps or one per stamp")
@@ -334,7 +334,10 @@ def build_parser():
     p = add("reconstruct", cmd_reconstruct, "deconvolved reconstruction of observed stamps")
     p.add_argument("--model", default="default")
     p.add_argument("--input", required=True, help="FITS image or cube of observed stamps")
-    p.add_argument("--psf", required=True, help="FITS PSF image (or cube, one per stamp)")
+    p.add_argument("--psf", required=True,
+                   help="FITS PSF image (or cube, one per stamp) at the model's pixel scale, of "
+                        "any size: padded or cropped about its centre pixel (n//2, as GalSim "
+                        "draws it) to the model's stamp")
     p.add_argument("--sigma", type=float, required=True, help="noise sigma of the stamps")
     p.add_argument("--out", required=True)
     p.add_argument("--convolved", action="store_true")

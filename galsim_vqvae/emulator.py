@@ -33,6 +33,7 @@ OUT_OF_RANGE_POLICIES = ("error", "clip")
 LABEL_TABLE_KEY = "labels.table"   # the bundle's tensor of training labels [N, labels]
 MAX_LABEL_ROWS = 20_000            # a larger training split is subsampled (seeded)
 _LABEL_SALT = 0x4C41_4245          # "LABE": label draws apart from the sampler's noise stream
+PSF_LOST_FLUX = 1e-3               # cropping a larger PSF to the stamp warns beyond this loss
 
 
 def _absent(column):
@@ -608,8 +609,9 @@ class Emulator:
 
         Parameters:
             observed:       Observed stamps [n, stamp, stamp] at the model's pixel scale.
-            psf:            Their PSF images (pixel included, sum 1), [stamp, stamp] for all or
-                            [n, stamp, stamp].
+            psf:            Their PSF images (pixel included; normalised to sum 1), one
+                            [ny, nx] for all or [n, ny, nx], of any size: padded or cropped about
+                            the centre to the stamp (`fit_psf`).
             noise_sigma:    Their Gaussian noise sigma, a number or n numbers (> 0).
             convolved:      Return the reconstruction convolved with ``psf`` (comparable with
                             ``observed``) instead of the pre-PSF image. [default: False]
@@ -621,11 +623,15 @@ class Emulator:
 
         x = self._stamps_tensor(observed, "observed")
         n = len(x)
-        p = self._stamps_tensor(psf, "psf")
+        psf = np.asarray(psf, dtype=np.float32)
+        if not np.all(np.isfinite(psf)):
+            raise VQVAEInputError("psf contains NaN or infinite values")
+        p = torch.from_numpy(fit_psf(psf, self.stamp_size))
+        p = (p[None] if p.ndim == 2 else p)[:, None]
         if len(p) == 1:
             p = p.expand(n, -1, -1, -1)
-        if len(p) != n:
-            raise VQVAEInputError(f"psf must be one image or {n} images, got {len(p)}")
+        if p.ndim != 4 or len(p) != n:
+            raise VQVAEInputError(f"psf must be one image or {n} images, got shape {psf.shape}")
         sums = p.sum(dim=(1, 2, 3))
         if not bool((sums > 0).all()):
             raise VQVAEInputError("psf images must have a positive sum")
@@ -853,6 +859,42 @@ def _mean_training_psf(dataset_path):
     arrays = load_arrays(dataset_path, keys=("psf_bank", "psf_index"))
     counts = np.bincount(arrays["psf_index"], minlength=len(arrays["psf_bank"]))
     return np.tensordot(counts / counts.sum(), arrays["psf_bank"].astype(np.float64), axes=1)
+
+
+def fit_psf(psf, size, what="psf"):
+    """PSF images [..., ny, nx] of any size on the model's [..., size, size] grid: padded with
+    zeros or cropped about the centre, GalSim's convention (the centre pixel of an n-pixel side
+    is pixel n // 2, as ``drawImage(nx=n, ny=n, use_true_center=False)`` puts it), so that the
+    centre pixel lands on pixel (size // 2, size // 2). Cropping away more than `PSF_LOST_FLUX`
+    of a PSF's flux warns.
+
+    Parameters:
+        psf:    Array [..., ny, nx] (one PSF or a stack), any ny, nx >= 1.
+        size:   The side of the model's stamps.
+        what:   How the PSF is named in the warning. [default: "psf"]
+
+    Returns:
+        float32 array [..., size, size].
+    """
+    psf = np.asarray(psf, dtype=np.float64)
+    if psf.ndim < 2 or min(psf.shape[-2:]) < 1:
+        raise VQVAEInputError(f"{what} must be an image [ny, nx] or a stack of them, got shape "
+                              f"{psf.shape}")
+    out = np.zeros(psf.shape[:-2] + (size, size))
+    src, dst = [], []
+    for n in psf.shape[-2:]:
+        shift = size // 2 - n // 2  # source pixel i lands on pixel i + shift
+        lo, hi = max(0, -shift), min(n, size - shift)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo + shift, hi + shift))
+    out[(Ellipsis, *dst)] = psf[(Ellipsis, *src)]
+    total = psf.sum(axis=(-2, -1))
+    lost = np.abs(total - out.sum(axis=(-2, -1))) / np.maximum(np.abs(total), 1e-300)
+    if np.any(lost > PSF_LOST_FLUX):
+        warnings.warn(f"{what}: the {psf.shape[-1]}x{psf.shape[-2]}-pixel PSF is cropped to the "
+                      f"model's {size}x{size} stamp, losing {lost.max():.2%} of its flux",
+                      stacklevel=2)
+    return out.astype(np.float32)
 
 
 def psf_fwhm(psf_image, pixel_scale):
