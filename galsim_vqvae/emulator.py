@@ -33,6 +33,7 @@ OUT_OF_RANGE_POLICIES = ("error", "clip")
 LABEL_TABLE_KEY = "labels.table"   # the bundle's tensor of training labels [N, labels]
 MAX_LABEL_ROWS = 20_000            # a larger training split is subsampled (seeded)
 _LABEL_SALT = 0x4C41_4245          # "LABE": label draws apart from the sampler's noise stream
+FRAME_PIXELS = 4                   # the outer frame whose pixels estimate a stamp's noise
 PSF_LOST_FLUX = 1e-3               # cropping a larger PSF to the stamp warns beyond this loss
 
 
@@ -218,6 +219,7 @@ class Emulator:
             "image_scale": float(vqvae.config.get("image_scale", 1.0)),
             "psf_fwhm": psf_fwhm(psf_image, float(data["pixel_scale"])),
             "psf_description": "mean of the effective PSFs (pixel included) of the training stamps",
+            "noise_sigma_median": _median_training_sigma(data["path"]),
             "conditions": conditions,
             "vqvae_config": vqvae.config,
             "prior_config": prior.config,
@@ -594,15 +596,70 @@ class Emulator:
             raise VQVAEInputError(f"{what} contains NaN or infinite values")
         return torch.from_numpy(arr)[:, None]
 
-    def encode(self, observed, batch_size=256):
-        """Encode observed stamps [n, stamp, stamp] into code maps [n, latent, latent] (numpy)."""
-        x = self._stamps_tensor(observed, "observed")
+    def input_scale(self, observed, noise_sigma=None):
+        """The factor [n] (float64) by which `encode` multiplies each stamp, so that stamps in any
+        flux unit reach the network as the training stamps did: the noise sigma of the stamp
+        becomes the training stamps' median sigma (``metadata["noise_sigma_median"]``).
+
+        A stamp's sigma is ``noise_sigma`` if given, else 1.4826 times the median absolute
+        deviation of the pixels of its outer frame (`FRAME_PIXELS` wide). A noiseless stamp (sigma
+        0), or a model whose metadata lacks the training sigma, is instead scaled so that its
+        brightest pixel is the training stamps' median brightest pixel (the VQ-VAE's
+        ``image_scale``). The factor is homogeneous: a stamp k times brighter (with k times the
+        sigma) gets a factor 1/k, so that encoding is independent of the flux unit.
+
+        Parameters:
+            observed:       Stamps [n, stamp, stamp].
+            noise_sigma:    Their noise sigma, a number or n numbers, or None to estimate it.
+                            [default: None]
+        """
+        x = np.asarray(observed, dtype=np.float64)
+        x = x[None] if x.ndim == 2 else x
+        n = len(x)
+        if noise_sigma is None:
+            s = x.shape[-1]
+            i = np.arange(s)
+            depth = np.minimum(i, s - 1 - i)  # distance of a row or column from the edge
+            frame = x[:, np.minimum.outer(depth, depth) < FRAME_PIXELS]
+            sigma = 1.4826 * np.median(np.abs(frame - np.median(frame, axis=1)[:, None]), axis=1)
+        else:
+            sigma = np.asarray(noise_sigma, dtype=np.float64)
+            if sigma.shape not in ((), (n,)) or not np.all(np.isfinite(sigma) & (sigma >= 0)):
+                raise VQVAEInputError(f"noise_sigma must be a finite number >= 0 or {n} of them, "
+                                      f"got {noise_sigma!r}")
+            sigma = np.broadcast_to(sigma, (n,))
+        reference = self.metadata.get("noise_sigma_median")
+        peak = x.reshape(n, -1).max(axis=1)
+        by_peak = np.where(peak > 0, self.vqvae.image_scale / np.where(peak > 0, peak, 1.0), 1.0)
+        if not reference:
+            return by_peak
+        return np.where(sigma > 0, reference / np.where(sigma > 0, sigma, 1.0), by_peak)
+
+    def encode(self, observed, batch_size=256, noise_sigma=None):
+        """Encode observed stamps [n, stamp, stamp] into code maps [n, latent, latent] (numpy).
+
+        The stamps are first brought to the training range by `input_scale`, so the codes do
+        not depend on the flux unit of the stamps.
+
+        Parameters:
+            observed:       Stamps [n, stamp, stamp] at the model's pixel scale.
+            batch_size:     Stamps per network call. [default: 256]
+            noise_sigma:    Their noise sigma (a number or n numbers), or None to estimate it
+                            from each stamp (see `input_scale`). [default: None]
+        """
+        return self._encode(observed, batch_size, noise_sigma)[0]
+
+    def _encode(self, observed, batch_size, noise_sigma):
+        """(codes, the factors of `input_scale`)."""
+        x = self._stamps_tensor(observed, "observed").numpy()
+        factor = self.input_scale(x[:, 0], noise_sigma)
+        x = torch.from_numpy((x * factor[:, None, None, None]).astype(np.float32))
         out = []
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
                 out.append(self.vqvae.encode_codes(x[start:start + batch_size].to(self.device))
                            .cpu())
-        return torch.cat(out).numpy().astype(np.int64)
+        return torch.cat(out).numpy().astype(np.int64), factor
 
     def reconstruct(self, observed, psf, noise_sigma, convolved=False):
         """Deconvolved reconstruction of observed stamps through the VQ-VAE.
@@ -615,6 +672,9 @@ class Emulator:
             noise_sigma:    Their Gaussian noise sigma, a number or n numbers (> 0).
             convolved:      Return the reconstruction convolved with ``psf`` (comparable with
                             ``observed``) instead of the pre-PSF image. [default: False]
+
+        The stamps are brought to the training range (`input_scale`, from ``noise_sigma``) and
+        the result is scaled back: the reconstruction does not depend on the flux unit.
 
         Returns:
             (images [n, stamp, stamp], reduced chi^2 [n] of the convolved reconstruction).
@@ -639,7 +699,9 @@ class Emulator:
         sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (n,)).copy()
         if not np.all(np.isfinite(sigma) & (sigma > 0)):
             raise VQVAEInputError(f"noise_sigma must be finite and > 0, got {noise_sigma!r}")
-        decoded = torch.from_numpy(self.decode(self.encode(observed)))[:, None]
+        codes, factor = self._encode(observed, 256, sigma.astype(np.float64))
+        decoded = torch.from_numpy((self.decode(codes) / factor[:, None, None])
+                                   .astype(np.float32))[:, None]
         model = convolve_psf(decoded, p)
         red_chi2 = chi2(model, x, torch.from_numpy(sigma)).numpy()
         images = model if convolved else decoded
@@ -753,6 +815,9 @@ def _check_metadata(metadata, path):
     for field in ("pixel_scale", "psf_fwhm"):
         if not is_number(metadata[field]) or not metadata[field] > 0:
             fail(field, "a positive number")
+    if "noise_sigma_median" in metadata and not (is_number(metadata["noise_sigma_median"])
+                                                 and metadata["noise_sigma_median"] > 0):
+        fail("noise_sigma_median", "a positive number")
     if not is_number(metadata["zeropoint"]):
         fail("zeropoint", "a finite number")
     for field in ("band", "flux_convention"):
@@ -851,6 +916,14 @@ def _check_label_table(table, metadata, path):
         if not np.all((col == np.round(col)) & (col >= 0) & (col < len(klass["class_names"]))):
             fail(f"label table column {klass['name']!r} must hold class numbers 0 to "
                  f"{len(klass['class_names']) - 1}")
+
+
+def _median_training_sigma(dataset_path):
+    """The median noise sigma of a dataset's training split (see `Emulator.input_scale`)."""
+    from .data.dataset import load_arrays, read_header, split_indices
+
+    rows = split_indices(read_header(dataset_path)["n"], "train")
+    return float(np.median(load_arrays(dataset_path, indices=rows, keys=("sigma",))["sigma"]))
 
 
 def _mean_training_psf(dataset_path):
