@@ -1,7 +1,9 @@
 """The Emulator: a trained VQ-VAE, its Gated PixelCNN prior and their metadata, as one bundle.
 
-A bundle is a single ``.safetensors`` file: the weights of both networks and the training PSF
-image as tensors, and the metadata as JSON in the file's header. Loading never unpickles anything;
+A bundle is a single ``.safetensors`` file: the weights of both networks, the training PSF
+image and the labels of the training galaxies (``labels.table``, from which labels that a user
+leaves out are drawn: `Emulator.draw_conditions`) as tensors, and the metadata as JSON in the
+file's header. Loading never unpickles anything;
 it checks the format version, the metadata and every tensor's shape, and names what does not fit.
 """
 
