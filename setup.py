@@ -50,7 +50,8 @@ def _extensions():
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if want_cuda and torch.version.cuda and nvcc and os.path.exists(nvcc):
         exts.append(CUDAExtension(
-            "galsim_vqvae._C_cuda", ["csrc/cuda/nearest_code.cu", "csrc/cuda/pixelcnn_sample.cu"],
+            "galsim_vqvae._C_cuda", ["csrc/cuda/register.cpp", "csrc/cuda/nearest_code.cu",
+                                     "csrc/cuda/pixelcnn_sample.cu"],
             include_dirs=include,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))
     elif want_cuda and torch.version.cuda:

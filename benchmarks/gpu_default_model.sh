@@ -1,60 +1,81 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (device tool): set up, then train and measure the shipped default model.
-# Usage there: bash benchmarks/gpu_default_model.sh STAGE
-#   STAGE: vqvae | prior | all (both) | plain (the plain autoencoder of the issue-2 comparison,
-#   trained on the same stamps without the PSF/noise layers) | config (config-path galaxies/s
-#   of the new bundle on the GPU)
-# Needs .whl/gpusite.tar.xz carried (GalSim + astropy for Python 3.12): benchmarks/make_gpu_site.sh.
-# Idempotent: each step skips what exists under $RUN, so a later call continues an earlier one.
-set -euo pipefail
-STAGE=${1:-all}
+# On the lent GPU machine (device tool): train the default model and measure it, end to end.
+#   bash benchmarks/gpu_default_model.sh start     # the whole chain, in the background (setsid)
+#   bash benchmarks/gpu_default_model.sh wait S    # follow it for up to S seconds
+#   bash benchmarks/gpu_default_model.sh collect   # copy the results to $OUT (bundle split in
+#                                                  # parts of 15 MB: the device tool's file limit)
+# A device command lasts at most 10 minutes, the chain longer: `start` then `wait 560`, and more
+# `wait` calls issued at once (the machine stays held between calls that follow each other).
+# The chain (each step logged to $RUN/chain.log, timed, skipped if its output exists):
+#   1. GalSim/astropy for Python 3.12 from .whl/gpusite.tar.xz (benchmarks/make_gpu_site.sh),
+#      the compiled ops built in the background;
+#   2. the training set and the held-out set (examples/train_default_model.sh dataset);
+#   3. VQ-VAE and prior (examples/train_default_model.sh vqvae, prior);
+#   4. the checks: examples/diagnose_model.py, `galsim-vqvae evaluate` on the held-out set
+#      (EVAL_N stamps and samples, all cores), the 64-sample gallery beside held-out truth.
+# Needs carried: .whl (gpusite.tar.xz); optional .gpu_data/cosmos_btk for `evaluate --real`.
+set -uo pipefail
+ACTION=${1:-start}
 export RUN=${RUN:-/tmp/runs/default}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${OUT:-/tmp/out}
-mkdir -p "$RUN" "$OUT"
-if [ ! -d /tmp/site/galsim ]; then
-  mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
-fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NCCL_NVLS_ENABLE=0
 export PYTHONPATH=/tmp/site:$PWD
-python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader || true
+export WORKERS=${WORKERS:-$(nproc)}
+EVAL_N=${EVAL_N:-10000}
+mkdir -p "$RUN"
+LOG=$RUN/chain.log
 
-if [ "$STAGE" = vqvae ] || [ "$STAGE" = all ]; then
-  [ -n "${SKIP_THROUGHPUT:-}" ] || python3 benchmarks/train_throughput.py --device cuda \
-      --batch-sizes 256 1024 4096 2>&1 | tee "$OUT/train_throughput.txt" || true
-  bash examples/train_default_model.sh vqvae \
-      2>&1 | tee "$OUT/train_vqvae.txt"
-  cp "$RUN/vqvae/log.jsonl" "$OUT/vqvae_log.jsonl" 2>/dev/null || true
-  cp "$RUN/vqvae/gallery.png" "$OUT/vqvae_gallery.png" 2>/dev/null || true
-fi
-if [ "$STAGE" = prior ] || [ "$STAGE" = all ]; then
-  bash examples/train_default_model.sh prior 2>&1 | tee "$OUT/train_prior.txt"
-  cp "$RUN/prior/model.safetensors" "$OUT/model.safetensors"
-  cp "$RUN/prior/log.jsonl" "$OUT/prior_log.jsonl" 2>/dev/null || true
-  python3 - <<'PY' 2>&1 | tee "$OUT/conditioning.txt"
-import json, os, time
-import numpy as np
-from galsim_vqvae import Emulator
-from galsim_vqvae.metrics import conditioning_accuracy
-emu = Emulator.load(os.environ["RUN"] + "/prior/model.safetensors", device="cuda")
-t = time.time()
-r = conditioning_accuracy(emu, n=1000, seed=123)
-print(f"1000 samples (fast sampler, cuda) in {time.time() - t:.1f} s")
-print(json.dumps({k: v for k, v in r.items() if not isinstance(v, np.ndarray)}, indent=1))
-np.savez(os.environ.get("OUT", "/tmp/out") + "/conditioning.npz",
-         **{k: v for k, v in r.items() if isinstance(v, np.ndarray)})
-PY
-fi
-if [ "$STAGE" = plain ]; then
-  [ -f "$RUN/plain/checkpoint.pt" ] || python3 -m galsim_vqvae.cli train-vqvae \
-      --data "$RUN/synthetic.h5" --out "$RUN/plain" --no-psf-layers --steps "${PLAIN_STEPS:-2000}" \
-      --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 --warmup 200 \
-      --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --device cuda \
-      2>&1 | tee "$OUT/train_plain.txt"
-  cp "$RUN/plain/log.jsonl" "$OUT/plain_log.jsonl" 2>/dev/null || true
-fi
-if [ "$STAGE" = config ]; then
-  python3 benchmarks/gpu_config_path.py --model "$RUN/prior/model.safetensors" --device cuda \
-      --nobjects 512 --batch-size 128 --nprocs 1 4 2>&1 | tee "$OUT/config_path_gpu.txt"
-fi
-ls -la "$OUT"
+step() {  # step NAME COMMAND...: run, time and log one step
+  local name=$1; shift
+  local t=$(date +%s)
+  echo "[$(date +%T)] $name: start" >> "$LOG"
+  "$@" > "$RUN/$name.log" 2>&1
+  local rc=$?
+  echo "[$(date +%T)] $name: rc $rc, $(( $(date +%s) - t )) s" >> "$LOG"
+  return $rc
+}
+
+chain() {
+  if [ ! -d /tmp/site/galsim ]; then
+    mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
+  fi
+  python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
+  (TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 step build python3 setup.py build_ext --inplace) &
+  local build=$!
+  step dataset bash examples/train_default_model.sh dataset || return 1
+  wait $build
+  python3 -c "import galsim_vqvae.ops as o; print('ops backend', o.backend())" >> "$LOG" 2>&1
+  step vqvae bash examples/train_default_model.sh vqvae || return 1
+  step prior bash examples/train_default_model.sh prior || return 1
+  local model=$RUN/prior/model.safetensors
+  step diagnose python3 examples/diagnose_model.py --model "$model" --data "$RUN/val.h5" \
+      --n 1000 --out "$RUN/diagnosis"
+  local real=()
+  [ -f .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits ] && \
+      real=(--real .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits)
+  step evaluate python3 -m galsim_vqvae.cli evaluate --model "$model" --n "$EVAL_N" \
+      --data "$RUN/val.h5" --split all --seed 7 --device cuda --workers "$WORKERS" --quiet \
+      --out "$RUN/evaluate" "${real[@]}"
+  step gallery python3 -m galsim_vqvae.cli gallery --model "$model" --data "$RUN/val.h5" \
+      --n 64 --seed 1 --out "$RUN/gallery.png" --device cuda
+  echo "[$(date +%T)] chain done" >> "$LOG"
+}
+
+case "$ACTION" in
+  start)
+    setsid nohup bash "$0" chain > "$RUN/chain.out" 2>&1 < /dev/null &
+    sleep 5; cat "$LOG" ;;
+  chain) chain ;;
+  wait)
+    end=$(( $(date +%s) + ${2:-560} ))
+    while [ "$(date +%s)" -lt "$end" ] && ! grep -q "chain done\|: rc [1-9]" "$LOG" 2>/dev/null; do
+      sleep 10
+    done
+    cat "$LOG"; tail -n 3 "$RUN"/*.log 2>/dev/null | tail -n 40 ;;
+  collect)
+    OUT=${OUT:-/tmp/out}
+    mkdir -p "$OUT"
+    split -b 15M -d "$RUN/prior/model.safetensors" "$OUT/model.safetensors.part" 2>/dev/null
+    tar czf "$OUT/results.tgz" -C "$RUN" chain.log diagnosis evaluate gallery.png \
+        vqvae/log.jsonl prior/log.jsonl vqvae.log prior.log dataset.log 2>/dev/null
+    ls -la "$OUT" ;;
+esac

@@ -26,5 +26,6 @@ inline std::tuple<at::Tensor, at::Tensor> prepare_nearest_code_inputs(const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook);
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook);
 
 }  // namespace galsim_vqvae

@@ -1,5 +1,5 @@
 // Registration of the galsim_vqvae ops: the schemas (once) and the CPU kernels. The CUDA kernels
-// register themselves from cuda/*.cu, built as the separate module galsim_vqvae._C_cuda.
+// are registered in cuda/register.cpp (the separate module galsim_vqvae._C_cuda).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,10 +15,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(galsim_vqvae, m) {
   m.def("nearest_code(Tensor z, Tensor codebook) -> (Tensor, Tensor)");
   m.def(
-      "pixelcnn_sample(Tensor embedding, Tensor v_w, Tensor v_b, Tensor h_w, Tensor h_b, "
-      "Tensor vh_w, Tensor vh_b, Tensor out_w, Tensor out_b, Tensor head1_w, Tensor head1_b, "
-      "Tensor head2_w, Tensor head2_b, Tensor? bias, Tensor noise, float temperature, "
-      "int kernel_size) -> (Tensor, Tensor)");
+      "pixelcnn_sample(Tensor[] weights, Tensor? bias, Tensor seeds, int height, int width, "
+      "float temperature, int kernel_size) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(galsim_vqvae, CPU, m) {

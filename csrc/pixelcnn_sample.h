@@ -1,17 +1,18 @@
 // Shared declarations and input checks of the galsim_vqvae::pixelcnn_sample op (CPU and CUDA):
 // the cached (incremental) sampler of a Gated PixelCNN, in float64.
 //
-// Weights come in the layout of galsim_vqvae/nn/fast_sampling.py::flat_weights (p = k // 2, C
-// channels, K codes, L layers; every matrix [inputs, outputs] for x @ W):
+// Weights come as one Tensor[] in the order of SamplerWeight below, in the layout of
+// galsim_vqvae/nn/fast_sampling.py::flat_weights (p = k // 2, C channels, K codes, L layers; every
+// matrix [inputs, outputs] for x @ W):
 //   embedding [K, C]; v_w [L, (p+1)*k*C, 2C] (row (dr*k + dc)*C + c); v_b [L, 2C];
 //   h_w [L, (p+1)*C, 2C] (row t*C + c; layer 0 reads its first p*C rows only); h_b [L, 2C];
 //   vh_w [L, 2C, 2C]; vh_b [L, 2C]; out_w [L, C, C]; out_b [L, C];
 //   head1_w [C, C]; head1_b [C]; head2_w [C, K]; head2_b [K].
-// bias: [B, L, 2C] conditioning bias of every gate, or undefined. noise: [B, H, W, K] float32
-// Gumbel noise. The draw at (i, j) is the first index of the maximum of
-// logits / temperature + (double)noise[b, i, j] (NaN counting as the maximum, as torch.argmax).
-// Returns codes [B, H, W] int64 and, per map, the smallest gap between the two best scores of its
-// draws [B] float64.
+// bias: [B, L, 2C] conditioning bias of every gate, or undefined. seeds: [B] int64, each map's
+// 64-bit seed (two's complement). The draw at (i, j) is the first index of the maximum of
+// logits / temperature + g(seed, i, j, k) (the Gumbel noise of philox.h, computed in the kernel;
+// NaN counting as the maximum, as torch.argmax). Returns codes [B, H, W] int64 and, per map, the
+// smallest gap between the two best scores of its draws [B] float64.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,11 +20,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <cstdio>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "philox.h"
 
 namespace galsim_vqvae {
 
@@ -88,7 +90,7 @@ inline std::string shape_string(const at::Tensor& t) {
 // The expected shape is copied into a local array and both shapes are formatted here, so that no
 // ArrayRef into a temporary is compared or printed.
 inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                                 std::initializer_list<int64_t> expected,
+                                 const std::vector<int64_t>& expected,
                                  const at::Device& device) {
   TORCH_CHECK_VALUE(t.defined(), msg("pixelcnn_sample: ", name, " is missing"));
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, msg("pixelcnn_sample: ", name, " must be ",
@@ -104,22 +106,34 @@ inline void check_sampler_tensor(const at::Tensor& t, const char* name, at::Scal
     TORCH_CHECK_VALUE(false, text);
   }
   TORCH_CHECK_VALUE(t.device() == device, msg("pixelcnn_sample: ", name, " is on ",
-                    t.device().str(), " but noise is on ", device.str()));
+                    t.device().str(), " but seeds is on ", device.str()));
 }
 
+// The layer weights, passed to the op as one Tensor[] in this order (ops.py::SAMPLER_WEIGHTS
+// names them in the same order; the layout of each is described at the top of this file).
+enum SamplerWeight {
+  kEmbedding, kVW, kVB, kHW, kHB, kVhW, kVhB, kOutW, kOutB, kHead1W, kHead1B, kHead2W, kHead2B,
+  kNumSamplerWeights
+};
+constexpr const char* kSamplerWeightNames[kNumSamplerWeights] = {
+    "embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
+    "head1_w", "head1_b", "head2_w", "head2_b"};
+
 // Checks every argument (names the one at fault) and returns the problem's dimensions.
-inline SamplerDims check_sampler_inputs(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
-  TORCH_CHECK_VALUE(noise.defined() && noise.dim() == 4,
-                    msg("pixelcnn_sample: noise must be [B, H, W, K], got shape ",
-                    shape_string(noise)));
-  TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat,
-                    msg("pixelcnn_sample: noise must be float32, got ", noise.scalar_type()));
+inline SamplerDims check_sampler_inputs(at::TensorList weights, const c10::optional<at::Tensor>& bias,
+                                        const at::Tensor& seeds, int64_t height, int64_t width,
+                                        double temperature, int64_t kernel_size) {
+  TORCH_CHECK_VALUE(weights.size() == kNumSamplerWeights,
+                    msg("pixelcnn_sample: weights must be ", (int64_t)kNumSamplerWeights,
+                        " tensors (embedding, v_w, ..., head2_b), got ", (int64_t)weights.size()));
+  const at::Tensor& embedding = weights[kEmbedding];
+  const at::Tensor& v_w = weights[kVW];
+  TORCH_CHECK_VALUE(seeds.defined() && seeds.dim() == 1,
+                    msg("pixelcnn_sample: seeds must be [B], got shape ", shape_string(seeds)));
+  TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong,
+                    msg("pixelcnn_sample: seeds must be int64, got ", seeds.scalar_type()));
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1,
+                    msg("pixelcnn_sample: the map must be at least 1x1, got ", height, "x", width));
   TORCH_CHECK_VALUE(kernel_size >= 3 && kernel_size % 2 == 1,
                     msg("pixelcnn_sample: kernel_size must be odd and >= 3, got ", kernel_size));
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
@@ -131,9 +145,9 @@ inline SamplerDims check_sampler_inputs(
                     msg("pixelcnn_sample: v_w must be [L, (p+1)*k*C, 2C], got shape ",
                     shape_string(v_w)));
   SamplerDims d;
-  d.batch = noise.size(0);
-  d.height = noise.size(1);
-  d.width = noise.size(2);
+  d.batch = seeds.size(0);
+  d.height = height;
+  d.width = width;
   d.codes = embedding.size(0);
   d.channels = embedding.size(1);
   d.layers = v_w.size(0);
@@ -144,38 +158,29 @@ inline SamplerDims check_sampler_inputs(
   TORCH_CHECK_VALUE(d.codes >= 1 && d.channels >= 1 && d.layers >= 1,
                     msg("pixelcnn_sample: empty embedding [K=", d.codes, ", C=", d.channels,
                     "] or no layers (L=", d.layers, ")"));
-  TORCH_CHECK_VALUE(noise.size(3) == d.codes,
-                    msg("pixelcnn_sample: noise has K=", noise.size(3),
-                        " codes but the embedding has K=", d.codes));
-  TORCH_CHECK_VALUE(d.height >= 1 && d.width >= 1,
-                    msg("pixelcnn_sample: the map must be at least 1x1, got noise of shape ",
-                    shape_string(noise)));
   const int64_t b = d.batch, l = d.layers, c = d.channels, k = d.codes, p = d.pad;
-  const auto f64 = at::kDouble;
-  const at::Device dev = noise.device();
-  check_sampler_tensor(embedding, "embedding", f64, {k, c}, dev);
-  check_sampler_tensor(v_w, "v_w", f64, {l, (p + 1) * kernel_size * c, 2 * c}, dev);
-  check_sampler_tensor(v_b, "v_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(h_w, "h_w", f64, {l, (p + 1) * c, 2 * c}, dev);
-  check_sampler_tensor(h_b, "h_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(vh_w, "vh_w", f64, {l, 2 * c, 2 * c}, dev);
-  check_sampler_tensor(vh_b, "vh_b", f64, {l, 2 * c}, dev);
-  check_sampler_tensor(out_w, "out_w", f64, {l, c, c}, dev);
-  check_sampler_tensor(out_b, "out_b", f64, {l, c}, dev);
-  check_sampler_tensor(head1_w, "head1_w", f64, {c, c}, dev);
-  check_sampler_tensor(head1_b, "head1_b", f64, {c}, dev);
-  check_sampler_tensor(head2_w, "head2_w", f64, {c, k}, dev);
-  check_sampler_tensor(head2_b, "head2_b", f64, {k}, dev);
-  if (d.has_bias) check_sampler_tensor(*bias, "bias", f64, {b, l, 2 * c}, dev);
+  const at::Device dev = seeds.device();
+  const std::vector<int64_t> shapes[kNumSamplerWeights] = {
+      {k, c}, {l, (p + 1) * kernel_size * c, 2 * c}, {l, 2 * c}, {l, (p + 1) * c, 2 * c},
+      {l, 2 * c}, {l, 2 * c, 2 * c}, {l, 2 * c}, {l, c, c}, {l, c}, {c, c}, {c}, {c, k}, {k}};
+  for (int q = 0; q < kNumSamplerWeights; ++q)
+    check_sampler_tensor(weights[q], kSamplerWeightNames[q], at::kDouble, shapes[q], dev);
+  if (d.has_bias) check_sampler_tensor(*bias, "bias", at::kDouble, {b, l, 2 * c}, dev);
   return d;
 }
 
+// The weights as contiguous tensors (kept alive by the caller for the whole call).
+inline std::vector<at::Tensor> contiguous_weights(at::TensorList weights) {
+  std::vector<at::Tensor> out;
+  for (const auto& w : weights) out.push_back(w.contiguous());
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size);
+    at::TensorList weights, const c10::optional<at::Tensor>& bias, const at::Tensor& seeds,
+    int64_t height, int64_t width, double temperature, int64_t kernel_size);
+std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
+    at::TensorList weights, const c10::optional<at::Tensor>& bias, const at::Tensor& seeds,
+    int64_t height, int64_t width, double temperature, int64_t kernel_size);
 
 }  // namespace galsim_vqvae

@@ -1,33 +1,47 @@
 #!/usr/bin/env bash
-# Reproduce the shipped default model, galsim_vqvae/models/default/model.safetensors.
+# Rebuild the shipped default model, galsim_vqvae/models/default/model.safetensors, from scratch.
 # Run from the repository root on a machine with one CUDA GPU:
-#   bash examples/train_default_model.sh [all | vqvae | prior]
-# ('vqvae' makes the dataset and trains the VQ-VAE; 'prior' trains the prior and writes the
-# bundle; each step skips what already exists under $RUN.)
+#   bash examples/train_default_model.sh [all | dataset | vqvae | prior]
+# 'dataset' renders the training set and the held-out set (a population no model sees, for
+# evaluate); 'vqvae' trains the VQ-VAE; 'prior' trains the prior and writes the bundle. Each step
+# skips what already exists under $RUN, and training resumes from its last checkpoint, so the
+# script can be run again after an interruption (or split over several sessions).
 # PY names the Python that has galsim_vqvae's dependencies; RUN the run directory.
 set -euo pipefail
 STAGE=${1:-all}
 PY=${PY:-python3}
 RUN=${RUN:-runs/default}
-N=${N:-40000}
+N=${N:-50000}
+N_HELDOUT=${N_HELDOUT:-10000}
 WORKERS=${WORKERS:-$(nproc)}
-VQ_STEPS=${VQ_STEPS:-4000}
-PRIOR_STEPS=${PRIOR_STEPS:-5000}
+VQ_STEPS=${VQ_STEPS:-10000}
+PRIOR_STEPS=${PRIOR_STEPS:-6000}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
+resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }  # continue an interrupted run
 
-if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = dataset ] || [ "$STAGE" = vqvae ]; then
   [ -f "$RUN/synthetic.h5" ] || cli make-dataset --source synthetic --n "$N" --seed 2026 \
       --workers "$WORKERS" --out "$RUN/synthetic.h5"
-  [ -f "$RUN/vqvae/checkpoint.pt" ] || cli train-vqvae --data "$RUN/synthetic.h5" \
-      --out "$RUN/vqvae" --steps "$VQ_STEPS" --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 \
-      --warmup 200 --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --noise independent \
-      --device cuda
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = dataset ]; then
+  [ -f "$RUN/val.h5" ] || cli make-dataset --source synthetic --n "$N_HELDOUT" --seed 99 \
+      --workers "$WORKERS" --out "$RUN/val.h5"
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
+  # Noise2Noise targets, the truth term (the synthetic set's pre-PSF truth constrains what the
+  # PSF hides: frames at the stamp edges, rings, faint junk), the 8 rotations/flips.
+  cli train-vqvae --data "$RUN/synthetic.h5" --out "$RUN/vqvae" --steps "$VQ_STEPS" \
+      --batch-size 512 --lr 3e-4 --lr-schedule cosine --ae-warmup 500 --warmup 200 \
+      --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --noise independent \
+      --truth-weight 1 --augment --device "$DEVICE" $(resume "$RUN/vqvae")
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \
-      --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device cuda \
-      --conditions mag,hlr --channels 64 --layers 10 --kernel-size 5 --resume
+      --steps "$PRIOR_STEPS" --batch-size 256 --lr 1e-3 --seed 2 --device "$DEVICE" \
+      --conditions mag,hlr --class-label morph_class --channels 96 --layers 10 --kernel-size 5 \
+      --dropout 0.1 --ema 0.999 $(resume "$RUN/prior")
   "$PY" -c "import sys; from galsim_vqvae.plots import save_training_curves as s; s(*sys.argv[1:])" \
       "$RUN/training_curves.png" "$RUN/vqvae/log.jsonl" "$RUN/prior/log.jsonl"
   echo "bundle: $RUN/prior/model.safetensors (copy it to galsim_vqvae/models/default/);" \

@@ -24,31 +24,32 @@ needed, the requests (seed and conditions) of the whole block are found by runni
 stamp setup for each of its objects up to the galaxy (a dry run on a copy of the config) and
 the block is generated in one network call. A block's composition depends on the object numbers
 only, so even the floating-point results do not depend on how the work is split between
-processes. With ``image.nproc`` > 1 the worker processes share the blocks (`_BlockStore`):
-each block is generated once, by the first worker that needs it, while the others generate later
-blocks. Galaxies that are not found in their block (e.g. one rebuilt after ``stamp.reject``) are
-generated alone.
+processes. With ``image.nproc`` > 1 the worker processes share the blocks through one `_Board`
+served by a manager process: each block is generated once, by the first worker that needs it,
+while the others generate later blocks. Galaxies that are not found in their block (e.g. one
+rebuilt after ``stamp.reject``) are generated alone. In the dry run the builder records its
+request and raises GalSim's own `SkipThisObject`, so the rest of the stamp is skipped.
 
 The torch model is loaded lazily, once per process, on first use: after GalSim has forked its
 worker processes, so CUDA is initialised in the workers that use it.
 """
 
-import atexit
 import difflib
 import multiprocessing
 import os
 import re
-import shutil
-import tempfile
-import time
+import threading
+from multiprocessing.managers import BaseManager
 
 import galsim
 import numpy as np
-from galsim.config import (GetAllParams, GetInputObj, GetRNG, InputLoader, ParseValue,
-                           RegisterInputType, RegisterObjectType)
+from galsim.config import (ExtraOutputBuilder, GetAllParams, GetInputObj, GetRNG, InputLoader,
+                           ParseValue, RegisterExtraOutput, RegisterInputType, RegisterObjectType,
+                           SkipThisObject)
 from galsim.config.value import standard_ignore
 from galsim.errors import GalSimConfigError, GalSimConfigValueError, GalSimValueError
 
+from .provenance import provenance_cards
 from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, _target_fwhm, check_psf,
                       draw_labels, generate, get_emulator, index_seed, rng_seed)
 
@@ -121,16 +122,16 @@ class VQVAEModel:
         self._reset()
 
     def _reset(self):
-        self._images = {}        # request key -> generated image, for the current image
-        self._blocks = set()     # blocks of the current image this process holds
-        self._store = None       # blocks shared with the other processes of this image
+        self._image = None       # (first object number, number of objects) of the image
+        self._board = None       # the image's blocks (a `_Board`, or a proxy of one if shared)
+        self._manager = None     # the process serving the shared boards, started when needed
         self._last_psf = {}      # the last PSF checked and its pixel scale
         self._warned = set()     # target FWHMs warned about
         self.calls = 0           # network calls made in this process (for tests and logs)
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        d.update(_images={}, _blocks=set(), _store=None, _last_psf={}, _warned=set())
+        d.update(_image=None, _board=None, _manager=None, _last_psf={}, _warned=set())
         return d
 
     @property
@@ -162,93 +163,65 @@ class VQVAEModel:
     def info(self):
         return _model_info(self.emulator)
 
+    @property
+    def path(self):
+        """The path of the model bundle."""
+        from .emulator import _DEFAULT_PATH
+
+        return _DEFAULT_PATH if self.file_name == "default" else os.fspath(self.file_name)
+
     # --------------------------------------------------------------------------------------------
     def newImage(self, first_obj_num, nobjects, shared=False):
         """Start an image of ``nobjects`` objects numbered from ``first_obj_num``; ``shared``:
         its stamps will be built by several processes, which then share the generated blocks."""
-        self._images.clear()
-        self._blocks.clear()
-        if self._store is not None:
-            self._store.close()
-        self._store = _BlockStore() if shared else None
-        self._image = (int(first_obj_num), int(nobjects))
+        first, nobj, size = int(first_obj_num), int(nobjects), self.batch_size
+        blocks = [(s, min(s + size, first + nobj)) for s in range(first, first + nobj, size)]
+        if shared:
+            if self._manager is None:
+                self._manager = _BoardManager()
+                self._manager.start()
+            self._board = self._manager.Board(blocks)
+        else:
+            self._board = _Board(blocks)
+        self._image = (first, nobj)
 
     def image_for(self, request, base, logger):
-        """The generated image for ``request`` (a `_Request`) of object ``base['obj_num']``."""
-        key = request.key
-        if key not in self._images:
-            obj_num = base.get("obj_num", 0)
-            block = self._block_of(obj_num)
-            if block is not None and block not in self._blocks:
-                self._get_block(block, base, obj_num, request, logger)
-            if key not in self._images:
-                logger.debug("obj %d: VQVAEGalaxy generated alone (not found in its block)",
-                             obj_num)
-                self._generate([request], logger, "object %d" % obj_num)
-        return self._images.pop(key)
+        """The generated image for ``request`` (a `_Request`) of object ``base['obj_num']``: taken
+        from its block, which this process generates if no other process has (or is doing so);
+        while another process generates it, this one generates a later block."""
+        obj_num = base.get("obj_num", 0)
+        block = self._block_of(obj_num)
+        while block is not None:
+            action, arg = self._board.next(block, request.key)
+            if action == "take":
+                if arg is not None:
+                    return arg
+                break  # not in its block (e.g. rebuilt after stamp.reject)
+            own = arg == block
+            self._make_block(arg, base, obj_num if own else None, request if own else None,
+                             logger)
+        logger.debug("obj %d: VQVAEGalaxy generated alone (not found in its block)", obj_num)
+        return self._generate([request], logger, "object %d" % obj_num)[0][1]
 
     def _block_of(self, obj_num):
-        image = getattr(self, "_image", None)
-        if image is None:
+        if self._image is None:
             return None
-        first, nobj = image
+        first, nobj = self._image
         if not first <= obj_num < first + nobj:
             return None
         start = first + (obj_num - first) // self.batch_size * self.batch_size
         return (start, min(start + self.batch_size, first + nobj))
 
-    def _get_block(self, block, base, obj_num, request, logger):
-        """Make ``block`` available in this process: generate it, or, when the image's stamps
-        are built by several processes, take it from the one that generated it (making other
-        blocks meanwhile)."""
-        store = self._store
-        if store is None:
-            self._make_block(block, base, obj_num, request, logger)
-            return
-        while block not in self._blocks:
-            if self._load(block):
-                break
-            if store.claim(block):
-                self._make_block(block, base, obj_num, request, logger)
-            elif store.abandoned(block):
-                self._make_block(block, base, obj_num, request, logger, publish=False)
-            else:  # another process is generating it: generate a later block meanwhile
-                other = self._claim_next(block)
-                if other is not None:
-                    self._make_block(other, base, None, None, logger)
-                else:
-                    time.sleep(0.002)
-
-    def _claim_next(self, block):
-        first, nobj = self._image
-        for start in range(block[1], first + nobj, self.batch_size):
-            other = self._block_of(start)
-            if other not in self._blocks and not self._store.done(other) and \
-                    self._store.claim(other):
-                return other
-        return None
-
-    def _make_block(self, block, base, obj_num, request, logger, publish=True):
-        requests = _collect_block(base, range(*block), obj_num, request, logger)
+    def _make_block(self, block, base, obj_num, request, logger):
+        """Generate ``block`` (claimed on the board) and publish it there."""
         try:
-            done = self._generate(requests, logger, "objects %d..%d" % (block[0], block[1] - 1))
+            requests = _collect_block(base, range(*block), obj_num, request, logger)
+            done = self._generate(requests, logger,
+                                  "objects %d..%d" % (block[0], block[1] - 1))
         except BaseException:
-            if self._store is not None and publish:
-                self._store.fail(block)
+            self._board.release(block)  # unclaimed again: the next process to need it makes it
             raise
-        self._blocks.add(block)
-        if self._store is not None and publish:
-            names = self.info.label_names
-            self._store.publish(block, done, names)
-
-    def _load(self, block):
-        found = self._store.load(block, self.info.label_names)
-        if found is None:
-            return False
-        for r, image in found:
-            self._images[r.key] = image
-        self._blocks.add(block)
-        return True
+        self._board.publish(block, {r.key: image for r, image in done})
 
     def _generate(self, requests, logger, what):
         unique = list({r.key: r for r in requests}.values())
@@ -257,8 +230,6 @@ class VQVAEModel:
                           [r.conditions for r in unique] if conditional else None)
         self.calls += 1
         logger.info("VQVAEGalaxy: generated %d galaxies in one batch (%s)", len(unique), what)
-        for r, im in zip(unique, images):
-            self._images[r.key] = im
         return list(zip(unique, images))
 
     def check_psf(self, psf, pixel_scale, logger):
@@ -312,90 +283,61 @@ class VQVAEModelLoader(InputLoader):
         input_obj.newImage(base.get("obj_num", 0), nobj, shared=nproc != 1 and nobj > 1)
 
 
-class _BlockStore:
-    """Generated blocks shared by the processes that build one image's stamps.
+class _Board:
+    """The generated blocks of one image, and which are being generated.
 
-    GalSim forks its ``image.nproc`` workers from the process that set the image up, and hands
-    them stamps one at a time, so every worker meets every block. The first worker to need a
-    block claims it (an exclusive file), generates it and publishes it (an ``.npz`` written
-    atomically); the others take it from there, and while they wait they generate the next
-    unclaimed block. Each block is generated once, by one process, with its fixed composition.
+    With ``image.nproc`` > 1 one board serves all the worker processes (through `_BoardManager`:
+    its methods run in one server process, a thread per worker, so a worker waiting for a block
+    waits on a condition, not by polling). GalSim hands the workers stamps one at a time, so
+    every worker meets every block: the first to need a block claims and generates it, and a
+    worker that needs a block being generated by another generates the next unclaimed block
+    meanwhile. Each block is generated once, by one process, with its fixed composition; each
+    galaxy's image is handed out once and then dropped.
     """
 
-    _open = []
+    def __init__(self, blocks):
+        self._blocks = blocks            # the image's blocks, in order
+        self._claimed = set()            # blocks claimed for generation
+        self._images = {}                # block -> {request key: image} not yet handed out
+        self._cond = threading.Condition()
+
+    def next(self, block, key):
+        """What to do for the galaxy ``key`` of ``block``: ``("take", image)`` (``image`` None
+        if the block does not hold that galaxy) or ``("make", b)``: generate block ``b`` (now
+        claimed), then ask again."""
+        with self._cond:
+            while True:
+                if block in self._images:
+                    return "take", self._images[block].pop(key, None)
+                if block not in self._claimed:
+                    self._claimed.add(block)
+                    return "make", block
+                for other in self._blocks[self._blocks.index(block) + 1:]:
+                    if other not in self._claimed:
+                        self._claimed.add(other)
+                        return "make", other
+                self._cond.wait()
+
+    def publish(self, block, images):
+        with self._cond:
+            self._images[block] = images
+            self._cond.notify_all()
+
+    def release(self, block):
+        """Unclaim ``block`` after its generation failed."""
+        with self._cond:
+            self._claimed.discard(block)
+            self._cond.notify_all()
+
+
+class _BoardManager(BaseManager):
+    """The server process of the shared `_Board` s (forked, as GalSim's own managers are)."""
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="galsim_vqvae_blocks_")
-        self.owner = os.getpid()
-        _BlockStore._open.append(self)
-
-    def _path(self, block, ext):
-        return os.path.join(self.dir, "%d_%d.%s" % (block[0], block[1], ext))
-
-    def claim(self, block):
-        try:
-            fd = os.open(self._path(block, "claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-
-    def done(self, block):
-        return os.path.exists(self._path(block, "npz"))
-
-    def abandoned(self, block):
-        """Whether the block's claimer failed or is gone (then make it without publishing)."""
-        if os.path.exists(self._path(block, "failed")):
-            return True
-        try:
-            with open(self._path(block, "claim")) as f:
-                pid = int(f.read() or 0)
-        except (OSError, ValueError):
-            return False
-        if not pid:
-            return False  # being written
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return not self.done(block)
-        except PermissionError:
-            pass
-        return False
-
-    def fail(self, block):
-        open(self._path(block, "failed"), "w").close()
-
-    def publish(self, block, done, names):
-        seeds = np.array([r.seed for r, _ in done], dtype=np.uint64)
-        cond = np.array([[r.conditions[k] for k in names] if r.conditions else []
-                         for r, _ in done], dtype=np.float64)
-        images = np.stack([im for _, im in done])
-        tmp = self._path(block, "tmp.npz")
-        np.savez(tmp, seeds=seeds, cond=cond, images=images)
-        os.replace(tmp, self._path(block, "npz"))
-
-    def load(self, block, names):
-        path = self._path(block, "npz")
-        if not os.path.exists(path):
-            return None
-        with np.load(path) as f:
-            seeds, cond, images = f["seeds"], f["cond"], f["images"]
-        out = []
-        for i, seed in enumerate(seeds):
-            conditions = dict(zip(names, map(float, cond[i]))) if names else None
-            out.append((_Request(int(seed), conditions), images[i]))
-        return out
-
-    def close(self):
-        if os.getpid() == self.owner:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(ctx=multiprocessing.get_context("fork"))
 
 
-@atexit.register
-def _close_block_stores():
-    for store in _BlockStore._open:
-        store.close()
+_BoardManager.register("Board", _Board)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,11 +351,6 @@ class _Request:
         self.conditions = conditions
         cond = None if conditions is None else tuple(sorted(conditions.items()))
         self.key = (seed, cond)
-
-
-class _Collected(BaseException):
-    """Raised (as a BaseException, so that GalSim's retry and skip handlers let it through) by
-    the builder in a dry run, once it has recorded its request."""
 
 
 _IGNORE = ["conditions"]
@@ -505,10 +442,8 @@ def _collect_block(base, obj_nums, own_obj_num, own_request, logger):
         cfg = galsim.config.CopyConfig(base)
         cfg["extra_builder"] = {}
         found = cfg["_vqvae_collect"] = []
-        try:
+        try:  # the builder records the request and skips the rest of the stamp
             galsim.config.BuildStamp(cfg, obj_num=obj_num, do_noise=False, logger=None)
-        except _Collected:
-            pass
         except Exception as err:  # the real run will report it, with GalSim's context
             logger.debug("obj %d: dry run for batching failed: %s", obj_num, err)
         if found:
@@ -523,7 +458,7 @@ def BuildVQVAEGalaxy(config, base, ignore, gsparams, logger):
     collect = base.get("_vqvae_collect")
     if collect is not None:
         collect.append(request)
-        raise _Collected()
+        raise SkipThisObject("VQVAEGalaxy: dry run for batching")
     image = model.image_for(request, base, logger)
     if gsparams:
         kwargs["gsparams"] = galsim.GSParams(**gsparams)
@@ -542,5 +477,24 @@ def _current_psf(base):
     return None
 
 
+class ProvenanceBuilder(ExtraOutputBuilder):
+    """The extra output ``output.vqvae_provenance: {}``: it writes no file of its own but records
+    in each image's FITS header the model (MODEL: its name, MODELSHA: the sha256 of the bundle),
+    the package version (VQVAEVER) and the seed of the image's random numbers (SEED, GalSim's
+    per-image seed from ``image.random_seed``)."""
+
+    def processImage(self, index, obj_nums, config, base, logger):
+        image = base.get("current_image")
+        if image is None:
+            return
+        model = GetInputObj("vqvae_model", config, base, "vqvae_provenance")
+        header = getattr(image, "header", None) or galsim.FitsHeader()
+        for key, card in provenance_cards(model.path).items():
+            header[key] = card
+        header["SEED"] = (int(base.get("image_num_seed", 0)), "GalSim seed of this image")
+        image.header = header
+
+
 RegisterInputType("vqvae_model", VQVAEModelLoader())
+RegisterExtraOutput("vqvae_provenance", ProvenanceBuilder())
 RegisterObjectType("VQVAEGalaxy", BuildVQVAEGalaxy, input_type="vqvae_model")

@@ -179,7 +179,7 @@ class Emulator:
                                 [default: None]
         """
         from .train.checkpoint import load_checkpoint
-        from .train.prior import class_names, label_table
+        from .train.prior import label_table, read_classes
 
         vq_state = load_checkpoint(vqvae_checkpoint)
         prior_state = load_checkpoint(prior_checkpoint)
@@ -196,16 +196,18 @@ class Emulator:
         conditions = {k: list(v) if isinstance(v, (list, tuple)) else v
                       for k, v in prior_state.get("conditions", {"names": []}).items()}
         prior_data = (prior_state.get("data") or {}).get("path") or data["path"]
+        classes = prior_state.get("classes") or {}
         if class_label is None:
-            class_label = prior_state.get("class_label")
-            class_label = class_label.get("name") if isinstance(class_label, dict) else class_label
+            class_label = classes.get("label")
         if prior.config.get("num_classes", 0) and not class_label:
             raise VQVAEInputError(f"{prior_checkpoint}: the prior is class-conditional "
                                   f"(num_classes={prior.config['num_classes']}) but its checkpoint "
                                   "names no class label; pass class_label=")
         if prior.config.get("num_classes", 0):
+            names_of_classes = (list(classes["names"]) if classes.get("label") == class_label
+                                else read_classes(prior_data, class_label)[1])
             conditions["class_label"] = {"name": str(class_label),
-                                         "class_names": class_names(prior_data, class_label)}
+                                         "class_names": names_of_classes}
         names = list(conditions.get("names", [])) + ([str(class_label)] if class_label else [])
         table = label_table(prior_data, names, MAX_LABEL_ROWS) if names else None
         metadata = {
@@ -712,6 +714,18 @@ class Emulator:
 
 # --------------------------------------------------------------------------------------------
 # Bundle reading and checking
+def _is_torch_checkpoint(path):
+    """Whether ``path`` is a file written by ``torch.save`` (a zip archive holding a pickle), as
+    the training checkpoints are; it is only inspected, never unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read_bundle(path):
     from safetensors.torch import load_file
     from safetensors import safe_open
@@ -721,6 +735,13 @@ def _read_bundle(path):
             header = f.metadata() or {}
         tensors = load_file(path)
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... all mean "unreadable"
+        if _is_torch_checkpoint(path):
+            bundle = os.path.join(os.path.dirname(path), "model.safetensors")
+            here = f" (here: {bundle})" if os.path.isfile(bundle) else ""
+            raise VQVAEFormatError(
+                f"model file {path} is a training checkpoint, not a model bundle: give the bundle "
+                "model.safetensors that `galsim-vqvae train-prior` writes in its --out folder"
+                + here) from None
         raise VQVAEFormatError(f"model file {path} is corrupt or truncated "
                                f"(not a readable safetensors file: {err})") from None
     if _HEADER_KEY not in header:

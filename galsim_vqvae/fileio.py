@@ -25,6 +25,7 @@ def check_output_path(path, what="output"):
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
+    The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the umask).
     On any exception the temporary file is removed and ``path`` (if it existed) is left untouched.
     The temporary name starts with ``.`` and ends with ``.tmp`` so that it is never mistaken for
     a finished output. An `OSError` (a full disk, an unwritable folder) is raised again as an
@@ -39,7 +40,10 @@ def atomic_path(path):
                                    dir=directory)
     except OSError as err:
         raise _naming(err, path) from err
-    os.close(fd)
+    try:  # mkstemp makes the file 0600: give it the mode a plain open() would (0666 - umask)
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -52,6 +56,13 @@ def atomic_path(path):
                 and err.filename in (None, tmp)):  # not an error reading some input file
             raise _naming(err, path) from err
         raise
+
+
+def _umask():
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class OutputWriteError(OSError):

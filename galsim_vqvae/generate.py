@@ -42,7 +42,8 @@ from .fileio import check_output_path
 
 __all__ = ["generate_stamps", "merge_shards", "generate_parallel", "shard_range"]
 
-_RUN_CARDS = ("NTOTAL", "SEED", "BLOCK", "TEMP", "NSHARDS", "MODEL", "PIXSCALE", "BAND")
+_RUN_CARDS = ("NTOTAL", "SEED", "BLOCK", "TEMP", "NSHARDS", "MODEL", "PIXSCALE", "BAND",
+              "NOISEVER")
 
 
 def _count(value, what, low=1):

@@ -20,11 +20,15 @@ and returns one value per image (NaN where it cannot be measured). Definitions a
 - ``m20``: log10 of the second moment of the brightest pixels holding 20% of the flux over the
   total second moment about the centre that minimises it (Lotz, Primack & Madau 2004), over the
   segmentation's pixels.
+- ``edge_flux``: the fraction of the stamp's flux in its outer ``EDGE_WIDTH`` = 6 pixels (a frame
+  along the stamp edges); isolated galaxies put almost none there.
 - ``hsm_shapes``: GalSim's adaptive moments (Bernstein & Jarvis 2002; Hirata & Seljak 2003):
   size sigma and distortion (e1, e2).
 """
 
 import numpy as np
+
+from .errors import VQVAEInputError
 
 
 def total_flux(images):
@@ -72,7 +76,7 @@ def light_radius(images, fraction, pixel_scale=1.0, iterations=40):
     bisection. NaN for an image without positive flux.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}")
+        raise VQVAEInputError(f"fraction must lie in (0, 1), got {fraction!r}")
     flat, total, dist = _centred(images)
     n = len(flat)
     lo, hi = np.zeros(n), np.full(n, float(dist.max(initial=0.0)) + 1.0)
@@ -271,13 +275,27 @@ def hsm_shapes(images, pixel_scale):
     return out
 
 
-MORPHOLOGY = ("flux", "size", "e", "concentration", "asymmetry", "gini", "m20")
+EDGE_WIDTH = 6
+
+
+def edge_flux(images, width=EDGE_WIDTH):
+    """Fraction of each image's flux in the frame of its outer ``width`` pixels [n]."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim == 2:
+        images = images[None]
+    total = images.sum(axis=(1, 2))
+    inner = images[:, width:-width, width:-width].sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total != 0, (total - inner) / total, np.nan)
+
+
+MORPHOLOGY = ("flux", "size", "e", "concentration", "asymmetry", "gini", "m20", "edge")
 
 
 def morphology(images, pixel_scale):
     """The realism statistics of each image: dict of arrays [n] named as `MORPHOLOGY`: total
     flux, HSM size (arcsec), HSM |e|, concentration, asymmetry, Gini and M20 (the last two over
-    the `segmentation`)."""
+    the `segmentation`) and the `edge_flux` fraction."""
     images = np.asarray(images, dtype=np.float64)
     if images.ndim == 2:
         images = images[None]
@@ -285,7 +303,8 @@ def morphology(images, pixel_scale):
     masks = segmentation(images)
     return {"flux": total_flux(images), "size": shapes["sigma"], "e": shapes["e"],
             "concentration": concentration(images), "asymmetry": asymmetry(images),
-            "gini": gini_coefficient(images, masks), "m20": m20(images, masks)}
+            "gini": gini_coefficient(images, masks), "m20": m20(images, masks),
+            "edge": edge_flux(images)}
 
 
 def draw_training_conditions(emulator, n, seed):

@@ -26,7 +26,7 @@ import torch
 from .errors import VQVAEInputError
 
 __all__ = ["nearest_code", "nearest_code_reference", "backend", "load_error", "pixelcnn_sample",
-           "sampler_backend", "sampler_load_error"]
+           "sampler_backend", "sampler_load_error", "seeds_tensor"]
 
 _BACKEND = None
 _CUDA_OK = False
@@ -245,17 +245,23 @@ def _register_fake():
 
     if _has_sampler_op():
         @torch.library.register_fake("galsim_vqvae::pixelcnn_sample")
-        def _(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w, head1_b,
-              head2_w, head2_b, bias, noise, temperature, kernel_size):
-            b, h, w = noise.shape[:3]
-            return (noise.new_empty((b, h, w), dtype=torch.int64),
-                    noise.new_empty((b,), dtype=torch.float64))
+        def _(weights, bias, seeds, height, width, temperature, kernel_size):
+            torch._check(len(weights) == len(SAMPLER_WEIGHTS),
+                         lambda: f"pixelcnn_sample: weights must be {len(SAMPLER_WEIGHTS)} "
+                                 f"tensors, got {len(weights)}")
+            torch._check(seeds.dim() == 1, lambda: "pixelcnn_sample: seeds must be [B]")
+            torch._check(height >= 1 and width >= 1,
+                         lambda: "pixelcnn_sample: the map must be at least 1x1")
+            b = seeds.shape[0]
+            return (seeds.new_empty((b, height, width), dtype=torch.int64),
+                    seeds.new_empty((b,), dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ cached PixelCNN sampler
 
-_SAMPLER_ARGS = ("embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
-                 "head1_w", "head1_b", "head2_w", "head2_b")
+# The op's weights (its Tensor[] argument), in order; csrc/pixelcnn_sample.h describes each.
+SAMPLER_WEIGHTS = ("embedding", "v_w", "v_b", "h_w", "h_b", "vh_w", "vh_b", "out_w", "out_b",
+                   "head1_w", "head1_b", "head2_w", "head2_b")
 _SAMPLER_ANNOUNCED = set()
 
 
@@ -310,16 +316,25 @@ def sampler_backend(device="cpu", announce=True):
     return "torch"
 
 
-def pixelcnn_sample(weights, bias, noise, temperature, kernel_size):
+def seeds_tensor(seeds, device="cpu"):
+    """Per-sample seeds (ints in [0, 2**64)) as the op's int64 tensor (two's complement)."""
+    return torch.tensor([s - (1 << 64) if s >= (1 << 63) else s for s in (int(s) for s in seeds)],
+                        dtype=torch.int64).to(device)
+
+
+def pixelcnn_sample(weights, bias, seeds, shape, temperature, kernel_size):
     """Run the compiled cached sampler ``galsim_vqvae::pixelcnn_sample`` on one batch.
+
+    The Gumbel noise of each draw is computed inside the op from the map's seed and the position
+    (Philox4x32-10, ``csrc/philox.h``; the same numbers as `galsim_vqvae.nn.sampling.gumbel_noise`).
 
     Parameters:
         weights:        Dict of float64 tensors in the layout of
                         `galsim_vqvae.nn.fast_sampling.flat_weights`, on one device.
         bias:           Conditioning bias [B, L, 2C] float64 added to every gate of layer l
                         (``GatedPixelCNN._layer_biases``), or None.
-        noise:          Gumbel noise [B, H, W, K] float32 (`sampling.gumbel_noise`), on the
-                        weights' device.
+        seeds:          Per-map seeds: an int64 tensor [B] on the weights' device (`seeds_tensor`).
+        shape:          (H, W) of the maps.
         temperature:    Softmax temperature, > 0.
         kernel_size:    The prior's odd kernel size.
 
@@ -327,17 +342,18 @@ def pixelcnn_sample(weights, bias, noise, temperature, kernel_size):
         (codes [B, H, W] int64, gap [B] float64): the drawn maps, and for each map the smallest
         margin between the two best scores of any of its draws.
     """
-    reason = sampler_load_error(noise.device if isinstance(noise, torch.Tensor) else "cpu")
+    reason = sampler_load_error(seeds.device if isinstance(seeds, torch.Tensor) else "cpu")
     if reason is not None:
         raise VQVAEInputError(f"pixelcnn_sample: the compiled sampler is not available: {reason}")
-    missing = [k for k in _SAMPLER_ARGS if k not in weights]
+    missing = [k for k in SAMPLER_WEIGHTS if k not in weights]
     if missing:
         raise VQVAEInputError(f"pixelcnn_sample: weights lack {missing}")
+    height, width = (int(s) for s in shape)
     try:
         with torch.no_grad():
             return torch.ops.galsim_vqvae.pixelcnn_sample(
-                *[weights[k] for k in _SAMPLER_ARGS], bias, noise, float(temperature),
-                int(kernel_size))
+                [weights[k] for k in SAMPLER_WEIGHTS], bias, seeds, height, width,
+                float(temperature), int(kernel_size))
     except ValueError as exc:  # the op's argument checks (c10::ValueError), one line each
         raise VQVAEInputError(str(exc).splitlines()[0]) from None
 

@@ -9,6 +9,8 @@ import numpy as np
 
 from .errors import VQVAEInputError
 from .fileio import atomic_path
+from .nn.sampling import SAMPLER_NOISE_VERSION
+from .provenance import provenance_cards
 
 
 def write_samples(path, images, codes, emulator, conditions, n, seed=None):
@@ -33,8 +35,10 @@ def sample_hdus(images, codes, emulator, conditions, n, seed=None):
     h["BAND"] = m["band"]
     h["ZEROPT"] = (m["zeropoint"], "AB mag of unit flux")
     h["NSAMPLE"] = n
-    h["SEED"] = (-1 if seed is None else int(seed), "-1: fresh entropy")
-    h["MODEL"] = os.path.basename(getattr(emulator, "path", "default"))[:68]
+    h["SEED"] = (-1 if seed is None else int(seed), "sampling seed (-1: fresh entropy)")
+    h["NOISEVER"] = (SAMPLER_NOISE_VERSION, "sampler noise version (docs/sampling.md)")
+    for key, card in provenance_cards(getattr(emulator, "path", None)).items():
+        h[key] = card
     h["COMMENT"] = "pre-PSF galaxy images; " + str(m["flux_convention"])
     hdus = [primary, fits.ImageHDU(np.asarray(codes, dtype=np.int32), name="CODES")]
     if conditions:

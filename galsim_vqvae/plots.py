@@ -1,23 +1,27 @@
 """Galleries of galaxy stamps as PNG files (matplotlib, no display needed)."""
 
+import math
+
 import numpy as np
 
 from .errors import VQVAEInputError
 from .fileio import atomic_path
 
 
-def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4):
-    """Save a grid of stamps: one column per named array, one row per stamp.
+def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4, per_row=None):
+    """Save a gallery of stamps: a grid of galaxies, each shown once per named array (e.g. held-out
+    truth beside a sample), the grid about as wide as it is tall.
 
-    Each row shares one colour scale (from its first column's robust range, widened to the
-    row's brightest pixel), so that the columns of a row compare directly.
+    The panels of one galaxy share one colour scale (from its first array's robust range, widened
+    to the brightest pixel of its panels), so that they compare directly.
 
     Parameters:
         path:       Output PNG path (written atomically).
-        columns:    dict column name -> array [n, S, S]; all n equal (S may differ).
+        columns:    dict name -> array [n, S, S]; all n equal (S may differ).
         title:      Figure title. [default: None]
         stretch:    ``"asinh"`` (shows faint outskirts) or ``"linear"``. [default: "asinh"]
-        panel_size: Inches per panel. [default: 1.4]
+        panel_size: Inches per panel (at 100 dpi). [default: 1.4]
+        per_row:    Galaxies per row of the grid. [default: about sqrt(n / len(columns))]
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
@@ -30,32 +34,35 @@ def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4):
                               f"{ {k: a.shape for k, a in arrays.items()} }")
     if stretch not in ("asinh", "linear"):
         raise VQVAEInputError(f"stretch must be 'asinh' or 'linear', got {stretch!r}")
-    rows, cols = next(iter(n.values())), len(arrays)
-    fig = Figure(figsize=(panel_size * cols, panel_size * rows + 0.4))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r in range(rows):
-        row = [a[r] for a in arrays.values()]
-        lo = float(np.percentile(row[0], 5))
-        hi = max(float(np.max(p)) for p in row)
-        soft = max(float(np.percentile(row[0], 99)) - lo, 1e-30) * 0.05
-        for c, (name, img) in enumerate(zip(arrays, row)):
+    count, group = next(iter(n.values())), len(arrays)
+    per_row = per_row or max(1, round(math.sqrt(count / group)))
+    per_row = min(per_row, count)
+    rows = -(-count // per_row)
+    fig = Figure(figsize=(panel_size * per_row * group, panel_size * rows + 0.4))
+    axes = fig.subplots(rows, per_row * group, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k in range(count):
+        panels = [a[k] for a in arrays.values()]
+        lo = float(np.percentile(panels[0], 5))
+        hi = max(float(np.max(p)) for p in panels)
+        soft = max(float(np.percentile(panels[0], 99)) - lo, 1e-30) * 0.05
+        for c, (name, img) in enumerate(zip(arrays, panels)):
             if stretch == "asinh":
                 shown = np.arcsinh((img - lo) / soft)
                 vmin, vmax = 0.0, np.arcsinh(max(hi - lo, soft) / soft)
             else:
                 shown, vmin, vmax = img, lo, hi
-            ax = axes[r, c]
+            ax = axes[k // per_row, (k % per_row) * group + c]
             ax.imshow(shown, origin="lower", cmap="magma", vmin=vmin, vmax=vmax,
                       interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
+            if k < per_row and group > 1:
                 ax.set_title(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 # ------------------------------------------------------------------------------------------------

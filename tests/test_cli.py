@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from galsim_vqvae.cli import EXIT_BAD_INPUT, main
+from galsim_vqvae.cli import EXIT_BAD_INPUT, build_parser, main
 
 
 def run(capsys, *argv):
@@ -29,6 +29,26 @@ def test_sample_writes_images_codes_and_conditions(tiny_emulator, tmp_path, caps
     np.testing.assert_array_equal(images, expected)
     np.testing.assert_array_equal(tiny_emulator.decode(codes), expected)
     np.testing.assert_array_equal(table["mag"], [22.5] * 3)
+
+
+def test_sample_records_its_provenance(tiny_emulator, tmp_path, capsys):
+    """The header names the model (file name and sha256 of the bundle), the package version and
+    the seed actually used: without --seed, a drawn one, which makes the same file again."""
+    import hashlib
+
+    import galsim_vqvae
+
+    first, again = tmp_path / "a.fits", tmp_path / "b.fits"
+    argv = ["sample", "--model", tiny_emulator.path, "--n", 2, "--conditions", "mag=22,hlr=0.4",
+            "--quiet"]
+    assert run(capsys, *argv, "--out", first)[0] == 0
+    header = fits.getheader(first)
+    assert header["MODEL"] == Path(tiny_emulator.path).name
+    assert header["MODELSHA"] == hashlib.sha256(Path(tiny_emulator.path).read_bytes()).hexdigest()
+    assert header["VQVAEVER"] == galsim_vqvae.__version__
+    assert header["SEED"] >= 0
+    assert run(capsys, *argv, "--seed", header["SEED"], "--out", again)[0] == 0
+    np.testing.assert_array_equal(fits.getdata(first), fits.getdata(again))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -62,6 +82,69 @@ def test_debug_shows_the_traceback(tmp_path):
               "--out", str(tmp_path / "x.fits")])
 
 
+def test_every_option_has_help():
+    """Every option of every subcommand says what it is in ``--help``."""
+    import argparse
+
+    missing, seen = [], 0
+
+    def walk(parser, where):
+        nonlocal seen
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{where} {name}")
+            elif action.option_strings and action.help is not argparse.SUPPRESS:
+                seen += 1
+                if not (action.help or "").strip():
+                    missing.append(f"{where} {action.option_strings[0]}")
+
+    walk(build_parser(), "galsim-vqvae")
+    assert seen > 60 and not missing, missing
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """A bare ValueError inside a command is a bug, not bad input: exit 1, 'internal error', and
+    the traceback with --debug (bad input raises the package's error classes: exit 2)."""
+    import galsim_vqvae.cli as cli
+    from galsim_vqvae.errors import VQVAEInputError
+
+    def broken(args):
+        raise ValueError("zero-size array to reduction operation")
+
+    monkeypatch.setattr(cli, "cmd_bench", broken)
+    code, _, err = run(capsys, "bench")
+    assert code == 1 and "internal error" in err and "ValueError" in err
+    with pytest.raises(ValueError, match="zero-size array"):
+        main(["--debug", "bench"])
+
+    def bad_input(args):
+        raise VQVAEInputError("--repeats: no")
+
+    monkeypatch.setattr(cli, "cmd_bench", bad_input)
+    code, _, err = run(capsys, "bench")
+    assert code == EXIT_BAD_INPUT and err.strip() == "galsim-vqvae bench: error: --repeats: no"
+
+
+def test_network_input_errors_are_the_packages():
+    """The networks' checks of their arguments raise VQVAEInputError (bad input), not a bare
+    ValueError (which the command treats as a bug)."""
+    import torch
+
+    from galsim_vqvae.errors import VQVAEInputError
+    from galsim_vqvae.nn.forward import convolve_psf
+    from galsim_vqvae.nn.quantizer import VectorQuantizer
+    from galsim_vqvae.nn.vqvae import VQVAE
+
+    image = torch.rand(2, 1, 16, 16)
+    for bad in (lambda: VQVAE(stamp_size=30), lambda: VQVAE(stamp_size=16, hidden=3),
+                lambda: VectorQuantizer(num_codes=1, embed_dim=4),
+                lambda: convolve_psf(image), lambda: convolve_psf(image, torch.rand(2, 1, 8, 8)),
+                lambda: VQVAE(stamp_size=16, hidden=8, num_codes=8).encode(torch.rand(1, 1, 12, 12))):
+        with pytest.raises(VQVAEInputError):
+            bad()
+
+
 def test_reconstruct_round_trip(tiny_emulator, tmp_path, capsys):
     s = tiny_emulator.stamp_size
     rng = np.random.default_rng(3)
@@ -87,11 +170,16 @@ def test_reconstruct_round_trip(tiny_emulator, tmp_path, capsys):
 
 
 def test_gallery_png(tiny_emulator, tmp_path, capsys):
+    """A grid about as wide as tall (16 galaxies: 4 x 4), each panel over 100 pixels wide."""
     out = tmp_path / "gallery.png"
-    code, stdout, err = run(capsys, "gallery", "--model", tiny_emulator.path, "--n", 4,
+    code, stdout, err = run(capsys, "gallery", "--model", tiny_emulator.path, "--n", 16,
                             "--out", out, "--quiet")
     assert code == 0, err
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert 0.7 < width / height < 1.4, (width, height)
+    assert width > 4 * 100, width
 
 
 def test_bench_prints_a_ratio(capsys):
@@ -118,3 +206,51 @@ def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
         assert header["band"] == "F606W" and header["zeropoint"] == zp
         outs[zp] = load_arrays(out, keys=["params"])["params/mag"]
     np.testing.assert_allclose(outs[26.5] - outs[25.0], 1.5, atol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_flags_reach_the_checkpoints(tmp_path, capsys):
+    """--truth-weight, --augment (train-vqvae) and --dropout, --ema, --class-label (train-prior)
+    are recorded in the checkpoints (their defaults: tests/test_train_vqvae.py and
+    tests/test_train_prior.py)."""
+    import json
+
+    import h5py
+
+    from galsim_vqvae.data.dataset import DatasetWriter
+    from galsim_vqvae.train.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(2)
+    n, s = 40, 16
+    y, x = np.mgrid[:s, :s] - s // 2
+    size = rng.uniform(1.0, 2.0, n)
+    truth = np.exp(-(x ** 2 + y ** 2) / (2 * size[:, None, None] ** 2)) * 50
+    psf = np.exp(-(x ** 2 + y ** 2) / 2.0)
+    data = tmp_path / "d.h5"
+    with DatasetWriter(data, stamp_size=s, pixel_scale=0.1, band="b", zeropoint=25.0,
+                       source="synthetic") as w:
+        w.add_psfs(psf / psf.sum())
+        w.append(observed=truth + rng.normal(0, 1, truth.shape), sigma=np.ones(n),
+                 psf_index=np.zeros(n, np.int32), truth=truth,
+                 params={"mag": rng.uniform(20, 24, n), "hlr": size / 10,
+                         "morph_class": np.arange(n) % 2})
+    with h5py.File(data, "a") as f:
+        f.attrs["class_names"] = json.dumps(["disk", "bulge"])
+    tiny = ["--hidden", "8", "--embed-dim", "4", "--num-codes", "8", "--steps", "2",
+            "--batch-size", "8", "--ae-warmup", "1", "--quiet"]
+    code, _, err = run(capsys, "train-vqvae", "--data", data, "--out", tmp_path / "vq", *tiny,
+                       "--truth-weight", "0.25", "--augment")
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / "vq" / "checkpoint.pt")
+    assert state["train"]["truth_weight"] == 0.25 and state["train"]["augment"] is True
+    assert len(state["history"]["truth_chi2"]) == 1
+    prior = ["train-prior", "--data", data, "--vqvae", tmp_path / "vq", "--steps", "2",
+             "--batch-size", "8", "--channels", "4", "--layers", "2", "--kernel-size", "3",
+             "--quiet"]
+    code, _, err = run(capsys, *prior, "--out", tmp_path / "p", "--dropout", "0.1",
+                       "--ema", "0.95", "--class-label", "morph_class")
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / "p" / "checkpoint.pt")
+    assert state["config"]["dropout"] == 0.1 and state["config"]["num_classes"] == 2
+    assert state["train"]["ema"] == 0.95 and state["train"]["class_label"] == "morph_class"
+    assert state["classes"] == {"label": "morph_class", "names": ["disk", "bulge"]}

@@ -110,8 +110,8 @@ def test_gap_is_the_smallest_top2_margin():
     network = float64_prior(prior)
     biases = network._layer_biases(n, cond.double(), None, torch.float64)
     bias = torch.stack([b[:, :, 0, 0] for b in biases], 1)
-    noise = gumbel_noise(seeds, shape, prior.num_codes)
-    codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, noise, temperature, 5)
+    codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, ops.seeds_tensor(seeds), shape,
+                                     temperature, 5)
     assert codes.shape == (n, *shape) and gap.shape == (n,) and gap.dtype == torch.float64
     expected = teacher_forced_gap(prior, codes, cond, None, seeds, temperature)
     torch.testing.assert_close(gap, expected, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
@@ -125,12 +125,12 @@ def test_opcheck():
     network = float64_prior(prior)
     w = flat_weights(network)
     for device in ["cpu"] + (["cuda"] if CUDA else []):
-        weights = [w[k].to(device) for k in ops._SAMPLER_ARGS]
-        noise = gumbel_noise([1, 2], (3, 2), 6).to(device)
+        weights = [w[k].to(device) for k in ops.SAMPLER_WEIGHTS]
+        seeds = ops.seeds_tensor([1, 2 ** 64 - 1], device)
         bias = torch.randn(2, 2, 8, dtype=torch.float64, device=device)
         for b in (bias, None):
             torch.library.opcheck(torch.ops.galsim_vqvae.pixelcnn_sample.default,
-                                  (*weights, b, noise, 0.8, 3))
+                                  (weights, b, seeds, 3, 2, 0.8, 3))
 
 
 @needs_op
@@ -138,27 +138,34 @@ def test_bad_arguments_are_named():
     rng = np.random.default_rng([FRESH, 300])
     prior = fresh_prior(rng, num_codes=6, channels=4, layers=2, kernel_size=3)
     w = dict(flat_weights(float64_prior(prior)))
-    noise = gumbel_noise([1], (2, 2), 6)
-    ops.pixelcnn_sample(w, None, noise, 1.0, 3)  # the good call runs
+    seeds = ops.seeds_tensor([1])
+    ops.pixelcnn_sample(w, None, seeds, (2, 2), 1.0, 3)  # the good call runs
     with pytest.raises(VQVAEInputError, match="h_w must be Double, got Float"):
-        ops.pixelcnn_sample({**w, "h_w": w["h_w"].float()}, None, noise, 1.0, 3)
+        ops.pixelcnn_sample({**w, "h_w": w["h_w"].float()}, None, seeds, (2, 2), 1.0, 3)
     with pytest.raises(VQVAEInputError, match=r"v_w must have shape \[2, 24, 8\], got \[2, 9, 8\]"):
-        ops.pixelcnn_sample({**w, "v_w": w["v_w"][:, :9]}, None, noise, 1.0, 3)
-    with pytest.raises(VQVAEInputError, match="noise has K=5 codes but the embedding has K=6"):
-        ops.pixelcnn_sample(w, None, noise[..., :5].contiguous(), 1.0, 3)
-    with pytest.raises(VQVAEInputError, match="noise must be float32"):
-        ops.pixelcnn_sample(w, None, noise.double(), 1.0, 3)
+        ops.pixelcnn_sample({**w, "v_w": w["v_w"][:, :9]}, None, seeds, (2, 2), 1.0, 3)
+    with pytest.raises(VQVAEInputError, match=r"seeds must be \[B\], got shape \[1, 1\]"):
+        ops.pixelcnn_sample(w, None, seeds[None], (2, 2), 1.0, 3)
+    with pytest.raises(VQVAEInputError, match="seeds must be int64"):
+        ops.pixelcnn_sample(w, None, seeds.int(), (2, 2), 1.0, 3)
+    with pytest.raises(VQVAEInputError, match="the map must be at least 1x1, got 0x2"):
+        ops.pixelcnn_sample(w, None, seeds, (0, 2), 1.0, 3)
     with pytest.raises(VQVAEInputError, match="temperature must be finite and > 0, got 0"):
-        ops.pixelcnn_sample(w, None, noise, 0.0, 3)
+        ops.pixelcnn_sample(w, None, seeds, (2, 2), 0.0, 3)
     with pytest.raises(VQVAEInputError, match="kernel_size must be odd"):
-        ops.pixelcnn_sample(w, None, noise, 1.0, 4)
+        ops.pixelcnn_sample(w, None, seeds, (2, 2), 1.0, 4)
     with pytest.raises(VQVAEInputError, match=r"bias must have shape \[1, 2, 8\]"):
-        ops.pixelcnn_sample(w, torch.zeros(1, 2, 4, dtype=torch.float64), noise, 1.0, 3)
+        ops.pixelcnn_sample(w, torch.zeros(1, 2, 4, dtype=torch.float64), seeds, (2, 2), 1.0, 3)
     with pytest.raises(VQVAEInputError, match=r"weights lack \['head2_b'\]"):
-        ops.pixelcnn_sample({k: v for k, v in w.items() if k != "head2_b"}, None, noise, 1.0, 3)
+        ops.pixelcnn_sample({k: v for k, v in w.items() if k != "head2_b"}, None, seeds, (2, 2),
+                            1.0, 3)
     with pytest.raises(ValueError, match="embedding must be Double"):  # the raw op: ValueError
         torch.ops.galsim_vqvae.pixelcnn_sample(
-            w["embedding"].float(), *[w[k] for k in ops._SAMPLER_ARGS[1:]], None, noise, 1.0, 3)
+            [w["embedding"].float(), *[w[k] for k in ops.SAMPLER_WEIGHTS[1:]]], None, seeds, 2, 2,
+            1.0, 3)
+    with pytest.raises(ValueError, match="weights must be 13 tensors"):
+        torch.ops.galsim_vqvae.pixelcnn_sample(
+            [w[k] for k in ops.SAMPLER_WEIGHTS[:-1]], None, seeds, 2, 2, 1.0, 3)
     with pytest.raises(VQVAEInputError, match="implementation must be one of"):
         sample_fast(prior, 1, (2, 2), seeds=[1], implementation="cpp")
 
@@ -249,10 +256,10 @@ def test_cuda_gap_and_realistic_size(monkeypatch):
     network = float64_prior(prior.cuda())
     biases = network._layer_biases(n, cond.double().cuda(), None, torch.float64)
     bias = torch.stack([b[:, :, 0, 0] for b in biases], 1)
-    noise = gumbel_noise(seeds, shape, prior.num_codes).cuda()
-    codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, noise, 1.0, 5)
+    sd = ops.seeds_tensor(seeds, "cuda")
+    codes, gap = ops.pixelcnn_sample(flat_weights(network), bias, sd, shape, 1.0, 5)
     monkeypatch.setenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH", "64")
-    gemv, gemv_gap = ops.pixelcnn_sample(flat_weights(network), bias, noise, 1.0, 5)
+    gemv, gemv_gap = ops.pixelcnn_sample(flat_weights(network), bias, sd, shape, 1.0, 5)
     monkeypatch.delenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH")
     assert torch.equal(gemv, codes), f"FRESH = {FRESH}"
     torch.testing.assert_close(gemv_gap, gap, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
@@ -274,16 +281,17 @@ def test_cuda_issue_configuration_on_a_side_stream(monkeypatch):
     n, shape = 3, (21, 21)
     seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
     loop = sample_fast(prior, n, shape, seeds=seeds, implementation="torch")
-    noise = gumbel_noise(seeds, shape, prior.num_codes).cuda()
+    sd = ops.seeds_tensor(seeds, "cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        codes, gap = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, noise, 1.0, 5)
+        codes, gap = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, sd, shape, 1.0,
+                                         5)
         same = torch.equal(codes, loop)  # on the side stream, right after the call
     torch.cuda.current_stream().wait_stream(stream)
     assert same, f"FRESH = {FRESH}"
     monkeypatch.setenv("GALSIM_VQVAE_CUDA_GEMV_MAX_BATCH", "64")
-    gemv, _ = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, noise, 1.0, 5)
+    gemv, _ = ops.pixelcnn_sample(flat_weights(float64_prior(prior)), None, sd, shape, 1.0, 5)
     assert torch.equal(gemv, loop), f"FRESH = {FRESH}"
     expected = teacher_forced_gap(prior, codes, None, None, seeds, 1.0)
     torch.testing.assert_close(gap, expected, rtol=0, atol=1e-10, msg=f"FRESH = {FRESH}")
@@ -302,3 +310,43 @@ def test_cuda_emulator_fast_is_naive(tiny_emulator):
     naive = emulator.sample_codes(4, conditions, seed=FRESH, method="naive")
     assert np.array_equal(fast, naive), f"FRESH = {FRESH}"
     assert np.array_equal(fast, tiny_emulator.sample_codes(4, conditions, seed=FRESH))
+
+
+@needs_op
+def test_op_noise_is_the_reference_noise():
+    """Tied logits (the draw is the argmax of the noise alone) over 300 maps with fresh seeds,
+    K = 515 (not a multiple of 4): the C++ op's in-kernel Philox noise picks the reference's
+    argmax everywhere; seeds at and above 2**63 included."""
+    rng = np.random.default_rng([FRESH, 900])
+    prior = fresh_prior(rng, num_codes=515, channels=4, layers=1, kernel_size=3)
+    with torch.no_grad():
+        prior.head[-1].weight.zero_()
+        prior.head[-1].bias.fill_(0.5)
+    n, shape = 300, (3, 4)
+    seeds = [int(s) for s in rng.integers(0, 2 ** 63, n - 2, dtype=np.uint64)] + [2 ** 63,
+                                                                                   2 ** 64 - 1]
+    expected = gumbel_noise(seeds, shape, 515).argmax(-1)
+    codes = sample_fast(prior, n, shape, seeds=seeds, implementation="compiled")
+    assert torch.equal(codes, expected), f"FRESH = {FRESH}"
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_noise_and_maps_are_the_cpu_ones_over_hundreds_of_maps():
+    """Philox inside both ops: 400 maps with fresh seeds on tied logits (noise alone: CUDA op ==
+    reference argmax) and on a fresh conditional prior (CUDA op == C++ op, bit for bit)."""
+    rng = np.random.default_rng([FRESH, 1000])
+    n = 400
+    seeds = per_sample_seeds(int(rng.integers(2 ** 63)), n)
+    tied = fresh_prior(rng, num_codes=515, channels=4, layers=1, kernel_size=3)
+    with torch.no_grad():
+        tied.head[-1].weight.zero_()
+        tied.head[-1].bias.fill_(0.5)
+    codes = sample_fast(tied.cuda(), n, (3, 4), seeds=seeds, implementation="compiled")
+    assert torch.equal(codes.cpu(), gumbel_noise(seeds, (3, 4), 515).argmax(-1)), \
+        f"FRESH = {FRESH}"
+    prior = fresh_prior(rng, num_codes=64, channels=16, layers=3, kernel_size=5, cond_dim=2)
+    cond, _ = fresh_conditions(rng, prior, n)
+    cpu = sample_fast(prior, n, (7, 9), cond, None, seeds, implementation="compiled")
+    gpu = sample_fast(prior.cuda(), n, (7, 9), cond, None, seeds, implementation="compiled")
+    assert torch.equal(gpu.cpu(), cpu), f"FRESH = {FRESH}"

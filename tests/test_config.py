@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-import galsim_vqvae  # noqa: F401  (registers the config types)
+import galsim_vqvae  # (registers the config types)
 from galsim_vqvae import VQVAEGalaxy
 from galsim_vqvae.profile import ResolutionWarning
 
@@ -41,9 +41,10 @@ def survey_config(model_path, out_dir, nobj=10, nfiles=2, batch_size=4):
         "output": {"type": "Fits", "dir": str(out_dir), "nfiles": nfiles,
                    "file_name": {"type": "FormattedStr", "format": "img%d.fits",
                                  "items": [{"type": "Sequence", "first": 0}]},
+                   "vqvae_provenance": {},
                    "truth": {"file_name": {"type": "FormattedStr", "format": "truth%d.fits",
                                            "items": [{"type": "Sequence", "first": 0}]},
-                             "columns": {"mag": "gal.conditions.mag",
+                             "columns": {"id": "obj_num", "mag": "gal.conditions.mag",
                                          "hlr": "gal.conditions.hlr",
                                          "flux": "gal.flux", "pos": "image_pos"}}},
     }
@@ -131,6 +132,26 @@ def single_config(model_path, **gal):
                      "flux": 1500.0, "shear": {"type": "G1G2", "g1": 0.03, "g2": 0.01}}, **gal),
         "image": {"type": "Single", "size": 32, "pixel_scale": 0.2, "random_seed": 2718},
     }
+
+
+def test_provenance_and_truth_ids(tiny_emulator, reference_run):
+    """``output.vqvae_provenance`` records the model, its sha256, the package version and the
+    image's seed in each image's header; the truth catalog has an ID per galaxy."""
+    import hashlib
+    from pathlib import Path
+
+    config, out, _ = reference_run
+    seeds = set()
+    for i in range(2):
+        header = fits.getheader(out / f"img{i}.fits")
+        assert header["MODEL"] == Path(tiny_emulator.path).name
+        assert header["MODELSHA"] == hashlib.sha256(
+            Path(tiny_emulator.path).read_bytes()).hexdigest()
+        assert header["VQVAEVER"] == galsim_vqvae.__version__
+        seeds.add(header["SEED"])
+        ids = fits.getdata(out / f"truth{i}.fits")["id"]
+        np.testing.assert_array_equal(ids, np.arange(10 * i, 10 * (i + 1)))
+    assert len(seeds) == 2 and 0 not in seeds
 
 
 def test_config_build_equals_python_build(tiny_emulator):
@@ -283,6 +304,10 @@ def test_mock_survey_example_runs(tiny_emulator, tmp_path):
     image = fits.getdata(tmp_path / "mock_survey.fits")
     truth = fits.getdata(tmp_path / "mock_survey_truth.fits")
     assert image.shape == (96, 96) and len(truth) == 6
+    np.testing.assert_array_equal(truth["id"], np.arange(6))
+    header = fits.getheader(tmp_path / "mock_survey.fits")
+    assert header["MODEL"] == Path(tiny_emulator.path).name and len(header["MODELSHA"]) == 64
+    assert header["VQVAEVER"] == galsim_vqvae.__version__ and header["SEED"] > 0
     np.testing.assert_allclose(truth["flux"], 10 ** (-0.4 * (truth["mag"] - 30.0)), rtol=1e-12)
     spec = importlib.util.spec_from_file_location("preview", examples / "preview.py")
     preview = importlib.util.module_from_spec(spec)

@@ -376,10 +376,10 @@ def _(w):
 
 
 @case("dataset-version", T, "`train-vqvae`", "`--data` of another format version",
-      ["v2.h5", "unknown format_version 2"])
+      ["v99.h5", "unknown format_version 99"])
 def _(w):
-    return train_vqvae_cli(w, w.dataset("v2.h5", edit=lambda f: f.attrs.modify(
-        "format_version", 2)))
+    return train_vqvae_cli(w, w.dataset("v99.h5", edit=lambda f: f.attrs.modify(
+        "format_version", 99)))
 
 
 @case("dataset-foreign", T, "`gallery`", "`--data` is an HDF5 file of another program",
@@ -435,6 +435,25 @@ def _(w):
                 "--steps", "2", "--conditions", "mag,size", "--quiet"])
 
 
+@case("dataset-no-truth", T, "`train-vqvae`", "`--truth-weight` on a dataset without truth",
+      ["truth_weight=1", "truth images", "data.h5", "has none"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset(), "--truth-weight", "1")
+
+
+@case("dataset-class-label", T, "`train-prior`",
+      "`--class-label` values that are not indices of the dataset's `class_names`",
+      ["classes.h5", "params/morph_class", "class indices 0..1", "stamp 2 has 2.0"])
+def _(w):
+    def edit(f):
+        f["params"].create_dataset("morph_class", data=np.arange(20, dtype=np.float32) % 3)
+        f.attrs["class_names"] = json.dumps(["disk", "bulge"])
+    _, ckpt = w.vqvae_run
+    return CLI(["train-prior", "--data", w.dataset("classes.h5", edit=edit), "--vqvae", ckpt,
+                "--out", w.path("prior"), "--steps", "2", "--class-label", "morph_class",
+                "--quiet"])
+
+
 @case("dataset-vs-vqvae", T, "`train-prior`",
       "`--data` stamps differ from the VQ-VAE's training data",
       ["other_grid.h5", "32x32", "0.03", "16x16", "0.06"])
@@ -468,9 +487,15 @@ def _(w):
 
 
 @case("model-pickle", T, "`sample`", "`--model` is a pickle (a torch `.pt` file)",
-      ["bomb.pt", "corrupt or truncated", "not a readable safetensors file"])
+      ["bomb.pt", "training checkpoint, not a model bundle"])
 def _(w):
     return sample_cli(w, w.pickle_bomb("bomb.pt"))
+
+
+@case("model-checkpoint", T, "`sample`", "`--model` is a training checkpoint",
+      ["checkpoint.pt", "training checkpoint", "model.safetensors", "train-prior"])
+def _(w):
+    return sample_cli(w, w.vqvae_run[1])
 
 
 @case("model-version", T, "`Emulator.load` (Python)", "a bundle of an unknown format version",
@@ -672,6 +697,14 @@ def _(w):
 # ------------------------------------------------------------------------------------------------
 # Conditions, counts and devices
 T = "Conditions, counts and devices"
+
+
+@case("vqvae-hidden-odd", T, "`train-vqvae`", "`--hidden` odd",
+      ["hidden must be an even number", "got 3"])
+def _(w):
+    data, _ = w.vqvae_run
+    return CLI(["train-vqvae", "--data", data, "--out", w.path("vq"), "--steps", "2",
+                "--hidden", "3", "--quiet"])
 
 
 @case("conditions-range-cli", T, "`sample`", "a condition outside the training range",

@@ -85,6 +85,23 @@ def test_asymmetry_known_values():
     assert metrics.asymmetry(rng.random((32, 32)))[0] > 0.2
 
 
+def test_edge_flux_known_values():
+    rng = np.random.default_rng(11)
+    s, w = 40, metrics.EDGE_WIDTH
+    uniform = np.full((s, s), rng.uniform(0.5, 2.0))
+    assert metrics.edge_flux(uniform)[0] == pytest.approx(1 - (s - 2 * w) ** 2 / s ** 2)
+    # flux placed on random pixels: the frame's share, counted by hand
+    image = np.zeros((s, s))
+    ij = rng.integers(0, s, size=(50, 2))
+    np.add.at(image, (ij[:, 0], ij[:, 1]), rng.uniform(1, 2, 50))
+    frame = np.ones((s, s), bool)
+    frame[w:-w, w:-w] = False
+    assert metrics.edge_flux(image)[0] == pytest.approx(image[frame].sum() / image.sum())
+    compact = draw(galsim.Gaussian(sigma=2.0), s)
+    assert metrics.edge_flux(np.stack([compact, np.zeros((s, s))]))[0] < 1e-6
+    assert np.isnan(metrics.edge_flux(np.zeros((s, s)))[0])
+
+
 def test_hsm_shapes_of_a_sheared_gaussian():
     image = draw(galsim.Gaussian(sigma=0.3).shear(e1=0.3, e2=0.1), 64, scale=0.05)
     s = metrics.hsm_shapes(np.stack([image, np.zeros_like(image)]), 0.05)
@@ -253,6 +270,34 @@ def toy_data(tmp_path_factory):
     return path
 
 
+def test_parallel_chunks_do_not_depend_on_workers():
+    from galsim_vqvae.validation.common import parallel_chunks
+
+    rng = np.random.default_rng(21)
+    data = rng.normal(size=(23, 5))
+
+    def stats(a, b):
+        return {"sum": data[a:b].sum(1), "first": data[a:b, 0] * np.arange(a, b)}
+
+    one = parallel_chunks(stats, len(data), workers=1, chunk=5)
+    three = parallel_chunks(stats, len(data), workers=3, chunk=5)
+    assert np.array_equal(one["sum"], data.sum(1)) and np.array_equal(three["sum"], one["sum"])
+    assert np.array_equal(three["first"], data[:, 0] * np.arange(23))
+    assert np.array_equal(parallel_chunks(lambda a, b: data[a:b], 23, 2, chunk=4), data)
+
+
+def test_ring_test_in_processes_equals_one_process():
+    rng = np.random.default_rng(4)
+    galaxies = [galsim.Exponential(half_light_radius=h).shear(e1=e1, e2=e2)
+                for h, e1, e2 in zip(rng.uniform(0.3, 0.8, 20), rng.uniform(-0.3, 0.3, 20),
+                                     rng.uniform(-0.3, 0.3, 20))]
+    one = shear.ring_test(galaxies, n_angles=2)
+    two = shear.ring_test(galaxies, n_angles=2, workers=2)
+    for k in ("m1_each", "m2_each", "c1_each", "c2_each"):
+        assert np.array_equal(one[k], two[k]), k
+    assert one["m"] == two["m"] and one["n"] == 20
+
+
 def test_evaluate_end_to_end(tiny_emulator, toy_data, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["evaluate", "--quiet", "--model", tiny_emulator.path, "--n", "6", "--data",
@@ -267,6 +312,11 @@ def test_evaluate_end_to_end(tiny_emulator, toy_data, tmp_path, capsys):
                   "Codebook", "Real galaxies", "## Goals"):
         assert title in report
     assert ("Skipped" in report) == (not AEGIS.exists())
+    # Inputs named by file name (they lie outside the current folder), no absolute paths.
+    assert str(tmp_path) not in report and "`plain`" in report and f"`{toy_data.name}`" in report
+    assert f"`{Path(tiny_emulator.path).name}`, sha256 " in report
+    if AEGIS.exists():
+        assert str(AEGIS.parent) not in report and f"`{AEGIS.name}`" in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                and math.isfinite(v) for k, v in metrics.items())

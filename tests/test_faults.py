@@ -296,3 +296,26 @@ def test_dataset_output_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write .*d\.h5: .*No space left on device"):
         write_dataset(os.fspath(tmp_path / "d.h5"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_follow_the_umask(tiny_emulator, tmp_path, umask):
+    """Every output (FITS, PNG, model bundle, checkpoint, HDF5 dataset) gets the mode a plain
+    open() gives: 0666 less the umask (the atomic writer's temporary file starts as 0600)."""
+    from galsim_vqvae.train.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        assert main(["sample", "--model", str(tiny_emulator.path), "--n", "1", "--conditions",
+                     "mag=22,hlr=0.4", "--seed", "1", "--out", str(tmp_path / "s.fits"),
+                     "--quiet"]) == 0
+        assert main(["gallery", "--model", str(tiny_emulator.path), "--n", "1",
+                     "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+        tiny_emulator.save(tmp_path / "m.safetensors")
+        save_checkpoint({"model": {}, "config": {}}, tmp_path / "c.pt")
+        write_dataset(str(tmp_path / "d.h5"))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["s.fits", "g.png", "m.safetensors", "c.pt", "d.h5"],
+                                  0o666 & ~umask)

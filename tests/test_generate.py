@@ -58,8 +58,8 @@ def test_shards_merge_to_the_one_process_file(tiny_emulator, tmp_path):
 
     with fits.open(one) as f:
         h, images, codes, table = f[0].header, f[0].data, f["CODES"].data, f["CONDITIONS"].data
-        assert (h["NSAMPLE"], h["NTOTAL"], h["FIRST"], h["SEED"], h["BLOCK"]) == \
-            (n, n, 0, seed, batch)
+        assert (h["NSAMPLE"], h["NTOTAL"], h["FIRST"], h["SEED"], h["BLOCK"], h["NOISEVER"]) == \
+            (n, n, 0, seed, batch, 2)
         np.testing.assert_array_equal(table["mag"], cond["mag"])
         np.testing.assert_array_equal(table["hlr"], cond["hlr"])
         np.testing.assert_array_equal(codes, tiny_emulator.sample_codes(n, cond, seed=seed))

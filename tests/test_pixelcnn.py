@@ -186,10 +186,10 @@ def test_conditioning_changes_logits_and_is_required():
 
 def test_config_round_trip_and_state_dict():
     model = GatedPixelCNN(num_codes=11, channels=8, layers=3, kernel_size=5, cond_dim=2,
-                          num_classes=3)
+                          num_classes=3, dropout=0.25).eval()
     assert model.config == dict(num_codes=11, channels=8, layers=3, kernel_size=5, cond_dim=2,
-                                num_classes=3)
-    rebuilt = GatedPixelCNN(**model.config)
+                                num_classes=3, dropout=0.25)
+    rebuilt = GatedPixelCNN(**model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
     codes = torch.randint(0, 11, (3, 5, 6))
     cond = torch.randn(3, 2)
@@ -197,7 +197,36 @@ def test_config_round_trip_and_state_dict():
     torch.testing.assert_close(rebuilt(codes, cond, labels), model(codes, cond, labels),
                                rtol=0, atol=0)
     assert GatedPixelCNN().config == dict(num_codes=512, channels=128, layers=15, kernel_size=5,
-                                          cond_dim=0, num_classes=0)
+                                          cond_dim=0, num_classes=0, dropout=0.0)
+
+
+def test_dropout_acts_in_training_mode_only_and_keeps_causality():
+    torch.manual_seed(3)
+    model = GatedPixelCNN(num_codes=7, channels=8, layers=3, kernel_size=3, dropout=0.5)
+    codes = torch.randint(0, 7, (4, 5, 5))
+    model.eval()
+    torch.testing.assert_close(model(codes), model(codes), rtol=0, atol=0)
+    plain = GatedPixelCNN(num_codes=7, channels=8, layers=3, kernel_size=3).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(codes), plain(codes), rtol=0, atol=0)  # off in eval mode
+    model.train()
+    torch.manual_seed(0)
+    a = model(codes)
+    torch.manual_seed(1)
+    b = model(codes)
+    assert not torch.allclose(a, b)  # on in training mode
+    # changing a later code never changes an earlier position's logits, whatever the mask
+    later = codes.clone()
+    later[:, 2, 3] = (later[:, 2, 3] + 1) % 7
+    torch.manual_seed(0)
+    c = model(later)
+    flat_a, flat_c = a.flatten(2), c.flatten(2)
+    torch.testing.assert_close(flat_a[..., :2 * 5 + 3 + 1], flat_c[..., :2 * 5 + 3 + 1],
+                               rtol=0, atol=0)
+    assert not torch.allclose(flat_a[..., 2 * 5 + 4:], flat_c[..., 2 * 5 + 4:])
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(VQVAEInputError, match="dropout"):
+            GatedPixelCNN(num_codes=7, dropout=bad)
 
 
 @pytest.mark.parametrize("kwargs, match", [

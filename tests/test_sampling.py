@@ -7,7 +7,8 @@ from scipy import stats
 
 from galsim_vqvae.errors import VQVAEInputError
 from galsim_vqvae.nn.pixelcnn import GatedPixelCNN
-from galsim_vqvae.nn.sampling import gumbel_noise, per_sample_seeds, sample_naive
+from galsim_vqvae.nn.sampling import (SAMPLER_NOISE_VERSION, gumbel_noise, per_sample_seeds,
+                                      philox4x32_10, sample_naive)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,17 +47,54 @@ def test_per_sample_seeds():
         per_sample_seeds(1, -2)
 
 
-def test_gumbel_noise_is_the_documented_cpu_stream():
-    seeds = per_sample_seeds(9, 3)
-    noise = gumbel_noise(seeds, (4, 5), 6)
-    assert noise.shape == (3, 4, 5, 6) and noise.dtype == torch.float32
+# Random123's published known-answer vectors for Philox4x32-10 (its tests/kat_vectors):
+# (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def test_philox_known_answers():
+    for counter, key, expected in PHILOX_KAT:
+        assert tuple(int(w) for w in philox4x32_10(counter, key)) == expected
+    # vectorised: the same words whatever the broadcast
+    counters = np.array([c for c, _, _ in PHILOX_KAT], dtype=np.uint64).T
+    keys = np.array([k for _, k, _ in PHILOX_KAT], dtype=np.uint64).T
+    out = philox4x32_10(counters, keys)
+    assert [tuple(int(w) for w in out[:, q]) for q in range(3)] == [e for _, _, e in PHILOX_KAT]
+
+
+def test_gumbel_noise_is_the_documented_philox_stream():
+    """Noise version 2: word k % 4 of Philox4x32-10 at counter (k // 4, j, i, 0), key = the seed's
+    two halves; u = (word + 0.5) / 2**32; g = -log(-log(u)) in float64. Checked element by element
+    with plain Python ints and math.log on fresh seeds (up to 2**64 - 1)."""
+    import math
+    assert SAMPLER_NOISE_VERSION == 2
+    rng = np.random.default_rng()
+    seeds = [int(s) for s in rng.integers(0, 2 ** 63, 2)] + [2 ** 64 - 1]
+    noise = gumbel_noise(seeds, (3, 4), 6)
+    assert noise.shape == (3, 3, 4, 6) and noise.dtype == torch.float64
     assert noise.device.type == "cpu"
-    for i, s in enumerate(seeds):
-        u = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(s))
-        torch.testing.assert_close(noise[i], -torch.log(-torch.log(u)), rtol=0, atol=0)
+    for b, s in enumerate(seeds):
+        for i in range(3):
+            for j in range(4):
+                for k in range(6):
+                    word = int(philox4x32_10((k // 4, j, i, 0), (s % 2 ** 32, s >> 32))[k % 4])
+                    u = (word + 0.5) / 2 ** 32
+                    assert abs(noise[b, i, j, k].item() + math.log(-math.log(u))) <= 1e-14, seeds
+    # a map's noise does not depend on its shape: the top-left 2x3 of a 3x4 map is the 2x3 map's
+    torch.testing.assert_close(gumbel_noise(seeds, (2, 3), 6), noise[:, :2, :3], rtol=0, atol=0)
+    # nor on the other samples
+    torch.testing.assert_close(gumbel_noise(seeds[1:2], (3, 4), 6)[0], noise[1], rtol=0, atol=0)
+    # and it is Gumbel(0, 1): mean 0.5772, variance pi^2 / 6
+    many = gumbel_noise(per_sample_seeds(1, 4), (21, 21), 512)
+    assert abs(many.mean().item() - 0.5772) < 0.01 and abs(many.var().item() - 1.645) < 0.02
     # The global RNG plays no part.
     torch.manual_seed(0)
-    again = gumbel_noise(seeds, (4, 5), 6)
+    again = gumbel_noise(seeds, (3, 4), 6)
     torch.testing.assert_close(again, noise, rtol=0, atol=0)
 
 
@@ -151,8 +189,8 @@ def test_conditional_sampling():
 
 
 def test_dtype_and_device_do_not_change_the_noise():
-    """The noise comes from CPU generators whatever the prior's dtype/device; the sampler uses
-    it unchanged, so a float32 and a float64 copy of a prior agree except at near-ties."""
+    """The noise depends on the seeds alone, whatever the prior's dtype/device, so a float32 and a
+    float64 copy of a prior agree except at near-ties."""
     prior64 = make_prior(logit_scale=3.0, **SMALL)
     prior32 = make_prior(logit_scale=3.0, dtype=torch.float32, **SMALL)
     seeds = per_sample_seeds(8, 8)

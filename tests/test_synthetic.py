@@ -141,8 +141,22 @@ def test_population():
     n = params["sersic_n"]
     assert n.min() >= 2 and n.max() <= 6 and np.allclose(n * 20, np.round(n * 20))
     assert 0.35 < np.mean(params["bulge_frac"] < 0.2) < 0.6  # disk-dominated majority
-    mergers = np.mean([p["merger"] for _, p in draws])
-    assert 0.07 < mergers < 0.17
+    mergers = np.array([p["merger"] for _, p in draws])
+    assert 0.07 < mergers.mean() < 0.17
+    # the morphology class: irregular for mergers, else the bulge-fraction class drawn
+    cls = np.array([p["morph_class"] for _, p in draws])
+    assert np.all((cls == sy.CLASS_NAMES.index("irregular")) == mergers)
+    edges = {"disk": (0.0, 0.2), "intermediate": (0.2, 0.6), "bulge": (0.6, 0.95)}
+    for name, (lo, hi) in edges.items():
+        bf = params["bulge_frac"][cls == sy.CLASS_NAMES.index(name)]
+        assert len(bf) > 100 and bf.min() >= lo and bf.max() <= hi
+
+
+def test_class_labels_in_the_dataset(datasets):
+    header = read_header(datasets[1])
+    assert header["class_names"] == list(sy.CLASS_NAMES)
+    cls = load_arrays(datasets[1], keys=("params/morph_class",))["params/morph_class"]
+    assert set(np.unique(cls)) <= set(range(len(sy.CLASS_NAMES)))
 
 
 def test_bad_arguments(tmp_path):

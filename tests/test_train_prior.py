@@ -85,7 +85,7 @@ def test_checkpoint_contents_and_normalisation(tmp_path):
                 "vqvae_checkpoint", "test_bits_per_code"):
         assert key in ckpt
     assert ckpt["step"] == 6 == summary["step"] and ckpt["seed"] == 3
-    assert ckpt["config"] == dict(num_codes=K, cond_dim=2, num_classes=0, **TINY)
+    assert ckpt["config"] == dict(num_codes=K, cond_dim=2, num_classes=0, dropout=0.0, **TINY)
     assert ckpt["data"]["path"] == "toy.h5" and ckpt["vqvae_checkpoint"] == "toy.pt"
     train = inputs["labels"][np.arange(200) % 10 != 9]
     norm = ckpt["conditions"]
@@ -101,14 +101,33 @@ def test_checkpoint_contents_and_normalisation(tmp_path):
         fit(inputs, tmp_path / "run", 6)
 
 
-def test_resume_is_exact(tmp_path):
-    inputs = toy_inputs()
+def with_classes(inputs):
+    """``inputs`` with a class label of 4 classes: the class of a map is its code (0, 0) // 2."""
+    inputs = dict(inputs)
+    inputs["classes"] = {"label": "kind", "names": ["w", "x", "y", "z"],
+                         "values": inputs["codes"][:, 0, 0] // 2}
+    return inputs
+
+
+@pytest.mark.parametrize("classes,extra", [
+    (False, {}), (True, dict(model=dict(TINY, dropout=0.3), ema=0.9))])
+def test_resume_is_exact(tmp_path, classes, extra):
+    inputs = with_classes(toy_inputs()) if classes else toy_inputs()
     # 14 steps with 180 training maps / batch 16 = 11 batches per epoch: crosses an epoch
-    fit(inputs, tmp_path / "straight", 14)
-    fit(inputs, tmp_path / "halves", 7)
-    fit(inputs, tmp_path / "halves", 14, resume=True)
+    fit(inputs, tmp_path / "straight", 14, **extra)
+    fit(inputs, tmp_path / "halves", 7, **extra)
+    torch.manual_seed(99)  # the caller's random state plays no part
+    before = torch.random.get_rng_state()
+    fit(inputs, tmp_path / "halves", 14, resume=True, **extra)
+    assert torch.equal(torch.random.get_rng_state(), before)  # nor is it changed
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "halves" / "checkpoint.pt")
+    assert a["train"]["ema"] == extra.get("ema", trainer.EMA_DECAY)
+    assert a["config"]["dropout"] == extra.get("model", {}).get("dropout", 0.0)
+    assert a["config"]["num_classes"] == (4 if classes else 0)
+    assert a["classes"] == ({"label": "kind", "names": ["w", "x", "y", "z"]} if classes
+                            else None)
+    assert a["train"]["class_label"] == ("kind" if classes else None)
     assert a["step"] == b["step"] == 14
     for key in ("model", "model_raw"):
         for name in a[key]:
@@ -125,13 +144,80 @@ def test_resume_is_exact(tmp_path):
     assert [e["step"] for e in read_log(tmp_path / "halves")] == [4, 7, 8, 12, 14]
     # resuming with other settings is refused, naming what differs
     with pytest.raises(VQVAEInputError, match="training settings"):
-        fit(inputs, tmp_path / "halves", 20, resume=True, seed=4)
+        fit(inputs, tmp_path / "halves", 20, resume=True, **dict(extra, seed=4))
+    with pytest.raises(VQVAEInputError, match="training settings.*'ema'"):
+        fit(inputs, tmp_path / "halves", 20, resume=True, **dict(extra, ema=0.5))
     with pytest.raises(VQVAEInputError, match="config"):
-        fit(inputs, tmp_path / "halves", 20, resume=True, model=dict(TINY, channels=4))
+        fit(inputs, tmp_path / "halves", 20, resume=True, **dict(extra, model=dict(TINY, channels=4)))
+    with pytest.raises(VQVAEInputError, match="config.*dropout"):
+        fit(inputs, tmp_path / "halves", 20, resume=True, **dict(extra, model=dict(TINY, dropout=0.1)))
+    other = toy_inputs() if classes else with_classes(inputs)
+    with pytest.raises(VQVAEInputError, match="config.*num_classes"):
+        fit(other, tmp_path / "halves", 20, resume=True, **extra)
     # a run already at its step count just reports
-    again = fit(inputs, tmp_path / "halves", 14, resume=True)
+    again = fit(inputs, tmp_path / "halves", 14, resume=True, **extra)
     assert again["step"] == 14
     assert math.isclose(again["test_bits_per_code"], b["test_bits_per_code"], rel_tol=1e-6)
+
+
+def test_dropout_and_ema_change_training(tmp_path):
+    inputs = toy_inputs()
+    fit(inputs, tmp_path / "plain", 8)
+    fit(inputs, tmp_path / "dropout", 8, model=dict(TINY, dropout=0.3))
+    fit(inputs, tmp_path / "raw", 8, ema=0.0)
+    plain, dropped, raw = (load_checkpoint(tmp_path / n / "checkpoint.pt")
+                           for n in ("plain", "dropout", "raw"))
+    assert not torch.equal(plain["model_raw"]["head.3.weight"],
+                           dropped["model_raw"]["head.3.weight"])
+    for name in raw["model"]:  # ema 0: the average is the optimizer's weights
+        assert torch.equal(raw["model"][name], raw["model_raw"][name]), name
+        assert torch.equal(raw["model_raw"][name], plain["model_raw"][name]), name
+    assert trainer.ema_decay(10 ** 6, 0.9) == 0.9 and trainer.ema_decay(0, 0.9) == 0.1
+    assert trainer.ema_decay(10 ** 6, 0.0) == 0.0
+    # sampling a prior trained with dropout: the compiled samplers still match the naive one
+    from galsim_vqvae.nn.fast_sampling import sample_fast
+    from galsim_vqvae.nn.sampling import sample_naive
+
+    prior = GatedPixelCNN(**dropped["config"])
+    prior.load_state_dict(dropped["model"])
+    prior.train()  # the samplers switch dropout off themselves
+    cond = torch.randn(6, 2)
+    naive = sample_naive(prior, 6, shape=(5, 5), cond=cond, seeds=list(range(6)))
+    fast = sample_fast(prior, 6, shape=(5, 5), cond=cond, seeds=list(range(6)))
+    assert torch.equal(torch.as_tensor(naive), torch.as_tensor(fast))
+    assert prior.training
+
+
+def test_class_conditional_prior(tmp_path):
+    """A map of class c is one code, 2c or 2c+1: a prior that takes the class needs 1 bit per
+    code where one without it needs 3 (on larger maps, the first codes would reveal the class)."""
+    rng = np.random.default_rng(5)
+    n = 200
+    kind = rng.integers(0, 4, n)
+    codes = 2 * kind[:, None, None] + rng.integers(0, 2, (n, 1, 1))
+    inputs = {"codes": codes, "num_codes": K, "labels": np.zeros((n, 0)),
+              "classes": {"label": "kind", "names": ["a", "b", "c", "d"], "values": kind},
+              "fingerprint": {"dataset": {"n": n}, "vqvae_sha256": "toy"},
+              "data": {"path": "toy.h5", "n": n}, "vqvae_checkpoint": "toy.pt"}
+    with_class = fit(inputs, tmp_path / "class", 120, lr=1e-2, conditions=(), log_every=40)
+    without = fit(dict(inputs, classes=None), tmp_path / "none", 120, lr=1e-2, conditions=(),
+                  log_every=40)
+    assert with_class["test_bits_per_code"] < 1.3 < 2.7 < without["test_bits_per_code"]
+    ckpt = load_checkpoint(tmp_path / "class" / "checkpoint.pt")
+    assert ckpt["config"]["num_classes"] == 4
+    assert ckpt["classes"] == {"label": "kind", "names": ["a", "b", "c", "d"]}
+    prior = GatedPixelCNN(**ckpt["config"]).eval()
+    prior.load_state_dict(ckpt["model"])
+    test = np.arange(n) % 10 == 9
+    x = torch.from_numpy(codes[test])
+    with torch.no_grad():  # the reported figure is the NLL given each map's own class
+        nll = torch.nn.functional.cross_entropy(prior(x, None, torch.from_numpy(kind[test])), x)
+        wrong = torch.nn.functional.cross_entropy(
+            prior(x, None, torch.from_numpy((kind[test] + 1) % 4)), x)
+    assert math.isclose(nll.item() / math.log(2), with_class["test_bits_per_code"], rel_tol=1e-5)
+    assert wrong > 3 * nll
+    with pytest.raises(VQVAEInputError, match="num_classes follows the class label"):
+        fit(inputs, tmp_path / "x", 4, conditions=(), model=dict(TINY, num_classes=4))
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
@@ -301,3 +387,53 @@ def test_train_prior_labels(dataset_and_vqvae, tmp_path):
         with pytest.raises(VQVAEInputError, match="in use by another run"):
             trainer.train_prior(data, ckpt, tmp_path / "c", 3, batch_size=8, model=TINY,
                                 progress=False)
+
+
+def _add_classes(path, values, names='["disk", "intermediate", "bulge"]'):
+    """Add ``params/morph_class`` and the ``class_names`` attribute to a dataset file."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f["params"].create_dataset("morph_class", data=np.asarray(values, np.float32))
+        if names is not None:
+            f.attrs["class_names"] = names
+
+
+def test_train_prior_class_label_from_the_dataset(dataset_and_vqvae, tmp_path):
+    data, ckpt, _, _ = dataset_and_vqvae
+    kind = np.arange(60) % 3
+    _add_classes(data, kind)
+    values, names = trainer.read_classes(data, "morph_class")
+    np.testing.assert_array_equal(values, kind)
+    assert names == ["disk", "intermediate", "bulge"]
+    out = tmp_path / "prior"
+    trainer.train_prior(data, ckpt, out, 4, batch_size=8, seed=1, model=dict(TINY, dropout=0.2),
+                        class_label="morph_class", ema=0.99, progress=False)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["classes"] == {"label": "morph_class", "names": names}
+    assert state["config"]["num_classes"] == 3 and state["config"]["dropout"] == 0.2
+    assert state["train"]["ema"] == 0.99 and state["conditions"]["names"] == ["mag", "hlr"]
+    with pytest.raises(VQVAEInputError, match="class label; do not also list it"):
+        trainer.train_prior(data, ckpt, tmp_path / "a", 4, class_label="mag", progress=False)
+    with pytest.raises(VQVAEInputError, match=r"class label 'kind' not in .*'morph_class'"):
+        trainer.train_prior(data, ckpt, tmp_path / "b", 4, class_label="kind", model=TINY,
+                            batch_size=8, progress=False)
+    with pytest.raises(VQVAEInputError, match="ema must be a decay"):
+        trainer.train_prior(data, ckpt, tmp_path / "c", 4, ema=1.0, progress=False)
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize("values,names,match", [
+    (np.arange(60) % 4, '["disk", "intermediate", "bulge"]',
+     r"params/morph_class must hold class indices 0..2 .*stamp 3 has 3.0 \(15 stamps\)"),
+    (np.where(np.arange(60) == 7, 0.5, 1.0), '["disk", "bulge"]', r"stamp 7 has 0.5"),
+    (np.zeros(60), None, "class_names"),
+    (np.zeros(60), '["disk", "disk"]', "distinct class names"),
+])
+def test_train_prior_bad_class_labels(dataset_and_vqvae, tmp_path, values, names, match):
+    data, ckpt, _, _ = dataset_and_vqvae
+    _add_classes(data, values, names)
+    with pytest.raises(VQVAEInputError, match=match):
+        trainer.train_prior(data, ckpt, tmp_path / "p", 4, class_label="morph_class",
+                            model=TINY, batch_size=8, progress=False)
+    assert not (tmp_path / "p").exists()

@@ -82,25 +82,40 @@ def test_training_lowers_the_loss(toy, tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
-@pytest.mark.parametrize("psf_layers,noise", [(True, "data"), (False, "data"),
-                                              (True, "independent")])
-def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise):
+@pytest.mark.parametrize("psf_layers,noise,extra", [
+    (True, "data", {}), (False, "data", {}), (True, "independent", {}),
+    (True, "data", dict(truth_weight=0.5, augment=True)),
+    (True, "independent", dict(truth_weight=2.0, augment=True))])
+def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise, extra):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3, noise=noise)
+    kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3, noise=noise,
+              model=dict(TINY, restart_every=2, restart_threshold=40.0), **extra)
     _run(toy, straight, 16, **kw)
-    # k-means at step 5 (after the autoencoder warm-up) happens before the break at 8, the first
-    # codebook restart (update 7, step 11) after it; an epoch is 3 steps
+    # k-means at step 5 (after the autoencoder warm-up), then codebook restarts of the codes
+    # used fewer than 40 times in each window of 2 updates, at steps 6, 8, 10, ...: on either
+    # side of the break at 8; an epoch is 3 steps
     _run(toy, halves, 8, **kw)
+    first = load_checkpoint(halves / "checkpoint.pt")
+    assert first["model"]["quantizer.initialized"].item()
+    assert first["model"]["quantizer.restarted"].item() > 0  # codes restarted before the break
     _run(toy, halves, 16, resume=True, **kw)
     a = load_checkpoint(straight / "checkpoint.pt")
     b = load_checkpoint(halves / "checkpoint.pt")
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["model"]["quantizer.restarted"] > first["model"]["quantizer.restarted"]
     assert a["history"]["loss"] == b["history"]["loss"]
     assert a["model"]["quantizer.updates"].item() == 16 - 5  # quantized steps only
-    log = [json.loads(line)["step"] for line in open(halves / "log.jsonl")]
-    assert log == [4, 8, 12, 16]
+    log = [json.loads(line) for line in open(halves / "log.jsonl")]
+    assert [r["step"] for r in log] == [4, 8, 12, 16]
+    for key, value in {"truth_weight": 0.0, "augment": False, **extra}.items():
+        assert a["train"][key] == value
+    if extra.get("truth_weight"):  # the truth term is logged under its own key
+        assert a["history"]["truth_chi2"] == [r["truth_chi2"] for r in log]
+        assert all(r["truth_chi2"] > 0 for r in log)
+    else:
+        assert "truth_chi2" not in log[0]
 
 
 def test_noisy_pair_is_two_independent_realisations_of_the_stated_sigma():
@@ -233,3 +248,118 @@ def test_training_curves_from_the_run_logs(toy, tmp_path):
     with pytest.raises(VQVAEInputError, match="nothing.jsonl: not a readable training log"):
         save_training_curves(tmp_path / "x.png", tmp_path / "nothing.jsonl")
     assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation by the 8 rotations/flips, and the truth term
+@pytest.mark.parametrize("size", [31, 32])
+def test_dihedral_transforms_commute_with_the_psf_convolution(size):
+    from galsim_vqvae.train import augment
+
+    g = torch.Generator().manual_seed(size)
+    truth = torch.rand(3, 1, size, size, generator=g) * 10
+    psf = torch.rand(3, 1, size, size, generator=g)
+    if size % 2 == 0:  # row and column 0 have no mirror image about the centre pixel S//2
+        truth[..., 0, :] = truth[..., :, 0] = psf[..., 0, :] = psf[..., :, 0] = 0
+    psf /= psf.sum((-1, -2), keepdim=True)
+    convolved = convolve_psf(truth, psf)
+    scale = convolved.abs().max().item()
+    seen = set()
+    for k in range(8):
+        turned = augment.transform(truth, k)
+        lhs = convolve_psf(turned, augment.transform(psf, k))
+        rhs = augment.transform(convolved, k)
+        if size % 2 == 0:  # output row and column 0 of the turned stamp lie off the original
+            lhs, rhs = lhs[..., 1:, 1:], rhs[..., 1:, 1:]
+        torch.testing.assert_close(lhs, rhs, rtol=0, atol=2e-6 * scale)
+        seen.add(turned.numpy().tobytes())
+        delta = torch.zeros(size, size)
+        delta[size // 2, size // 2] = 1
+        assert torch.equal(augment.transform(delta, k), delta)  # the centre stays put
+    assert len(seen) == 8  # 8 distinct transforms
+    if size % 2 == 0:  # a plain flip moves the centre by a pixel: the identity would fail
+        flip = convolve_psf(torch.flip(truth, (-1,)), torch.flip(psf, (-1,)))
+        assert not torch.allclose(flip[..., 1:, 1:], torch.flip(convolved, (-1,))[..., 1:, 1:],
+                                  atol=1e-3 * scale)
+    # per-stamp transforms of a batch in one gather
+    k = torch.tensor([5, 0, 3])
+    batch = augment.Dihedral(size, "cpu").apply(truth, k)
+    for b in range(3):
+        assert torch.equal(batch[b], augment.transform(truth[b], int(k[b])))
+
+
+def test_dihedral_draws_are_a_function_of_seed_and_step():
+    from galsim_vqvae.train import augment
+
+    k = augment.draw(7, 11, 4000, "cpu")
+    assert torch.equal(k, augment.draw(7, 11, 4000, "cpu"))
+    assert not torch.equal(k, augment.draw(7, 12, 4000, "cpu"))
+    assert not torch.equal(k, augment.draw(8, 11, 4000, "cpu"))
+    counts = torch.bincount(k, minlength=8)
+    assert counts.numel() == 8 and (counts > 400).all()
+    parts = [augment.draw(7, 11, 1000, "cpu", r, 4) for r in range(4)]
+    assert torch.equal(torch.cat(parts), k)  # ranks share the global draw
+
+
+def test_augment_turns_stamp_truth_and_psf_alike(toy, tmp_path, monkeypatch):
+    """What the training step receives at each step: the batch's stamps, truths and PSF
+    transforms, each stamp turned by the transform drawn for it."""
+    from galsim_vqvae.nn.forward import psf_transform
+    from galsim_vqvae.train import augment
+    from galsim_vqvae.train import vqvae as trainer
+
+    seen = []
+
+    def spy(model, optimizer, observed, sigma, psf_ft=None, *args, **kw):
+        seen.append((observed.clone(), sigma.clone(), psf_ft.clone(), kw["truth"].clone()))
+        return real(model, optimizer, observed, sigma, psf_ft, *args, **kw)
+
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", spy)
+    _run(toy, tmp_path / "run", 4, augment=True, truth_weight=1.0, seed=9)
+    train = np.arange(64)[np.arange(64) % 10 != 9]
+    schedule = BatchSchedule(len(train), 16, 9, "cpu")
+    for step, (x, sigma, psf_ft, truth) in enumerate(seen):
+        rows = train[schedule.indices(step).numpy()]
+        k = augment.draw(9, step, 16, "cpu")
+        assert len(set(k.tolist())) > 1
+        for b in range(16):
+            t = int(k[b])
+            j = rows[b]
+            assert torch.equal(x[b, 0], augment.transform(torch.tensor(toy["observed"][j]), t))
+            assert torch.equal(truth[b, 0], augment.transform(torch.tensor(toy["truth"][j]), t))
+            psf = augment.transform(torch.tensor(toy["psf_bank"][toy["psf_index"][j]]), t)
+            torch.testing.assert_close(psf_ft[b], psf_transform(psf), rtol=0, atol=1e-6)
+            assert sigma[b] == toy["sigma"][j]
+
+
+def test_truth_term_of_the_loss(toy, tmp_path):
+    from galsim_vqvae.nn.forward import chi2, psf_transform
+    from galsim_vqvae.nn.vqvae import VQVAE
+    from galsim_vqvae.train.vqvae import forward_losses
+
+    torch.manual_seed(0)
+    net = VQVAE(stamp_size=32, image_scale=20.0, **TINY).train()
+    x = torch.tensor(toy["observed"][:8])[:, None]
+    truth = torch.tensor(toy["truth"][:8])[:, None]
+    sigma = torch.tensor(toy["sigma"][:8])
+    psf_ft = psf_transform(torch.tensor(toy["psf_bank"][toy["psf_index"][:8]]))
+    plain = forward_losses(net, x, sigma, psf_ft, quantize=False)
+    weighted = forward_losses(net, x, sigma, psf_ft, quantize=False, truth=truth,
+                              truth_weight=0.7)
+    d = weighted["decoded"].double()
+    expected = (((d - truth.double()) / sigma.double()[:, None, None, None]) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(weighted["truth_chi2"].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(weighted["loss"].double(),
+                               plain["loss"].double() + 0.7 * expected.mean(), rtol=1e-5, atol=0)
+    assert torch.equal(weighted["truth_chi2"], chi2(weighted["decoded"], truth, sigma))
+    no_truth = {k: v for k, v in toy.items() if k != "truth"}
+    with pytest.raises(VQVAEInputError, match="truth_weight=1 need.*truth"):
+        _run(no_truth, tmp_path / "a", 2, truth_weight=1.0)
+    with pytest.raises(VQVAEInputError, match="PSF layers"):
+        _run(toy, tmp_path / "b", 2, truth_weight=1.0, psf_layers=False)
+    with pytest.raises(VQVAEInputError, match="truth_weight must be"):
+        _run(toy, tmp_path / "c", 2, truth_weight=-1.0)
+    with pytest.raises(VQVAEInputError, match="augment must be"):
+        _run(toy, tmp_path / "d", 2, augment="yes")
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -7,7 +7,8 @@
 // rows, read in place, as one matrix product, then v_to_h for the row terms and the gate into the
 // next layer's cache) and every position the horizontal stack (per layer: the h_conv product of
 // the window of the row buffer, the gate, the h_out product plus residual), the head and the draw.
-// All products go through one register-blocked kernel (`gemm`: 4 rows x 16 columns of float64
+// The draw's Gumbel noise is computed at the draw (../philox.h). All products go through one
+// register-blocked kernel (`gemm`: 4 rows x 16 columns of float64
 // accumulators, weights packed once per call in panels of 16 columns), compiled for AVX-512,
 // AVX2+FMA and the baseline (function multiversioning, csrc/cpu/multiversion.h).
 #include <ATen/Parallel.h>
@@ -133,7 +134,7 @@ struct Model {
 };
 
 // Samples maps b0 .. b0+nb-1 from start to end: codes [B, H, W], gap [B].
-void sample_chunk(const Model& m, int64_t b0, int64_t nb, const float* noise, int64_t* codes,
+void sample_chunk(const Model& m, int64_t b0, int64_t nb, const int64_t* seeds, int64_t* codes,
                   double* gap) {
   const SamplerDims& d = m.d;
   const int64_t H = d.height, W = d.width, K = d.codes, C = d.channels, L = d.layers, p = d.pad;
@@ -141,7 +142,8 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const float* noise, in
   const SamplerLayout lay(d);
   std::vector<double> vc(L * nb * lay.vc_layer, 0.0), rowt(L * nb * lay.row_layer);
   std::vector<double> hb((L + 1) * nb * lay.h_layer, 0.0), pre(nb * lay.pre),
-      gbuf(nb * lay.gate), head(nb * lay.head), logits(nb * lay.logits), vpre(nb * W * C2);
+      gbuf(nb * lay.gate), head(nb * lay.head), logits(nb * lay.logits), vpre(nb * W * C2),
+      noise((K + 3) / 4 * 4);
   std::vector<const double*> ptr(nb * W * R);
   auto VC = [&](int64_t l, int64_t b, int64_t slot, int64_t x) {
     return vc.data() + ((l * nb + b) * R + slot) * WP * C + x * C;
@@ -231,12 +233,14 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const float* noise, in
       gemm(nb, 1, C, ptr.data(), m.head2_w, logits.data(), K, true);
       for (int64_t b = 0; b < nb; ++b) {
         const double* lg = logits.data() + b * K;
-        const float* g = noise + (((b0 + b) * H + i) * W + j) * K;
+        const uint64_t seed = (uint64_t)seeds[b0 + b];
+        for (int64_t q = 0; 4 * q < K; ++q) gumbel4(seed, i, j, q, noise.data() + 4 * q);
+        const double* g = noise.data();
         int64_t best = 0;
         double s1 = -std::numeric_limits<double>::infinity(), s2 = s1, best_s = 0.0;
         bool nan = false;
         for (int64_t k = 0; k < K; ++k) {
-          const double s = lg[k] / d.temperature + (double)g[k];
+          const double s = lg[k] / d.temperature + g[k];
           if (k == 0) {
             best_s = s;
           } else if (std::isnan(s) ? !std::isnan(best_s) : s > best_s) {
@@ -266,56 +270,49 @@ void sample_chunk(const Model& m, int64_t b0, int64_t nb, const float* noise, in
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cpu(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
+    at::TensorList weights, const c10::optional<at::Tensor>& bias, const at::Tensor& seeds,
+    int64_t height, int64_t width, double temperature, int64_t kernel_size) {
   const SamplerDims d =
-      check_sampler_inputs(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w,
-                           head1_b, head2_w, head2_b, bias, noise, temperature, kernel_size);
-  TORCH_CHECK(noise.device().is_cpu(), "pixelcnn_sample_cpu: tensors must be on the CPU");
-  auto codes = at::empty({d.batch, d.height, d.width}, noise.options().dtype(at::kLong));
-  auto gap = at::empty({d.batch}, noise.options().dtype(at::kDouble));
+      check_sampler_inputs(weights, bias, seeds, height, width, temperature, kernel_size);
+  TORCH_CHECK(seeds.device().is_cpu(), "pixelcnn_sample_cpu: tensors must be on the CPU");
+  auto codes = at::empty({d.batch, d.height, d.width}, seeds.options().dtype(at::kLong));
+  auto gap = at::empty({d.batch}, seeds.options().dtype(at::kDouble));
   if (d.batch == 0) return {codes, gap};
 
   // Contiguous inputs, kept alive for the whole call.
-  const at::Tensor e = embedding.contiguous(), vb = v_b.contiguous(), hbias = h_b.contiguous(),
-                   vhb = vh_b.contiguous(), ob = out_b.contiguous(), h1b = head1_b.contiguous(),
-                   h2b = head2_b.contiguous(), nz = noise.contiguous();
+  const std::vector<at::Tensor> w = contiguous_weights(weights);
+  const at::Tensor sd = seeds.contiguous();
   const at::Tensor bs = d.has_bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor vw = v_w.contiguous(), hw = h_w.contiguous(), vhw = vh_w.contiguous(),
-                   ow = out_w.contiguous(), h1w = head1_w.contiguous(), h2w = head2_w.contiguous();
+  auto ptr = [&](SamplerWeight q) { return w[q].data_ptr<double>(); };
   const int64_t C = d.channels, C2 = 2 * C, L = d.layers, p = d.pad;
   Model m;
   m.d = d;
-  m.embedding = e.data_ptr<double>();
-  m.v_b = vb.data_ptr<double>();
-  m.h_b = hbias.data_ptr<double>();
-  m.vh_b = vhb.data_ptr<double>();
-  m.out_b = ob.data_ptr<double>();
-  m.head1_b = h1b.data_ptr<double>();
-  m.head2_b = h2b.data_ptr<double>();
+  m.embedding = ptr(kEmbedding);
+  m.v_b = ptr(kVB);
+  m.h_b = ptr(kHB);
+  m.vh_b = ptr(kVhB);
+  m.out_b = ptr(kOutB);
+  m.head1_b = ptr(kHead1B);
+  m.head2_b = ptr(kHead2B);
   m.bias = d.has_bias ? bs.data_ptr<double>() : nullptr;
   const int64_t kv = (p + 1) * d.kernel * C, kh = (p + 1) * C;
   for (int64_t l = 0; l < L; ++l) {
-    m.v_w.emplace_back(vw.data_ptr<double>() + l * kv * C2, kv, C2);
-    m.h_w.emplace_back(hw.data_ptr<double>() + l * kh * C2, kh, C2);
-    m.vh_w.emplace_back(vhw.data_ptr<double>() + l * C2 * C2, C2, C2);
-    m.out_w.emplace_back(ow.data_ptr<double>() + l * C * C, C, C);
+    m.v_w.emplace_back(ptr(kVW) + l * kv * C2, kv, C2);
+    m.h_w.emplace_back(ptr(kHW) + l * kh * C2, kh, C2);
+    m.vh_w.emplace_back(ptr(kVhW) + l * C2 * C2, C2, C2);
+    m.out_w.emplace_back(ptr(kOutW) + l * C * C, C, C);
   }
-  m.head1_w = Panels(h1w.data_ptr<double>(), C, C);
-  m.head2_w = Panels(h2w.data_ptr<double>(), C, d.codes);
+  m.head1_w = Panels(ptr(kHead1W), C, C);
+  m.head2_w = Panels(ptr(kHead2W), C, d.codes);
 
-  const float* noise_p = nz.data_ptr<float>();
+  const int64_t* seeds_p = sd.data_ptr<int64_t>();
   int64_t* codes_p = codes.data_ptr<int64_t>();
   double* gap_p = gap.data_ptr<double>();
   // One contiguous chunk of maps per thread; the maps never interact, so no barrier is needed.
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d.batch));
   const int64_t grain = (d.batch + threads - 1) / threads;
   at::parallel_for(0, d.batch, grain, [&](int64_t b0, int64_t b1) {
-    sample_chunk(m, b0, b1 - b0, noise_p, codes_p, gap_p);
+    sample_chunk(m, b0, b1 - b0, seeds_p, codes_p, gap_p);
   });
   return {codes, gap};
 }

@@ -19,9 +19,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <Python.h>
 
 #include <cfloat>
 #include <cstdio>
@@ -445,6 +442,8 @@ __global__ void recheck_kernel(const float* __restrict__ z, const float* __restr
     TORCH_CHECK(err_ == cudaSuccess, "nearest_code (CUDA): ", cudaGetErrorString(err_)); \
   } while (0)
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
                                                      const at::Tensor& codebook_in) {
   auto [z, codebook] = prepare_nearest_code_inputs(z_in, codebook_in);
@@ -526,15 +525,4 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& z_in,
   return {index, dist};
 }
 
-}  // namespace
 }  // namespace galsim_vqvae
-
-// Importing galsim_vqvae._C_cuda registers the CUDA kernel; the module itself is empty.
-PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-
-TORCH_LIBRARY_IMPL(galsim_vqvae, CUDA, m) {
-  m.impl("nearest_code", &galsim_vqvae::nearest_code_cuda);
-}

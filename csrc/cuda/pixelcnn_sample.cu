@@ -8,8 +8,9 @@
 // terms' biases. Once per position, 2L + 3 fused kernels: per layer the h_conv product of the
 // window fused with the row term and the gate (each thread holds both halves of its gate
 // channels), the h_out product fused with bias and residual; the head's two products with their
-// ELUs, the second one forming the float64 scores logits / T + noise; and the draw (one warp per
-// map: argmax, the top-2 gap, the code, the drawn code's embedding into the first row buffer).
+// ELUs, the second one forming logits / T; and the draw (one warp per map: the Gumbel noise of
+// ../philox.h, argmax, the top-2 gap, the code, the drawn code's embedding into the first row
+// buffer).
 // The kernels read the row index from device memory, so the vertical step and the W positions of a
 // row are captured once as two CUDA graphs and replayed for every row (GALSIM_VQVAE_CUDA_GRAPHS=0
 // launches them one by one instead).
@@ -17,7 +18,6 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -36,14 +36,14 @@ namespace {
     TORCH_CHECK(err_ == cudaSuccess, "pixelcnn_sample (CUDA): ", cudaGetErrorString(err_)); \
   } while (0)
 
-// Everything a kernel needs, passed by value: sizes, weights, buffers (all float64 but the noise,
+// Everything a kernel needs, passed by value: sizes, weights, buffers (all float64 but the seeds,
 // the codes and the row index).
 struct Net {
   int B, H, W, K, C, L, p, k;
   double temperature;
   const double *embedding, *v_w, *v_b, *h_w, *h_b, *vh_w, *vh_b, *out_w, *out_b, *head1_w,
       *head1_b, *head2_w, *head2_b, *bias;
-  const float* noise;
+  const int64_t* seeds;
   double *vc, *rowt, *hb, *gate, *head, *scores, *im2col, *vpre, *gap;
   int64_t* codes;
   int* row;  // the row being sampled
@@ -167,6 +167,46 @@ constexpr int kTK = 64;       // reduction step
 constexpr int kThreads = 128; // 16 rows x 8 column groups; each thread: 1 map x 4 columns
 constexpr int kLoadA = kTM * kTK / kThreads, kLoadB = kTK * kTN / kThreads;
 
+// The operands of one per-position product, by MODE: the weight matrix [kdim, ldw] and the left
+// operand's row of map b (h_conv: the window of columns j-p .. j of row buffer l, .. j-1 for layer
+// 0; h_out: the gate; head1: the last row buffer at j, before its ELU; head2: the head).
+struct Operands {
+  int kdim, ldw;
+  const double* w;
+};
+
+template <int MODE>
+__device__ __forceinline__ Operands operands(const Net& n, int l) {
+  const int C = n.C, p = n.p;
+  if (MODE == kHConvGate)
+    return {(l == 0 ? p : p + 1) * C, 2 * C, n.h_w + (int64_t)l * (p + 1) * C * 2 * C};
+  if (MODE == kHOut) return {C, C, n.out_w + (int64_t)l * C * C};
+  if (MODE == kHead1) return {C, C, n.head1_w};
+  return {C, n.K, n.head2_w};
+}
+
+template <int MODE>
+__device__ __forceinline__ const double* left_row(const Net& n, int l, int j, int64_t b) {
+  if (MODE == kHConvGate) return n.HB(l, b, j);
+  if (MODE == kHOut) return n.gate + b * n.C;
+  if (MODE == kHead1) return n.HB(n.L, b, n.p + j);
+  return n.head + b * n.C;
+}
+
+// The weight column that tile column q (of 32) reads, from column c0 on; false past the matrix.
+// h_conv: q < 16 the first halves of 16 gate channels c0 + q, q >= 16 their second halves.
+template <int MODE>
+__device__ __forceinline__ bool weight_column(const Net& n, const Operands& op, int c0, int q,
+                                              int* col) {
+  if (MODE == kHConvGate) {
+    const int ch = c0 + (q & 15);
+    *col = q < 16 ? ch : n.C + ch;
+    return ch < n.C;
+  }
+  *col = c0 + q;
+  return *col < op.ldw;
+}
+
 // out[b][cols] = A[b][:] @ Wt[:, cols] for the maps of one tile, with the mode's operands and
 // epilogue. Thread (ty, tx) accumulates tile columns tx, tx+8, tx+16, tx+24. The next step's
 // operands are loaded into registers while the current one is multiplied from shared memory.
@@ -178,50 +218,18 @@ __global__ void __launch_bounds__(kThreads) position_kernel(Net n, int l, int j)
   const int C = n.C, p = n.p;
   const int64_t m0 = (int64_t)blockIdx.x * kTM;
   const int c0 = blockIdx.y * (MODE == kHConvGate ? kTN / 2 : kTN);
-  int kdim, ldw;
-  const double* wmat;
-  if (MODE == kHConvGate) {
-    kdim = (l == 0 ? p : p + 1) * C;  // the window: columns j-p .. j (.. j-1 for layer 0)
-    wmat = n.h_w + (int64_t)l * (p + 1) * C * 2 * C;
-    ldw = 2 * C;
-  } else if (MODE == kHOut) {
-    kdim = C;
-    wmat = n.out_w + (int64_t)l * C * C;
-    ldw = C;
-  } else if (MODE == kHead1) {
-    kdim = C;
-    wmat = n.head1_w;
-    ldw = C;
-  } else {
-    kdim = C;
-    wmat = n.head2_w;
-    ldw = n.K;
-  }
+  const Operands op = operands<MODE>(n, l);
+  const int kdim = op.kdim, ldw = op.ldw;
+  const double* wmat = op.w;
   // Row pointers of this thread's A loads and column of its B loads (fixed over the k steps).
   const double* arow[kLoadA];
 #pragma unroll
   for (int t = 0; t < kLoadA; ++t) {
     const int64_t b = m0 + (tid + t * kThreads) / kTK;
-    const double* r = nullptr;
-    if (b < n.B) {
-      if (MODE == kHConvGate) r = n.HB(l, b, j);
-      else if (MODE == kHOut) r = n.gate + b * C;
-      else if (MODE == kHead1) r = n.HB(n.L, b, p + j);
-      else r = n.head + b * C;
-    }
-    arow[t] = r;
+    arow[t] = b < n.B ? left_row<MODE>(n, l, j, b) : nullptr;
   }
-  const int q = tid % kTN;  // every B load of this thread is in tile column q
-  int bcol;
-  bool bok;
-  if (MODE == kHConvGate) {
-    const int ch = c0 + (q & 15);
-    bcol = q < 16 ? ch : C + ch;
-    bok = ch < C;
-  } else {
-    bcol = c0 + q;
-    bok = bcol < ldw;
-  }
+  int bcol;  // every B load of this thread is in tile column tid % kTN
+  const bool bok = weight_column<MODE>(n, op, c0, tid % kTN, &bcol);
   double ra[kLoadA], rb[kLoadB];
   auto load = [&](int k0) {
 #pragma unroll
@@ -289,12 +297,10 @@ __global__ void __launch_bounds__(kThreads) position_kernel(Net n, int l, int j)
       if (c < C) n.head[b * C + c] = elu(acc[h] + n.head1_b[c]);
     }
   } else {
-    const int i = *n.row;
-    const float* g = n.noise + ((b * n.H + i) * n.W + j) * (int64_t)n.K;
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const int k = c0 + tx + 8 * h;
-      if (k < n.K) n.scores[b * n.K + k] = (acc[h] + n.head2_b[k]) / n.temperature + (double)g[k];
+      if (k < n.K) n.scores[b * n.K + k] = (acc[h] + n.head2_b[k]) / n.temperature;
     }
   }
 }
@@ -315,45 +321,15 @@ __global__ void __launch_bounds__(32 * kGS) position_gemv_kernel(Net n, int l, i
   const int C = n.C, p = n.p;
   const int64_t m0 = (int64_t)blockIdx.x * kGM;
   const int c0 = blockIdx.y * (MODE == kHConvGate ? 16 : 32);
-  int kdim, ldw;
-  const double* wmat;
-  if (MODE == kHConvGate) {
-    kdim = (l == 0 ? p : p + 1) * C;
-    wmat = n.h_w + (int64_t)l * (p + 1) * C * 2 * C;
-    ldw = 2 * C;
-  } else if (MODE == kHOut) {
-    kdim = C;
-    wmat = n.out_w + (int64_t)l * C * C;
-    ldw = C;
-  } else if (MODE == kHead1) {
-    kdim = C;
-    wmat = n.head1_w;
-    ldw = C;
-  } else {
-    kdim = C;
-    wmat = n.head2_w;
-    ldw = n.K;
-  }
+  const Operands op = operands<MODE>(n, l);
+  const int kdim = op.kdim, ldw = op.ldw;
+  const double* wmat = op.w;
   // Rows of the left operand; a map past the batch reads map m0's row (its sums are dropped).
   const double* arow[kGM];
 #pragma unroll
-  for (int m = 0; m < kGM; ++m) {
-    const int64_t b = m0 + m < n.B ? m0 + m : m0;
-    if (MODE == kHConvGate) arow[m] = n.HB(l, b, j);
-    else if (MODE == kHOut) arow[m] = n.gate + b * C;
-    else if (MODE == kHead1) arow[m] = n.HB(n.L, b, p + j);
-    else arow[m] = n.head + b * C;
-  }
+  for (int m = 0; m < kGM; ++m) arow[m] = left_row<MODE>(n, l, j, m0 + m < n.B ? m0 + m : m0);
   int bcol;
-  bool bok;
-  if (MODE == kHConvGate) {  // lanes 0-15: first halves of 16 gate channels; 16-31: second
-    const int ch = c0 + (lane & 15);
-    bcol = lane < 16 ? ch : C + ch;
-    bok = ch < C;
-  } else {
-    bcol = c0 + lane;
-    bok = bcol < ldw;
-  }
+  const bool bok = weight_column<MODE>(n, op, c0, lane, &bcol);
   const int per = (kdim + kGS - 1) / kGS;
   const int k0 = slice * per, k1 = min(kdim, k0 + per);
   double acc[kGM];
@@ -404,9 +380,7 @@ __global__ void __launch_bounds__(32 * kGS) position_gemv_kernel(Net n, int l, i
   } else if (MODE == kHead1) {
     if (c < C) n.head[b * C + c] = elu(sum + n.head1_b[c]);
   } else if (c < n.K) {
-    const int i = *n.row;
-    const float* g = n.noise + ((b * n.H + i) * n.W + j) * (int64_t)n.K;
-    n.scores[b * n.K + c] = (sum + n.head2_b[c]) / n.temperature + (double)g[c];
+    n.scores[b * n.K + c] = (sum + n.head2_b[c]) / n.temperature;
   }
 }
 
@@ -419,28 +393,38 @@ __device__ __forceinline__ bool better(double sa, int ka, double sb, int kb) {
   return ka < kb;
 }
 
-// One warp per map: the draw at (i, j), the top-2 gap, the code's embedding into row buffer 0.
+// One warp per map: the draw at (i, j) (scores: logits / T, plus the Gumbel noise of philox.h
+// computed here, four codes per lane and Philox call), the top-2 gap, the code's embedding into
+// row buffer 0.
 __global__ void draw_kernel(Net n, int j) {
   const int64_t b = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (b >= n.B) return;
+  const int i = *n.row;
+  const uint64_t seed = (uint64_t)n.seeds[b];
   const double* s = n.scores + b * n.K;
   double best_s = -INFINITY, s1 = -INFINITY, s2 = -INFINITY;
   int best_k = 0x7fffffff;
   bool nan = false;
-  for (int k = lane; k < n.K; k += 32) {
-    const double v = s[k];
-    if (better(v, k, best_s, best_k)) {
-      best_s = v;
-      best_k = k;
-    }
-    if (isnan(v)) {
-      nan = true;
-    } else if (v > s1) {
-      s2 = s1;
-      s1 = v;
-    } else if (v > s2) {
-      s2 = v;
+  for (int k = 4 * lane; k < n.K; k += 128) {
+    double g[4];
+    gumbel4(seed, i, j, k / 4, g);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (k + w >= n.K) break;
+      const double v = s[k + w] + g[w];
+      if (better(v, k + w, best_s, best_k)) {
+        best_s = v;
+        best_k = k + w;
+      }
+      if (isnan(v)) {
+        nan = true;
+      } else if (v > s1) {
+        s2 = s1;
+        s1 = v;
+      } else if (v > s2) {
+        s2 = v;
+      }
     }
   }
 #pragma unroll
@@ -457,7 +441,6 @@ __global__ void draw_kernel(Net n, int j) {
     s1 = fmax(s1, o1);
   }
   nan = __any_sync(0xffffffffu, nan);
-  const int i = *n.row;
   if (lane == 0) {
     n.codes[(b * n.H + i) * n.W + j] = best_k;
     double& gap = n.gap[b];
@@ -577,34 +560,29 @@ void abandon_capture(cudaStream_t s) {
   cudaGetLastError();
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
-    const at::Tensor& embedding, const at::Tensor& v_w, const at::Tensor& v_b,
-    const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& vh_w, const at::Tensor& vh_b,
-    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& head1_w,
-    const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& noise, double temperature,
-    int64_t kernel_size) {
+    at::TensorList weights, const c10::optional<at::Tensor>& bias, const at::Tensor& seeds,
+    int64_t height, int64_t width, double temperature, int64_t kernel_size) {
   const SamplerDims d =
-      check_sampler_inputs(embedding, v_w, v_b, h_w, h_b, vh_w, vh_b, out_w, out_b, head1_w,
-                           head1_b, head2_w, head2_b, bias, noise, temperature, kernel_size);
-  TORCH_CHECK(noise.is_cuda(), "pixelcnn_sample_cuda: tensors must be on a CUDA device");
+      check_sampler_inputs(weights, bias, seeds, height, width, temperature, kernel_size);
+  TORCH_CHECK(seeds.is_cuda(), "pixelcnn_sample_cuda: tensors must be on a CUDA device");
   TORCH_CHECK_VALUE(d.batch < (1 << 24) && d.height < (1 << 20) && d.width < (1 << 20) &&
                         d.codes < (1 << 24) && d.channels < (1 << 16) && d.layers < (1 << 16),
                     msg("pixelcnn_sample (CUDA): sizes out of range: B=", d.batch,
                         " H=", d.height, " W=", d.width, " K=", d.codes, " C=", d.channels,
                         " L=", d.layers));
-  const at::cuda::CUDAGuard guard(noise.device());
-  const auto f64 = noise.options().dtype(at::kDouble);
-  auto codes = at::empty({d.batch, d.height, d.width}, noise.options().dtype(at::kLong));
+  const at::cuda::CUDAGuard guard(seeds.device());
+  const auto f64 = seeds.options().dtype(at::kDouble);
+  auto codes = at::empty({d.batch, d.height, d.width}, seeds.options().dtype(at::kLong));
   auto gap = at::full({d.batch}, INFINITY, f64);
   if (d.batch == 0) return {codes, gap};
 
   const int64_t B = d.batch, W = d.width, C = d.channels, L = d.layers, p = d.pad, R = p + 1;
-  const at::Tensor e = embedding.contiguous(), vw = v_w.contiguous(), vb = v_b.contiguous(),
-                   hw = h_w.contiguous(), hbias = h_b.contiguous(), vhw = vh_w.contiguous(),
-                   vhb = vh_b.contiguous(), ow = out_w.contiguous(), ob = out_b.contiguous(),
-                   h1w = head1_w.contiguous(), h1b = head1_b.contiguous(),
-                   h2w = head2_w.contiguous(), h2b = head2_b.contiguous(), nz = noise.contiguous();
+  const std::vector<at::Tensor> w = contiguous_weights(weights);
+  const at::Tensor sd = seeds.contiguous();
+  const at::Tensor &vw = w[kVW], &vhw = w[kVhW];
   const at::Tensor bs = d.has_bias ? bias->contiguous() : at::Tensor();
   const SamplerLayout lay(d);
   // The caches (nn/fast_sampling.py::cache_bytes, less the pre-activations, kept in registers),
@@ -617,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   auto scores = at::empty({B, lay.logits}, f64);
   auto im2col = at::empty({B * W, R * d.kernel * C}, f64);
   auto vpre = at::empty({B * W, 2 * C}, f64);
-  auto row = at::zeros({1}, noise.options().dtype(at::kInt));
+  auto row = at::zeros({1}, seeds.options().dtype(at::kInt));
 
   Launcher run;
   Net& n = run.n;
@@ -630,21 +608,21 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   n.p = (int)p;
   n.k = (int)d.kernel;
   n.temperature = d.temperature;
-  n.embedding = e.data_ptr<double>();
-  n.v_w = vw.data_ptr<double>();
-  n.v_b = vb.data_ptr<double>();
-  n.h_w = hw.data_ptr<double>();
-  n.h_b = hbias.data_ptr<double>();
-  n.vh_w = vhw.data_ptr<double>();
-  n.vh_b = vhb.data_ptr<double>();
-  n.out_w = ow.data_ptr<double>();
-  n.out_b = ob.data_ptr<double>();
-  n.head1_w = h1w.data_ptr<double>();
-  n.head1_b = h1b.data_ptr<double>();
-  n.head2_w = h2w.data_ptr<double>();
-  n.head2_b = h2b.data_ptr<double>();
+  n.embedding = w[kEmbedding].data_ptr<double>();
+  n.v_w = w[kVW].data_ptr<double>();
+  n.v_b = w[kVB].data_ptr<double>();
+  n.h_w = w[kHW].data_ptr<double>();
+  n.h_b = w[kHB].data_ptr<double>();
+  n.vh_w = w[kVhW].data_ptr<double>();
+  n.vh_b = w[kVhB].data_ptr<double>();
+  n.out_w = w[kOutW].data_ptr<double>();
+  n.out_b = w[kOutB].data_ptr<double>();
+  n.head1_w = w[kHead1W].data_ptr<double>();
+  n.head1_b = w[kHead1B].data_ptr<double>();
+  n.head2_w = w[kHead2W].data_ptr<double>();
+  n.head2_b = w[kHead2B].data_ptr<double>();
   n.bias = d.has_bias ? bs.data_ptr<double>() : nullptr;
-  n.noise = nz.data_ptr<float>();
+  n.seeds = sd.data_ptr<int64_t>();
   n.vc = vc.data_ptr<double>();
   n.rowt = rowt.data_ptr<double>();
   n.hb = hbuf.data_ptr<double>();
@@ -666,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   // All work on a side stream (graph capture needs a non-default stream), ordered after what the
   // caller's stream has queued, and the caller's stream ordered after it.
   const auto origin = c10::cuda::getCurrentCUDAStream();
-  const auto side = side_stream(noise.device().index());
+  const auto side = side_stream(seeds.device().index());
   order_after(side.stream(), origin.stream());
   {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
@@ -717,9 +695,4 @@ std::tuple<at::Tensor, at::Tensor> pixelcnn_sample_cuda(
   return {codes, gap};
 }
 
-}  // namespace
 }  // namespace galsim_vqvae
-
-TORCH_LIBRARY_IMPL(galsim_vqvae, CUDA, m) {
-  m.impl("pixelcnn_sample", &galsim_vqvae::pixelcnn_sample_cuda);
-}

@@ -1,6 +1,7 @@
 """The galaxy dataset file: HDF5, written by streaming, read whole or per stamp.
 
-Layout (format ``galsim_vqvae.dataset``, version 1):
+Layout (format ``galsim_vqvae.dataset``, version 2; a file without a noise model is written as
+version 1, which older readers read too):
 
 - file attributes: ``format``, ``format_version``, ``pixel_scale`` (arcsec/pixel), ``stamp_size``,
   ``band``, ``zeropoint`` (mag = -2.5 log10(flux) + zeropoint), ``source``
@@ -8,11 +9,17 @@ Layout (format ``galsim_vqvae.dataset``, version 1):
 - ``observed`` [N,S,S] f32; ``truth`` [N,S,S] f32 (synthetic only); ``psf_bank`` [P,S,S] f32 (each
   PSF sums to 1, centred at pixel (S//2, S//2), pixel response included); ``psf_index`` [N] int32;
   ``sigma`` [N] f32 (Gaussian noise sigma per stamp, pixel units); group ``params`` of [N] f32.
+- Version 2 adds the noise model, each part optional: ``noise_bank`` [Q,S,S] f32 (power spectra
+  of the stamps' noise on numpy's ``fft2`` grid, each of mean 1, so that the pixel variance is
+  sigma^2; `galsim_vqvae.data.noise`) with ``noise_index`` [N] int32, and ``weight`` [N,S,S] f32
+  (relative inverse variance of each pixel, >= 0; 0 where there is no data: padding, masked
+  neighbours). Without them (every version-1 file) the noise is white and every weight 1.
 
 Stamp ``i`` is held out (the "test" split) iff ``i % 10 == 9``.
 """
 
 import contextlib
+import json
 import os
 import sys
 
@@ -22,7 +29,9 @@ from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
 
 FORMAT = "galsim_vqvae.dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no noise model (white noise of sigma, every weight 1)
+NOISE_KEYS = ("noise_bank", "noise_index", "weight")  # version 2, optional
 FLUX_CONVENTION = "pixel value = flux in the pixel (counts/s); stamp sum = total flux"
 SOURCES = ("synthetic", "fits", "cosmos")
 STAMP_KEYS = ("observed", "truth", "psf_index", "sigma")  # per-stamp top-level datasets
@@ -99,9 +108,9 @@ def _open(path):
                 raise VQVAEFormatError(f"{path}: attribute format is {fmt!r}, expected "
                                        f"{FORMAT!r}")
             version = _attr(f.attrs.get("format_version"))
-            if version != FORMAT_VERSION:
+            if version not in READ_VERSIONS:
                 raise VQVAEFormatError(f"{path}: unknown format_version {version!r} (this version "
-                                       f"of galsim_vqvae reads {FORMAT_VERSION})")
+                                       f"of galsim_vqvae reads {' and '.join(map(str, READ_VERSIONS))})")
             _check_attributes(f, path)
             _check_layout(f, path)
     except BaseException:
@@ -138,10 +147,19 @@ def _check_layout(f, path):
         if key not in f or not isinstance(f[key], h5py.Dataset):
             raise VQVAEFormatError(f"{path}: missing dataset {key!r}")
     s = _attr(f.attrs.get("stamp_size"))
-    for key in ("observed", "psf_bank", "psf_index", "sigma", "truth"):
-        if key in f and f[key].dtype.kind not in ("iu" if key == "psf_index" else "fiu"):
+    for key in ("observed", "psf_bank", "psf_index", "sigma", "truth") + NOISE_KEYS:
+        if key in f and not isinstance(f[key], h5py.Dataset):
+            raise VQVAEFormatError(f"{path}: {key} is not an array")
+        integer = key in ("psf_index", "noise_index")
+        if key in f and f[key].dtype.kind not in ("iu" if integer else "fiu"):
             raise VQVAEFormatError(f"{path}: {key} holds {f[key].dtype} values, not "
-                                   f"{'integers' if key == 'psf_index' else 'numbers'}")
+                                   f"{'integers' if integer else 'numbers'}")
+    if _attr(f.attrs.get("format_version")) == 1 and any(k in f for k in NOISE_KEYS):
+        raise VQVAEFormatError(f"{path}: format_version 1 file holds noise-model arrays "
+                               f"{[k for k in NOISE_KEYS if k in f]} (version 2 arrays)")
+    if ("noise_bank" in f) != ("noise_index" in f):
+        raise VQVAEFormatError(f"{path}: noise_bank and noise_index come together; the file has "
+                               f"only {'noise_bank' if 'noise_bank' in f else 'noise_index'}")
     if "params" in f:
         if not isinstance(f["params"], h5py.Group):
             raise VQVAEFormatError(f"{path}: params is not a group of arrays")
@@ -156,9 +174,15 @@ def _check_layout(f, path):
     bank = f["psf_bank"]
     if bank.ndim != 3 or bank.shape[1:] != (s, s) or (n and bank.shape[0] == 0):
         raise VQVAEFormatError(f"{path}: psf_bank has shape {bank.shape}, expected (P>0, {s}, {s})")
+    if "noise_bank" in f:
+        nb = f["noise_bank"]
+        if nb.ndim != 3 or nb.shape[1:] != (s, s) or (n and nb.shape[0] == 0):
+            raise VQVAEFormatError(f"{path}: noise_bank has shape {nb.shape}, expected "
+                                   f"(Q>0, {s}, {s})")
     shapes = {"psf_index": (n,), "sigma": (n,)}
-    if "truth" in f:
-        shapes["truth"] = (n, s, s)
+    for key, shape in (("truth", (n, s, s)), ("noise_index", (n,)), ("weight", (n, s, s))):
+        if key in f:
+            shapes[key] = shape
     if "params" in f:
         for name, col in f["params"].items():
             shapes[f"params/{name}"] = (n,)
@@ -168,9 +192,22 @@ def _check_layout(f, path):
                                    f"{n} observed stamps (expected {shape})")
 
 
+def _class_names(text, path):
+    """The ``class_names`` attribute (a JSON list of strings) as a list."""
+    try:
+        names = json.loads(text)
+    except (TypeError, ValueError):
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        raise VQVAEFormatError(f"{path}: attribute class_names is not a JSON list of names: "
+                               f"{text!r:.80}")
+    return names
+
+
 def read_header(path):
     """The header of a dataset file: its attributes plus ``n``, ``n_psf``, ``has_truth``,
-    ``params`` (list of names) and ``path``.
+    ``noise`` (the noise-model arrays it holds, a subset of ``NOISE_KEYS``), ``params`` (list of
+    names) and ``path``.
 
     Parameters:
         path:   Dataset file (HDF5).
@@ -181,9 +218,12 @@ def read_header(path):
     """
     with contextlib.closing(_open(path)) as f, _reading(path):
         header = {k: _attr(v) for k, v in f.attrs.items()}
+        if "class_names" in header:
+            header["class_names"] = _class_names(header["class_names"], path)
         header["n"] = int(f["observed"].shape[0])
         header["n_psf"] = int(f["psf_bank"].shape[0])
         header["has_truth"] = "truth" in f
+        header["noise"] = [k for k in NOISE_KEYS if k in f]
         header["params"] = sorted(f["params"].keys()) if "params" in f else []
         header["path"] = os.path.abspath(os.fspath(path))
     return header
@@ -220,17 +260,21 @@ def load_arrays(path, indices=None, keys=None):
         indices:    Stamp indices to load (any order; e.g. ``split_indices(n, "train")``), or None
                     for all stamps. ``psf_bank`` is always returned whole. [default: None]
         keys:       Names to load: any of ``observed``, ``truth``, ``psf_bank``, ``psf_index``,
-                    ``sigma``, ``params`` (all parameters) or ``params/NAME``. None loads all.
-                    [default: None]
+                    ``sigma``, ``noise_bank``, ``noise_index``, ``weight``, ``params`` (all
+                    parameters) or ``params/NAME``. None loads all. The noise-model arrays
+                    are left out of the result when the file has none (white noise, every
+                    weight 1). [default: None]
 
     Returns:
-        dict of numpy arrays; parameters appear as ``"params/NAME"`` keys.
+        dict of numpy arrays; parameters appear as ``"params/NAME"`` keys. ``psf_bank`` and
+        ``noise_bank`` are whole.
     """
     with contextlib.closing(_open(path)) as f, _reading(path):
         n = f["observed"].shape[0]
         param_names = sorted(f["params"].keys()) if "params" in f else []
         if keys is None:
-            keys = [k for k in ("observed", "truth", "psf_bank", "psf_index", "sigma") if k in f]
+            keys = [k for k in ("observed", "truth", "psf_bank", "psf_index", "sigma")
+                    + NOISE_KEYS if k in f]
             keys += ["params"]
         if isinstance(keys, str):
             keys = [keys]
@@ -240,6 +284,8 @@ def load_arrays(path, indices=None, keys=None):
                 wanted += [f"params/{p}" for p in param_names]
             elif key in f or key.startswith("params/") and key[7:] in param_names:
                 wanted.append(key)
+            elif key in NOISE_KEYS:
+                continue  # no noise model: white noise, every weight 1
             else:
                 raise VQVAEInputError(f"{path}: no array {key!r} in the dataset (has "
                                       f"{sorted(k for k in f.keys() if k != 'params')} and "
@@ -252,7 +298,7 @@ def load_arrays(path, indices=None, keys=None):
         out = {}
         for key in wanted:
             dset = f[key]
-            if key == "psf_bank" or indices is None:
+            if key in ("psf_bank", "noise_bank") or indices is None:
                 out[key] = dset[()]
             else:
                 out[key] = _read_rows(dset, indices)
@@ -267,7 +313,9 @@ class DatasetWriter:
         with DatasetWriter(path, stamp_size=84, pixel_scale=0.06, band="F160W",
                            zeropoint=25.94, source="synthetic", seed=1) as w:
             w.add_psfs(bank)                                  # -> their indices
-            w.append(observed=obs, sigma=sig, psf_index=idx, truth=tru, params={"mag": m})
+            w.add_noise_power(power)                          # optional (correlated noise)
+            w.append(observed=obs, sigma=sig, psf_index=idx, truth=tru, params={"mag": m},
+                     noise_index=nidx, weight=wgt)            # the last two optional
 
     Parameters:
         path:           Output file. Written to a temporary file beside it and renamed on success;
@@ -280,10 +328,13 @@ class DatasetWriter:
         description:    Free text. [default: ""]
         seed:           Generating seed, -1 if none. [default: -1]
         compression:    None, "lzf" or "gzip" (HDF5 filters on every stamp array). [default: None]
+        class_names:    Names of the classes of an integer ``params/morph_class`` label (value k
+                        means ``class_names[k]``), stored as the attribute ``class_names``.
+                        [default: None]
     """
 
     def __init__(self, path, stamp_size, pixel_scale, band, zeropoint, source, description="",
-                 seed=-1, compression=None):
+                 seed=-1, compression=None, class_names=None):
         if source not in SOURCES:
             raise VQVAEInputError(f"source must be one of {SOURCES}, got {source!r}")
         if compression not in (None, "lzf", "gzip"):
@@ -297,9 +348,12 @@ class DatasetWriter:
                           band=str(band), zeropoint=float(zeropoint), source=str(source),
                           description=str(description), seed=int(-1 if seed is None else seed),
                           flux_convention=FLUX_CONVENTION)
+        if class_names is not None:
+            self.attrs["class_names"] = json.dumps([str(c) for c in class_names])
         self.compression = compression
         self.n = 0
         self.n_psf = 0
+        self.n_noise = 0
         self._file = None
         self._stack = None
 
@@ -368,7 +422,34 @@ class DatasetWriter:
         self.n_psf += len(psfs)
         return np.arange(first, self.n_psf, dtype=np.int32)
 
-    def append(self, observed, sigma, psf_index, truth=None, params=None):
+    def add_noise_power(self, powers):
+        """Append noise power spectra [Q,S,S] (or one [S,S]) to ``noise_bank``; return their
+        indices [Q]. Each is the expected periodogram of the noise of an S x S stamp on numpy's
+        ``fft2`` grid, normalised to mean 1 (`galsim_vqvae.data.noise.power_from_correlation`)."""
+        if self._file is None:
+            raise RuntimeError("DatasetWriter is not open (use it in a with block)")
+        s = self.stamp_size
+        powers = np.asarray(powers, dtype=np.float64)
+        if powers.ndim == 2:
+            powers = powers[None]
+        if powers.ndim != 3 or powers.shape[1:] != (s, s):
+            raise VQVAEInputError(f"{self.path}: noise power spectra have shape {powers.shape}, "
+                                  f"expected (Q, {s}, {s})")
+        if not (np.isfinite(powers).all() and (powers > 0).all()):
+            raise VQVAEInputError(f"{self.path}: noise power spectrum {self.n_noise} has "
+                                  f"non-positive or non-finite values")
+        means = powers.mean(axis=(1, 2))
+        bad = np.flatnonzero(np.abs(means - 1) > _PSF_SUM_TOL)
+        if bad.size:
+            raise VQVAEInputError(f"{self.path}: noise power spectrum {self.n_noise + bad[0]} has "
+                                  f"mean {means[bad[0]]:.6g}, expected 1 (sigma holds the scale)")
+        self._grow(self._dataset("noise_bank", (s, s), "f4"), powers.astype(np.float32))
+        first = self.n_noise
+        self.n_noise += len(powers)
+        return np.arange(first, self.n_noise, dtype=np.int32)
+
+    def append(self, observed, sigma, psf_index, truth=None, params=None, noise_index=None,
+               weight=None):
         """Append a chunk of B stamps.
 
         Parameters:
@@ -379,6 +460,11 @@ class DatasetWriter:
                         or none does. [default: None]
             params:     dict name -> [B] per-stamp parameters; every chunk the same names.
                         [default: None]
+            noise_index: [B] indices into the noise bank (see `add_noise_power`), or None for
+                        white noise. Either every chunk has it or none does. [default: None]
+            weight:     [B,S,S] relative inverse variance of each pixel (>= 0, 0 where there is
+                        no data, some pixel of each stamp > 0), or None for every weight 1.
+                        Either every chunk has it or none does. [default: None]
         """
         if self._file is None:
             raise RuntimeError("DatasetWriter is not open (use it in a with block)")
@@ -399,8 +485,29 @@ class DatasetWriter:
         if not (np.all(np.isfinite(observed)) and np.all(np.isfinite(sigma))):
             raise VQVAEInputError(f"{self.path}: observed or sigma contain NaN or inf (stamps "
                                   f"{self.n}..{self.n + b - 1})")
-        if self.n > 0 and (truth is None) == ("truth" in self._file):
-            raise VQVAEInputError(f"{self.path}: truth given for some chunks but not others")
+        for key, value in (("truth", truth), ("noise_index", noise_index), ("weight", weight)):
+            if self.n > 0 and (value is None) == (key in self._file):
+                raise VQVAEInputError(f"{self.path}: {key} given for some chunks but not others")
+        if noise_index is not None:
+            noise_index = np.asarray(noise_index).reshape(-1)
+            if noise_index.shape != (b,):
+                raise VQVAEInputError(f"{self.path}: noise_index {noise_index.shape} does not "
+                                      f"match {b} stamps")
+            if b and (noise_index.min() < 0 or noise_index.max() >= self.n_noise):
+                raise VQVAEInputError(f"{self.path}: noise_index value outside [0, "
+                                      f"{self.n_noise}); add the noise power spectra first")
+        if weight is not None:
+            weight = np.asarray(weight, dtype=np.float32)
+            if weight.shape != (b, s, s):
+                raise VQVAEInputError(f"{self.path}: weight chunk has shape {weight.shape}, "
+                                      f"expected ({b}, {s}, {s})")
+            if not np.isfinite(weight).all() or (weight < 0).any():
+                raise VQVAEInputError(f"{self.path}: weight of stamps {self.n}..{self.n + b - 1} "
+                                      f"has negative or non-finite values")
+            empty = np.flatnonzero(~(weight > 0).any(axis=(1, 2)))
+            if empty.size:
+                raise VQVAEInputError(f"{self.path}: stamp {self.n + empty[0]} has no pixel of "
+                                      f"positive weight (its mask leaves it empty)")
         params = dict(params or {})
         if self.n > 0:
             have = sorted(self._file["params"].keys()) if "params" in self._file else []
@@ -422,6 +529,10 @@ class DatasetWriter:
                 raise VQVAEInputError(f"{self.path}: params/{name} has {value.size} values for "
                                       f"{b} stamps")
             self._grow(self._dataset(f"params/{name}", (), "f4"), value)
+        if noise_index is not None:
+            self._grow(self._dataset("noise_index", (), "i4"), noise_index.astype(np.int32))
+        if weight is not None:
+            self._grow(self._dataset("weight", (s, s), "f4"), weight)
         self.n += b
 
     def _finish(self):
@@ -431,6 +542,12 @@ class DatasetWriter:
             self._dataset(key, shape, dtype)
         if self.n > 0 and self.n_psf == 0:
             raise VQVAEInputError(f"{self.path}: {self.n} stamps but no PSF in the bank")
+        if self.n > 0 and ("noise_bank" in self._file) != ("noise_index" in self._file):
+            raise VQVAEInputError(f"{self.path}: noise power spectra were added but no stamp has "
+                                  f"a noise_index")
+        # version 2 only for what version 1 cannot hold: older readers still read the rest
+        noise = any(k in self._file for k in NOISE_KEYS)
+        self._file.attrs["format_version"] = FORMAT_VERSION if noise else 1
 
 
 class GalaxyDataset:
@@ -438,8 +555,9 @@ class GalaxyDataset:
 
     The HDF5 file is opened lazily, once per process, so DataLoader worker processes each get
     their own handle. An item is a dict of tensors: ``observed`` [1,S,S], ``psf`` [1,S,S],
-    ``sigma`` [], ``truth`` [1,S,S] (if the file has it), ``params`` {name: []} and ``index``
-    (the stamp's index in the file).
+    ``sigma`` [], ``noise_power`` [S,S] (the noise power spectrum shape, all ones for white
+    noise), ``weight`` [1,S,S] (all ones without a weight map), ``truth`` [1,S,S] (if the file
+    has it), ``params`` {name: []} and ``index`` (the stamp's index in the file).
 
     Parameters:
         path:   Dataset file (HDF5).
@@ -454,6 +572,7 @@ class GalaxyDataset:
         self._file = None
         self._pid = None
         self._bank = None
+        self._noise_bank = None
 
     def __len__(self):
         return len(self.indices)
@@ -464,11 +583,14 @@ class GalaxyDataset:
             self._pid = os.getpid()
             with _reading(self.path):
                 self._bank = self._file["psf_bank"][()]
+                s = self._bank.shape[-1]
+                self._noise_bank = (self._file["noise_bank"][()] if "noise_bank" in self._file
+                                    else np.ones((1, s, s), np.float32))
         return self._file
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"], state["_pid"], state["_bank"] = None, None, None
+        state["_file"], state["_pid"], state["_bank"], state["_noise_bank"] = (None,) * 4
         return state
 
     def __getitem__(self, k):
@@ -487,6 +609,13 @@ class GalaxyDataset:
                     "psf": torch.from_numpy(self._bank[p][None].astype(np.float32)),
                     "sigma": torch.tensor(float(f["sigma"][i]), dtype=torch.float32),
                     "index": torch.tensor(i, dtype=torch.int64)}
+            q = int(f["noise_index"][i]) if "noise_index" in f else 0
+            if not 0 <= q < len(self._noise_bank):
+                raise VQVAEFormatError(f"{self.path}: stamp {i} has noise_index {q}, outside the "
+                                       f"noise bank [0, {len(self._noise_bank)})")
+            item["noise_power"] = torch.from_numpy(self._noise_bank[q].astype(np.float32))
+            item["weight"] = (torch.from_numpy(f["weight"][i][None].astype(np.float32))
+                              if "weight" in f else torch.ones_like(item["observed"]))
             if "truth" in f:
                 item["truth"] = torch.from_numpy(f["truth"][i][None].astype(np.float32))
             item["params"] = {name: torch.tensor(float(col[i]), dtype=torch.float32)

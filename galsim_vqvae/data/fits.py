@@ -17,7 +17,14 @@ Rules:
   get the same treatment, so they stay consistent. Then stamps are cropped or padded (centred) to
   S x S; padding is filled with Gaussian noise of the stamp's sigma, drawn from the stamp's index.
 - Noise sigma per stamp: `galsim_vqvae.data.noise.estimate_sigma` on the resampled stamp before
-  padding. PSFs are normalised to sum 1 after resampling.
+  padding (its pixels of weight > 0). PSFs are normalised to sum 1 after resampling.
+- Weight maps (optional, ``weight``: a folder holding, for stamp ``NAME.fits``, ``NAME.fits``,
+  ``NAME.weight.fits``, ``NAME_weight.fits``, ``NAME.mask.fits`` or ``NAME_mask.fits``, of the
+  stamp's shape): relative inverse variances, >= 0, 0 where there is no data (a mask of 1 for good
+  pixels and 0 for bad ones is one). Resampled like the stamp, divided by the area ratio, and
+  set to 0 wherever a model pixel sees less than 99% good input pixels; normalised to a median of
+  1 over the pixels with data (sigma is the noise there); 0 on the padding. Without weight maps
+  the dataset has no ``weight`` (every weight 1). The noise is taken as white.
 """
 
 import os
@@ -230,13 +237,34 @@ def model_psf(array, in_scale, stamp_size, pixel_scale, where):
     return out / total
 
 
-def model_stamp(array, in_scale, stamp_size, pixel_scale, index):
+def model_stamp(array, in_scale, stamp_size, pixel_scale, index, weight=None):
     """A galaxy stamp on the model grid and its noise sigma: resampled, sigma estimated from the
-    corners, then cropped or padded (padding filled with noise seeded by ``index``)."""
+    corners (pixels of positive ``weight``, the stamp's weight on the model grid), then cropped
+    or padded (padding filled with noise seeded by ``index``)."""
     image = resample(array, in_scale, pixel_scale)
-    sigma = estimate_sigma(image)
+    sigma = estimate_sigma(image if weight is None else np.where(weight > 0, image, np.nan))
     rng = np.random.default_rng(np.random.SeedSequence([index, 0x5EED]))
     return fit_to_size(image, stamp_size, fill=lambda shape: rng.normal(0, sigma, shape)), sigma
+
+
+def model_weight(array, shape, in_scale, stamp_size, pixel_scale, where):
+    """A weight map on the model grid (see the module docstring), before and after cropping or
+    padding to the stamp: (resampled [like the stamp], [S, S]). Errors name ``where``."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.shape != tuple(shape):
+        raise VQVAEInputError(f"{where}: weight map has shape {array.shape}, its stamp "
+                              f"{tuple(shape)}")
+    if (array < 0).any():
+        raise VQVAEInputError(f"{where}: weight map has {(array < 0).sum()} negative pixels")
+    if not (array > 0).any():
+        raise VQVAEInputError(f"{where}: weight map is 0 everywhere (no pixel with data)")
+    area = (pixel_scale / in_scale) ** 2
+    good = resample((array > 0).astype(np.float64), in_scale, pixel_scale) / area
+    weight = np.where(good > 0.99, resample(array, in_scale, pixel_scale) / area, 0.0)
+    if not (weight > 0).any():
+        raise VQVAEInputError(f"{where}: weight map leaves no pixel with data on the model grid")
+    weight /= np.median(weight[weight > 0])
+    return weight, fit_to_size(weight, stamp_size)
 
 
 def stamp_params(stamp, zeropoint):
@@ -246,20 +274,25 @@ def stamp_params(stamp, zeropoint):
     return {"flux": flux, "mag": float(mag)}
 
 
+def _companion(stamp_path, folder, what, suffixes):
+    """The file of ``folder`` that goes with a stamp: ``NAME.fits`` or ``NAME<suffix>.fits``."""
+    stem = _stem(os.path.basename(stamp_path))
+    for name in sorted(os.listdir(folder)):
+        if _stem(name) in (stem,) + tuple(stem + x for x in suffixes):
+            return os.path.join(folder, name)
+    names = ", ".join(f"{stem}{x}.fits" for x in ("",) + tuple(suffixes))
+    raise VQVAEInputError(f"no {what} for stamp {stamp_path} in {folder} (expected {names})")
+
+
 def _psf_for(stamp_path, psf, psf_dir):
     if not psf_dir:
         return psf
-    stem = _stem(os.path.basename(stamp_path))
-    for name in os.listdir(psf):
-        if _stem(name) in (stem, stem + ".psf", stem + "_psf"):
-            return os.path.join(psf, name)
-    raise VQVAEInputError(f"no PSF for stamp {stamp_path} in {psf} (expected {stem}.fits, "
-                          f"{stem}.psf.fits or {stem}_psf.fits)")
+    return _companion(stamp_path, psf, "PSF", (".psf", "_psf"))
 
 
 def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
                       input_pixel_scale=None, band="F160W", zeropoint=25.94, progress=True,
-                      psf_pixel_scale=None, description=None):
+                      psf_pixel_scale=None, description=None, weight=None):
     """Build a dataset from a folder of FITS galaxy stamps and their PSF(s).
 
     See the module docstring for the file-matching, pixel-scale, centring and resampling rules.
@@ -278,6 +311,8 @@ def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
         psf_pixel_scale:    Pixel scale of the PSF images; None reads their headers, else uses
                             the stamps' scale. [default: None]
         description:        Header description. [default: None, i.e. names the folder]
+        weight:             Folder of weight (or mask) maps, one per stamp (see the module
+                            docstring). [default: None, every weight 1]
 
     Returns:
         dict: ``n``, ``n_psf``, ``path``.
@@ -291,6 +326,8 @@ def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
     psf_dir = os.path.isdir(psf)
     if psf_dir:
         list_fits(psf, what="psf folder")
+    if weight is not None:
+        list_fits(weight, what="weight folder")
     with DatasetWriter(out, stamp_size, pixel_scale, band, zeropoint, "fits",
                        description=description or f"FITS stamps of {os.path.abspath(input_dir)}",
                        seed=-1) as w:
@@ -298,7 +335,14 @@ def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
         for i, path in enumerate(tqdm(stamps, desc="FITS stamps", disable=not progress)):
             data, header = read_image(path)
             scale = image_scale(header, input_pixel_scale, path)
-            stamp, sigma = model_stamp(data, scale, stamp_size, pixel_scale, i)
+            wgt = None
+            if weight is not None:
+                w_path = _companion(path, weight, "weight map", (".weight", "_weight", ".mask",
+                                                                 "_mask"))
+                wgt = model_weight(read_image(w_path)[0], data.shape, scale, stamp_size,
+                                   pixel_scale, w_path)
+            stamp, sigma = model_stamp(data, scale, stamp_size, pixel_scale, i,
+                                       None if wgt is None else wgt[0])
             psf_path = _psf_for(path, psf, psf_dir)
             if psf_path not in psf_index:
                 psf_data, psf_header = read_image(psf_path)
@@ -310,6 +354,7 @@ def make_fits_dataset(out, input_dir, psf, stamp_size=84, pixel_scale=0.06,
                                       f"{sigma}; a noiseless image cannot be used for training")
             params = stamp_params(stamp, zeropoint)
             w.append(observed=stamp[None], sigma=[sigma], psf_index=[psf_index[psf_path]],
-                     params={k: [v] for k, v in params.items()})
+                     params={k: [v] for k, v in params.items()},
+                     weight=None if wgt is None else wgt[1][None])
         n, n_psf = w.n, w.n_psf
     return dict(n=n, n_psf=n_psf, path=os.path.abspath(os.fspath(out)))

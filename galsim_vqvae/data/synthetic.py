@@ -32,7 +32,11 @@ MERGER_FRACTION = 0.12
 MAX_LOST_FLUX = 0.03       # galaxies with more of their light beyond the stamp's interior
 EDGE_MARGIN = 3            # (the stamp less this many edge pixels) are redrawn
 MAX_KNOT_RADIUS = 2.5     # clumps lie within 2.5 disk half-light radii (pulled in if drawn further)
-PARAM_NAMES = ("flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2", "dx", "dy", "snr")
+PARAM_NAMES = ("flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2", "dx", "dy", "snr",
+               "morph_class")
+# Morphology classes (the ``morph_class`` label, an index into CLASS_NAMES): the bulge-fraction
+# class a galaxy is drawn from, or "irregular" for the merging/irregular systems.
+CLASS_NAMES = ("disk", "intermediate", "bulge", "irregular")
 
 # Effective-PSF images are built on a grid 2x finer than the stamp (accurate interpolation); the
 # stamp-grid bank image is every second sample of it.
@@ -199,7 +203,7 @@ class KGrid:
 def galaxy_profile(rng, pixel_scale):
     """Draw one galaxy from ``rng`` (a numpy Generator): a `Galaxy` and a dict of its drawn
     parameters (``sersic_n``, ``bulge_frac``, ``dx``, ``dy``, the F160W ``flux`` of the profile and
-    ``merger``). See docs/data.md for the choices and their sources."""
+    ``merger``, ``morph_class``). See docs/data.md for the choices and their sources."""
     import galsim
 
     u = rng.uniform()
@@ -262,8 +266,9 @@ def galaxy_profile(rng, pixel_scale):
     xy, fl = np.concatenate(xy), np.concatenate(fl)
     galaxy = Galaxy(galsim.Add(parts), xy, fl, np.full(len(fl), clump_sigma),
                     SOFTENING * pixel_scale)
+    morph_class = CLASS_NAMES.index("irregular") if merger else int(kind)
     return galaxy, dict(sersic_n=n, bulge_frac=bulge_frac, dx=dx, dy=dy, flux=flux,
-                        merger=bool(merger))
+                        merger=bool(merger), morph_class=morph_class)
 
 
 def _sersic_gsparams():
@@ -475,7 +480,8 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
         pool = _pool(workers, ctx)
         snr = []
         with DatasetWriter(out, stamp_size, pixel_scale, BAND, ZEROPOINT, "synthetic",
-                           description=description, seed=seed, compression=compression) as w:
+                           description=description, seed=seed, compression=compression,
+                           class_names=CLASS_NAMES) as w:
             w.add_psfs(np.stack([bank for bank, _ in bank_fine]))
             chunk = max(1, min(chunk, -(-n // (4 * workers))))  # keep every worker busy
             bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]

@@ -48,8 +48,10 @@ def cache_bytes(batch, layers, channels, width, kernel_size, num_codes, itemsize
 
     ``itemsize * batch * (L*C*((p+1)*(W+2p) + 2W) + (L+1)*C*(W+p) + 4C + 1 + K)`` with
     ``p = kernel_size // 2`` (derived in ``docs/sampling.md``); independent of the map height. On
-    top come the Gumbel noise of the batch (``4 * batch * H * W * K`` bytes, as in `sample_naive`),
-    the output codes and the row step's scratch (`row_step_bytes`).
+    top come the output codes and the row step's scratch (`row_step_bytes`), and, in the PyTorch
+    loop only, the Gumbel noise of the batch (``8 * batch * H * W * K`` bytes, as in
+    `sample_naive`); the compiled ops compute the noise where they draw (K doubles per thread on
+    the CPU).
 
     Parameters:
         batch:          Maps sampled together (at most `sample_fast`'s batch_size).
@@ -257,10 +259,11 @@ def _position(weights, caches, views, j):
     torch.addmm(weights.head2_b, F.elu(head, inplace=True), weights.head2_w, out=caches.logits)
 
 
-def _sample_torch(network, codes, cond, class_label, noise, temperature, bar):
+def _sample_torch(network, codes, cond, class_label, seeds, temperature, bar):
     """The PyTorch cached loop over one batch: fills ``codes`` [B, H, W] (float64 ``network``)."""
     batch, height, width = codes.shape
     device = codes.device
+    noise = gumbel_noise(seeds, (height, width), network.num_codes).to(device)
     weights = _Weights(network)
     biases = [None if b is None else b[:, :, 0, 0]
               for b in network._layer_biases(batch, cond, class_label, torch.float64)]
@@ -272,7 +275,7 @@ def _sample_torch(network, codes, cond, class_label, noise, temperature, bar):
         _vertical_row(weights, caches, biases, codes[:, i - 1] if i else None, first_row=(i == 0))
         for j in range(width):
             _position(weights, caches, views, j)
-            # sample_naive's expression: float64 logits / temperature + float32 noise, argmax.
+            # sample_naive's expression: float64 logits / temperature + float64 noise, argmax.
             torch.div(caches.logits, temperature, out=scores)
             scores += views.noise[i][j]
             drawn = torch.argmax(scores, dim=1, out=views.codes[i][j])
@@ -280,13 +283,15 @@ def _sample_torch(network, codes, cond, class_label, noise, temperature, bar):
         bar.update(batch * width)
 
 
-def _sample_compiled(network, codes, cond, class_label, noise, temperature, bar):
-    """One batch through the compiled op ``galsim_vqvae::pixelcnn_sample``: fills ``codes``."""
+def _sample_compiled(network, codes, cond, class_label, seeds, temperature, bar):
+    """One batch through the compiled op ``galsim_vqvae::pixelcnn_sample`` (the noise is computed
+    inside it): fills ``codes``."""
     batch, height, width = codes.shape
     biases = network._layer_biases(batch, cond, class_label, torch.float64)
     bias = None if biases[0] is None else torch.stack([b[:, :, 0, 0] for b in biases], 1)
-    drawn, _ = ops.pixelcnn_sample(flat_weights(network), bias, noise, temperature,
-                                   network.kernel_size)
+    drawn, _ = ops.pixelcnn_sample(flat_weights(network), bias,
+                                   ops.seeds_tensor(seeds, codes.device), (height, width),
+                                   temperature, network.kernel_size)
     codes.copy_(drawn)
     bar.update(batch * height * width)
 
@@ -352,10 +357,9 @@ def sample_fast(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=Non
             network = float64_prior(prior)
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                noise = gumbel_noise(a["seeds"][start:stop], (height, width), prior.num_codes)
                 c = a["cond"][start:stop] if a["cond"] is not None else None
                 k = a["class_label"][start:stop] if a["class_label"] is not None else None
-                run(network, out[start:stop], c, k, noise.to(device), a["temperature"], bar)
+                run(network, out[start:stop], c, k, a["seeds"][start:stop], a["temperature"], bar)
     finally:
         bar.close()
         prior.train(was_training)

@@ -16,6 +16,9 @@ width, and the columns left of j in row i. There is no blind spot: two stacks wo
   stack, by k//2 rows up and k//2 columns either side, so the context of a position is the whole
   past only for enough layers; on a 21x21 map that takes 10 layers of k=5 (7 of k=7). Fewer layers
   see a causal subset of the past (``tests/test_pixelcnn.py`` computes it exactly).
+* Dropout (``dropout`` > 0): in training mode only, on the gated output of each layer's
+  horizontal stack before its 1x1 convolution; it acts on each position's own features, so
+  causality is untouched, and sampling and evaluation (eval mode) never see it.
 * Conditioning: ``cond_dim`` continuous labels (already normalised) and/or a class label
   (``num_classes``) enter every gate of both stacks through a per-layer linear projection (an
   embedding for the class) added to the pre-activations.
@@ -42,11 +45,14 @@ class GatedLayer(nn.Module):
                         convolutions.
         first:          Whether this is the first layer ('A': the horizontal stack excludes the
                         current position and has no residual). [default: False]
+        dropout:        Dropout probability of the gated horizontal features in training mode.
+                        [default: 0]
     """
 
-    def __init__(self, channels, kernel_size, first=False):
+    def __init__(self, channels, kernel_size, first=False, dropout=0.0):
         super().__init__()
         self.first = first
+        self.dropout = dropout
         self.pad = kernel_size // 2
         p = self.pad
         self.v_conv = nn.Conv2d(channels, 2 * channels, (p + 1, kernel_size))
@@ -65,7 +71,10 @@ class GatedLayer(nn.Module):
         if bias is not None:
             v_pre = v_pre + bias
             h_pre = h_pre + bias
-        h_new = self.h_out(_gate(h_pre))
+        gated = _gate(h_pre)
+        if self.dropout and self.training:
+            gated = F.dropout(gated, self.dropout, training=True)
+        h_new = self.h_out(gated)
         if not self.first:
             h_new = h_new + h
         return _gate(v_pre), h_new
@@ -81,10 +90,12 @@ class GatedPixelCNN(nn.Module):
         kernel_size:    Odd kernel size (>= 3) of the stacks' convolutions. [default: 5]
         cond_dim:       Number of continuous conditioning labels (0: none). [default: 0]
         num_classes:    Number of class labels (0: none). [default: 0]
+        dropout:        Dropout probability in the gated layers, in training mode only (see the
+                        module's notes). [default: 0]
     """
 
     def __init__(self, num_codes=512, channels=128, layers=15, kernel_size=5, cond_dim=0,
-                 num_classes=0):
+                 num_classes=0, dropout=0.0):
         super().__init__()
         for name, value, low in (("num_codes", num_codes, 2), ("channels", channels, 1),
                                  ("layers", layers, 1), ("kernel_size", kernel_size, 3),
@@ -92,6 +103,10 @@ class GatedPixelCNN(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise VQVAEInputError(f"GatedPixelCNN: {name} must be an int >= {low}, "
                                       f"got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
+            raise VQVAEInputError(f"GatedPixelCNN: dropout must be a number in [0, 1), "
+                                  f"got {dropout!r}")
         if kernel_size % 2 != 1:
             raise VQVAEInputError(f"GatedPixelCNN: kernel_size must be odd, got {kernel_size}")
         self.num_codes = num_codes
@@ -100,10 +115,12 @@ class GatedPixelCNN(nn.Module):
         self.kernel_size = kernel_size
         self.cond_dim = cond_dim
         self.num_classes = num_classes
+        self.dropout = float(dropout)
 
         self.embedding = nn.Embedding(num_codes, channels)
         self.layers = nn.ModuleList(
-            GatedLayer(channels, kernel_size, first=(i == 0)) for i in range(layers))
+            GatedLayer(channels, kernel_size, first=(i == 0), dropout=self.dropout)
+            for i in range(layers))
         # One projection for all layers (same maths as one per layer, fewer kernel launches).
         self.cond_proj = nn.Linear(cond_dim, layers * 2 * channels) if cond_dim else None
         self.class_embedding = (nn.Embedding(num_classes, layers * 2 * channels)
@@ -116,7 +133,7 @@ class GatedPixelCNN(nn.Module):
         """Constructor keyword arguments: ``GatedPixelCNN(**prior.config)`` rebuilds it."""
         return dict(num_codes=self.num_codes, channels=self.channels, layers=self.num_layers,
                     kernel_size=self.kernel_size, cond_dim=self.cond_dim,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, dropout=self.dropout)
 
     def _layer_biases(self, batch, cond, class_label, dtype):
         """Per-layer conditioning biases [L][B, 2C, 1, 1], or a list of None."""

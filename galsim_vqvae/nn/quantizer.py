@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..errors import VQVAEInputError
 
 
 class QuantizerOutput(NamedTuple):
@@ -67,10 +68,10 @@ class VectorQuantizer(nn.Module):
                  kmeans_iters=10, restart_every=100, restart_threshold=1.0, seed=0):
         super().__init__()
         if num_codes < 2 or embed_dim < 1:
-            raise ValueError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, "
-                             f"{embed_dim}")
+            raise VQVAEInputError(f"need num_codes >= 2 and embed_dim >= 1, got {num_codes}, "
+                                  f"{embed_dim}")
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+            raise VQVAEInputError(f"decay must be in [0, 1), got {decay}")
         self.num_codes = num_codes
         self.embed_dim = embed_dim
         self.beta = beta
@@ -117,8 +118,8 @@ class VectorQuantizer(nn.Module):
         """
         b, d, h, w = z_e.shape
         if d != self.embed_dim:
-            raise ValueError(f"latents have {d} channels, the codebook has dimension "
-                             f"{self.embed_dim}")
+            raise VQVAEInputError(f"latents have {d} channels, the codebook has dimension "
+                                  f"{self.embed_dim}")
         with torch.autocast(device_type=z_e.device.type, enabled=False):  # codes in float32
             return self._quantize(z_e)
 

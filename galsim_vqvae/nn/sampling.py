@@ -1,19 +1,23 @@
 """Sampling code maps from a Gated PixelCNN prior, reproducibly per sample.
 
-Each sample ``i`` has its own 63-bit seed. Its Gumbel noise is drawn on the CPU from
-``torch.Generator().manual_seed(seed_i)`` as one float32 tensor ``u`` of shape [H, W, K]
-(``torch.rand``), turned into ``g = -log(-log(u))`` and consumed in raster order: the code at
-(i, j) is ``argmax_k(logits[k, i, j] / temperature + g[i, j, k])`` (the Gumbel-max trick, an exact
-draw from ``softmax(logits / temperature)``). So a sample depends only on its seed, its conditions
-and the weights: never on the other samples of the batch, the batch size, nor the device. A fast
-sampler must consume the same noise (`gumbel_noise`) to give the same maps.
+Each sample ``i`` has its own 64-bit seed (`per_sample_seeds`). The code at (i, j) is
+``argmax_k(logits[k, i, j] / temperature + g[i, j, k])`` (the Gumbel-max trick, an exact draw from
+``softmax(logits / temperature)``), with the Gumbel noise ``g`` a function of the sample's seed and
+the position alone (noise version `SAMPLER_NOISE_VERSION` = 2, `gumbel_noise`): word ``k % 4`` of
+the counter-based generator Philox4x32-10 at counter ``(k // 4, j, i, 0)`` with the seed as its key,
+``u = (word + 0.5) / 2**32``, ``g = -log(-log(u))`` in float64. The compiled ops compute the same
+numbers where they draw (``csrc/philox.h``), so no noise tensor is made or copied. So a sample
+depends only on its seed, its conditions and the weights: never on the other samples of the batch,
+the batch size, nor the device. (Version 1, before 2026-12-07, drew ``torch.rand`` on the CPU per
+sample: the same seed gives different maps in the two versions.)
 
 Every sampler evaluates the logits in float64 (`float64_prior`: the prior's weights converted
 exactly to float64, whatever its dtype) and forms the scores ``logits / temperature + g`` in
 float64. Implementations that sum in different orders (convolutions here, cached matrix products
 in `fast_sampling`, the C++ and CUDA ops) then differ by float64 rounding alone, about 1e-15 of the
-logits, so their draws agree unless the two best scores of a draw are that close
-(``docs/sampling.md`` gives the probability); float32 logits would differ by about 1e-6.
+logits (and the noise by the last bit of each platform's float64 ``log``), so their draws agree
+unless the two best scores of a draw are that close (``docs/sampling.md`` gives the probability);
+float32 logits would differ by about 1e-6.
 """
 
 import copy
@@ -110,20 +114,52 @@ def float64_prior(prior):
     return derived_from(prior, "float64", build)
 
 
-def gumbel_noise(seeds, shape, num_codes):
-    """The Gumbel noise of each sample: float32 CPU tensor [len(seeds), H, W, num_codes].
+SAMPLER_NOISE_VERSION = 2
+"""Version of the sampler's noise convention (the module docstring): recorded with samples."""
 
-    Sample i's noise is ``-log(-log(torch.rand(H, W, K, generator=Generator().manual_seed(s_i))))``
-    drawn on the CPU, whatever device the prior is on.
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al. 2011), vectorised: the generator the compiled ops run.
+
+    Parameters:
+        counter:    Integer array [4, ...] of 32-bit words.
+        key:        Integer array [2, ...] of 32-bit words (broadcast against the counter).
+
+    Returns:
+        uint64 array [4, ...] of the four 32-bit output words.
+    """
+    c = [np.asarray(w, dtype=np.uint64) & _MASK32 for w in counter]
+    k0, k1 = (np.asarray(w, dtype=np.uint64) & _MASK32 for w in key)
+    m0, m1 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1])
+    shift = np.uint64(32)
+    for _ in range(10):
+        p0, p1 = m0 * c[0], m1 * c[2]  # < 2**64: exact in uint64
+        c = [(p1 >> shift) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> shift) ^ c[3] ^ k1, p0 & _MASK32]
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & _MASK32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & _MASK32
+    return np.stack(np.broadcast_arrays(*c))
+
+
+def gumbel_noise(seeds, shape, num_codes):
+    """The Gumbel noise of each sample: float64 CPU tensor [len(seeds), H, W, num_codes].
+
+    Noise version `SAMPLER_NOISE_VERSION` (module docstring): the numbers the compiled ops compute
+    where they draw; this is the reference, used by `sample_naive` and the PyTorch cached loop.
     """
     height, width = shape
-    out = torch.empty(len(seeds), height, width, num_codes, dtype=torch.float32)
-    for i, s in enumerate(seeds):
-        gen = torch.Generator(device="cpu").manual_seed(int(s))
-        u = torch.rand(height, width, num_codes, generator=gen, dtype=torch.float32)
-        # u == 0 (probability 2**-24 per entry) gives -inf: that code is never picked.
-        out[i] = -torch.log(-torch.log(u))
-    return out
+    n, blocks = len(seeds), (num_codes + 3) // 4
+    seed = np.array([int(s) for s in seeds], dtype=np.uint64).reshape(n, 1, 1, 1)
+    q, j, i = np.arange(blocks), np.arange(width), np.arange(height)
+    counter = [q[None, None, None, :], j[None, None, :, None], i[None, :, None, None], 0]
+    words = philox4x32_10(counter, [seed & _MASK32, seed >> np.uint64(32)])
+    words = np.broadcast_to(words, (4, n, height, width, blocks))
+    words = np.moveaxis(words, 0, -1).reshape(n, height, width, 4 * blocks)[..., :num_codes]
+    u = (words.astype(np.float64) + 0.5) * 2.0 ** -32  # exact; 0 < u < 1
+    return torch.from_numpy(-np.log(-np.log(u)))
 
 
 def _check_shape(shape, who="sample_naive"):
@@ -223,7 +259,7 @@ def sample_naive(prior, n, shape=(21, 21), cond=None, class_label=None, seeds=No
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 noise = gumbel_noise(seeds[start:stop], (height, width), prior.num_codes)
-                noise = noise.to(device)
+                noise = noise.to(device)  # the reference: drawn on the CPU, float64
                 codes = torch.zeros(stop - start, height, width, dtype=torch.int64, device=device)
                 c = cond[start:stop] if cond is not None else None
                 k = class_label[start:stop] if class_label is not None else None

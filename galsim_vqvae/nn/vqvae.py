@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..errors import VQVAEInputError
 from .quantizer import VectorQuantizer
 
 
@@ -69,7 +70,7 @@ def upsample2(c_in, c_out, mode):
     if mode in ("nearest", "bilinear"):
         return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
                              nn.Conv2d(c_in, c_out, 3, padding=1))
-    raise ValueError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
+    raise VQVAEInputError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
 
 
 OUTPUTS = ("relu", "softplus", "linear")
@@ -105,7 +106,7 @@ def positive(x, leak=0.01, output="relu"):
     added flux and inflated the half-light radii of its galaxies.
     """
     if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        raise VQVAEInputError(f"output must be one of {OUTPUTS}, got {output!r}")
     if output == "linear":
         return x
     return _Positive.apply(x, float(leak), output)
@@ -171,13 +172,13 @@ class VQVAE(nn.Module):
                  normalize_latents=True, output="relu"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
-            raise ValueError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
+            raise VQVAEInputError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
         if hidden < 2 or hidden % 2:
-            raise ValueError(f"hidden must be an even number >= 2, got {hidden}")
+            raise VQVAEInputError(f"hidden must be an even number >= 2, got {hidden}")
         if not image_scale > 0:
-            raise ValueError(f"image_scale must be > 0, got {image_scale}")
+            raise VQVAEInputError(f"image_scale must be > 0, got {image_scale}")
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise VQVAEInputError(f"output must be one of {OUTPUTS}, got {output!r}")
         self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
                             res_blocks=int(res_blocks), res_hidden=int(res_hidden),
                             embed_dim=int(embed_dim), num_codes=int(num_codes),
@@ -219,7 +220,7 @@ class VQVAE(nn.Module):
     def _check(self, x):
         s = self.stamp_size
         if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != s or x.shape[3] != s:
-            raise ValueError(f"expected images of shape [B, 1, {s}, {s}], got {list(x.shape)}")
+            raise VQVAEInputError(f"expected images of shape [B, 1, {s}, {s}], got {list(x.shape)}")
 
     def encode(self, x):
         """Images [B, 1, S, S] in pixel units -> encoder outputs z_e [B, D, S/4, S/4]."""

@@ -11,8 +11,13 @@ rate a function of s alone, and the model and optimizer state are in the checkpo
 straight and N/2 + N/2 resumed give the same weights on the CPU. Nothing depends on the total
 number of steps, so a run can also be extended. The shipped weights are an exponential moving
 average of the optimizer's weights (`ema_decay`), which plays the part of a learning-rate decay.
+
+With ``class_label`` the prior is also conditioned on an integer class (e.g. ``morph_class``)
+through `GatedPixelCNN`'s class embedding; the dataset names the classes in its ``class_names``
+attribute, and the checkpoint's ``classes`` entry records the label and the names.
 """
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -37,6 +42,9 @@ LOG_NAME = "log.jsonl"
 DEFAULT_MODEL = dict(channels=128, layers=15, kernel_size=5)
 WARMUP_STEPS = 100
 EMA_DECAY = 0.999
+# Training settings added later, with the value that older checkpoints were trained with
+SETTING_DEFAULTS = {"ema": EMA_DECAY, "class_label": None}
+CONFIG_DEFAULTS = {"dropout": 0.0}
 _LN2 = math.log(2.0)
 
 
@@ -50,10 +58,19 @@ def learning_rate(step, lr):
     return lr * min(1.0, (step + 1) / WARMUP_STEPS)
 
 
-def ema_decay(step):
-    """Decay of the weights' moving average after step ``step``: ``min(EMA_DECAY,
-    (1 + step) / (10 + step))``, so early averages are not dominated by the initial weights."""
-    return min(EMA_DECAY, (1.0 + step) / (10.0 + step))
+def ema_decay(step, decay=EMA_DECAY):
+    """Decay of the weights' moving average after step ``step``: ``min(decay,
+    (1 + step) / (10 + step))``, so early averages are not dominated by the initial weights
+    (``decay`` 0: the average is the optimizer's weights)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def dropout_seed(seed, step, rank=0):
+    """Seed of the dropout masks of step ``step`` on rank ``rank``: a function of these alone, so
+    a resumed run draws the masks of an uninterrupted one."""
+    words = np.random.SeedSequence([int(seed), int(step), int(rank), 0xD80]).generate_state(
+        1, dtype=np.uint64)
+    return int(words[0]) >> 1
 
 
 def epoch_permutation(seed, epoch, n):
@@ -201,6 +218,51 @@ def read_labels(data, names):
     return np.stack(columns, axis=1)
 
 
+def _class_names(header, data):
+    """The dataset's ``class_names`` attribute as a list of distinct strings."""
+    names = header.get("class_names")
+    if isinstance(names, str):
+        try:
+            names = json.loads(names)
+        except ValueError:
+            names = None
+    elif isinstance(names, np.ndarray):
+        names = [_jsonable(v) for v in names.tolist()]
+    if not (isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names)
+            and len(set(names)) == len(names)):
+        raise VQVAEInputError(f"{data}: a class label needs the dataset attribute class_names, a "
+                              f"list of distinct class names; found {names!r:.80}")
+    return list(names)
+
+
+def read_classes(data, name):
+    """The integer class label ``params/name`` of every stamp and the names of the classes.
+
+    Parameters:
+        data:   Path of the dataset file.
+        name:   Name of the label in the dataset's ``params`` group, e.g. ``"morph_class"``; its
+                values (float32 holding ints) index the file's ``class_names`` attribute.
+
+    Returns:
+        (labels [N] int64 numpy array, list of class names)
+    """
+    from ..data.dataset import load_arrays, read_header
+
+    header = read_header(data)
+    if name not in header["params"]:
+        raise VQVAEInputError(f"{data}: class label {name!r} not in the dataset's 'params' group; "
+                              f"available: {header['params']}")
+    names = _class_names(header, data)
+    values = np.asarray(load_arrays(data, keys=[f"params/{name}"])[f"params/{name}"], np.float64)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values == np.round(values)) & (values >= 0)
+                           & (values < len(names))))
+    if bad.size:
+        raise VQVAEInputError(f"{data}: params/{name} must hold class indices 0..{len(names) - 1} "
+                              f"(class_names {names}); stamp {bad[0]} has "
+                              f"{float(values[bad[0]])!r} ({bad.size} stamps)")
+    return values.astype(np.int64), names
+
+
 def label_table(data, names, max_rows=20_000, seed=0):
     """The labels ``names`` of the dataset's training split, [m, len(names)] float32, for a
     model bundle (`galsim_vqvae.Emulator.label_table`): every training row, or a seeded random
@@ -212,22 +274,6 @@ def label_table(data, names, max_rows=20_000, seed=0):
     if rows.size > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
     return labels[rows].astype(np.float32)
-
-
-def class_names(data, name):
-    """The class names of the integer label ``params/NAME`` of a dataset (its ``class_names``
-    attribute, one name for each class number)."""
-    import contextlib
-
-    from ..data.dataset import _attr, _open
-
-    with contextlib.closing(_open(data)) as f:
-        dset = f["params"].get(name) if "params" in f else None
-        names = None if dset is None else dset.attrs.get("class_names")
-    if names is None:
-        raise VQVAEInputError(f"{data}: params/{name} has no 'class_names' attribute (the names "
-                              "of its classes)")
-    return [str(_attr(v)) for v in names]
 
 
 def label_normalisation(train_labels, names):
@@ -250,8 +296,9 @@ def _check_positive_int(name, value, low=1):
     return int(value)
 
 
-def _evaluate(prior, codes, cond, index, batch_size, use_amp):
-    """Mean negative log-likelihood (nats per code) of the maps ``codes[index]``, as a tensor."""
+def _evaluate(prior, codes, cond, classes, index, batch_size, use_amp):
+    """Mean negative log-likelihood (nats per code) of the maps ``codes[index]``, as a tensor;
+    ``cond`` [N, C] and ``classes`` [N] are the maps' labels (each None if not used)."""
     was_training = prior.training
     prior.eval()
     total = torch.zeros((), dtype=torch.float64, device=codes.device)
@@ -261,7 +308,8 @@ def _evaluate(prior, codes, cond, index, batch_size, use_amp):
             x = codes[idx]
             with torch.autocast(device_type=codes.device.type, dtype=torch.bfloat16,
                                 enabled=use_amp):
-                logits = prior(x, cond[idx] if cond is not None else None)
+                logits = prior(x, cond[idx] if cond is not None else None,
+                               classes[idx] if classes is not None else None)
             total += F.cross_entropy(logits.float(), x, reduction="sum").double()
     prior.train(was_training)
     return total / max(1, index.numel() * codes.shape[1] * codes.shape[2])
@@ -282,12 +330,13 @@ def _trim_log(path, step):
 
 def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed=0, device="cpu",
                 conditions=("mag", "hlr"), model=None, log_every=50, checkpoint_every=500,
-                resume=False, progress=True):
+                resume=False, progress=True, ema=EMA_DECAY, class_label=None):
     """Train a `GatedPixelCNN` prior on the code maps of a dataset under a trained VQ-VAE.
 
     Writes ``out/checkpoint.pt`` (atomic; keys ``model``, ``config``, ``optimizer``, ``step``,
     ``seed``, ``history``, ``data``, ``conditions``, ``vqvae_checkpoint``, ``test_bits_per_code``,
-    ``train``, ``codes_fingerprint``, ``model_raw``), ``out/codes.npz`` (the cached code maps) and
+    ``train``, ``codes_fingerprint``, ``model_raw``, ``classes``), ``out/codes.npz`` (the cached
+    code maps) and
     ``out/log.jsonl`` (one JSON line per log). The directory is locked while the run lasts.
     ``model`` holds a moving average of the weights (decay `ema_decay`), the model to ship and the
     one whose held-out NLL is reported; ``model_raw`` holds the optimizer's current weights.
@@ -305,8 +354,9 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
                             (normalised with the training split's mean and std); () for an
                             unconditional prior. [default: ("mag", "hlr")]
         model:              `GatedPixelCNN` keyword arguments (channels, layers, kernel_size,
-                            num_classes); num_codes and cond_dim follow the VQ-VAE and the
-                            conditions. [default: None, i.e. channels=128, layers=15, kernel_size=5]
+                            dropout); num_codes, cond_dim and num_classes follow the VQ-VAE, the
+                            conditions and the class label. [default: None, i.e. channels=128,
+                            layers=15, kernel_size=5, dropout=0]
         log_every:          Steps between logs (training and held-out bits per code). [default: 50]
         checkpoint_every:   Steps between checkpoints (one is always written at the end).
                             [default: 500]
@@ -314,6 +364,13 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
                             the same data, VQ-VAE, conditions, model, seed and batch size); without
                             it an existing checkpoint is an error. [default: False]
         progress:           Show progress bars. [default: True]
+        ema:                Decay of the moving average of the weights (`ema_decay`), the model
+                            that is evaluated on the held-out maps and shipped; 0 ships the
+                            optimizer's weights. [default: 0.999]
+        class_label:        Name of an integer label in the dataset's ``params`` group (e.g.
+                            ``"morph_class"``) to condition on as a class, through the prior's
+                            class embedding (``num_classes`` = the number of the dataset's
+                            ``class_names``); None for none. [default: None]
 
     Returns:
         A summary dict: ``step``, ``train_bits_per_code``, ``test_bits_per_code``,
@@ -326,16 +383,24 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
     seed = _check_positive_int("seed", seed, 0)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise VQVAEInputError(f"train_prior: lr must be a finite number > 0, got {lr!r}")
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+        raise VQVAEInputError(f"train_prior: ema must be a decay in [0, 1), got {ema!r}")
     if isinstance(conditions, str):
         conditions = tuple(c for c in conditions.split(",") if c)
     conditions = tuple(conditions or ())
+    if class_label is not None and (not isinstance(class_label, str) or not class_label):
+        raise VQVAEInputError(f"train_prior: class_label must be a label name, got "
+                              f"{class_label!r}")
+    if class_label in conditions:
+        raise VQVAEInputError(f"train_prior: {class_label!r} is the class label; do not also "
+                              "list it in conditions")
     if len(set(conditions)) != len(conditions):
         raise VQVAEInputError(f"train_prior: conditions repeat a label: {list(conditions)}")
     model = dict(model or {})
-    for key in ("num_codes", "cond_dim"):
+    for key in ("num_codes", "cond_dim", "num_classes"):
         if key in model:
-            raise VQVAEInputError(f"train_prior: model[{key!r}] is set from the VQ-VAE and the "
-                                  "conditions; do not pass it")
+            raise VQVAEInputError(f"train_prior: model[{key!r}] is set from the VQ-VAE, the "
+                                  "conditions and the class label; do not pass it")
     device = resolve_device(device)
     for path, what in ((data, "dataset"), (vqvae_checkpoint, "VQ-VAE checkpoint")):
         if not os.path.isfile(path):
@@ -348,9 +413,10 @@ def train_prior(data, vqvae_checkpoint, out, steps, batch_size=64, lr=3e-4, seed
             state, inputs = ctx.main_first(lambda: (
                 _existing_checkpoint(out, resume),
                 prepare_inputs(data, vqvae_checkpoint, out, conditions, ctx.device,
-                               progress and ctx.is_main)))
+                               progress and ctx.is_main, class_label)))
             summary = _fit(inputs, out, state, steps, batch_size, float(lr), seed, ctx.device,
-                           conditions, model, log_every, checkpoint_every, progress, ctx)
+                           conditions, model, log_every, checkpoint_every, progress, ctx,
+                           float(ema))
             ctx.barrier()  # the ranks end together
             return summary
     finally:
@@ -367,33 +433,39 @@ def _existing_checkpoint(out, resume):
     return load_checkpoint(path)
 
 
-def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progress=True):
+def prepare_inputs(data, vqvae_checkpoint, out, conditions, device="cpu", progress=True,
+                   class_label=None):
     """What the training loop needs from a dataset and a VQ-VAE checkpoint (see `train_prior`).
 
     Returns:
         dict: ``codes`` [N, h, w] int64, ``num_codes``, ``labels`` [N, C] float64,
         ``fingerprint`` (of the dataset and VQ-VAE), ``data`` (header dict with ``path`` and
-        ``n``), ``vqvae_checkpoint`` (absolute path).
+        ``n``), ``vqvae_checkpoint`` (absolute path), ``classes`` (None, or a dict: ``label``,
+        its name; ``names``, the class names; ``values`` [N] int64, each stamp's class).
     """
     from ..data.dataset import read_header
 
     header = dict(read_header(data))
     labels = read_labels(data, conditions)  # before encoding: a bad label fails at once
+    classes = None
+    if class_label is not None:
+        values, names = read_classes(data, class_label)
+        classes = {"label": class_label, "names": names, "values": values}
     _check_grid(data, header, vqvae_checkpoint)
     codes, num_codes, fingerprint = cached_codes(data, vqvae_checkpoint, out, device, progress)
     info = {k: _jsonable(header.get(k)) for k in
             ("pixel_scale", "stamp_size", "band", "zeropoint", "flux_convention", "source",
              "description", "seed")}
     info.update(path=os.path.abspath(data), n=int(codes.shape[0]))
-    return {"codes": codes, "num_codes": num_codes, "labels": labels,
+    return {"codes": codes, "num_codes": num_codes, "labels": labels, "classes": classes,
             "fingerprint": fingerprint, "data": info,
             "vqvae_checkpoint": os.path.abspath(vqvae_checkpoint)}
 
 
 def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, model, log_every,
-         checkpoint_every, progress, ctx=None):
+         checkpoint_every, progress, ctx=None, ema=EMA_DECAY):
     """The training loop on prepared inputs; ``state`` is the checkpoint to resume or None;
-    ``ctx`` the `distributed.Context` (None: a single process)."""
+    ``ctx`` the `distributed.Context` (None: a single process); ``ema`` the averaging decay."""
     from ..data.dataset import split_indices
 
     ctx = ctx or distributed.Context(0, 1, 0, device, False)
@@ -413,22 +485,31 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
                               + (f" x {ctx.world_size} processes" if ctx.active else "")
                               + f" exceeds the {train_index.size} training code maps of {data}")
     norm = label_normalisation(labels[train_index], conditions)
-    config = dict(DEFAULT_MODEL, num_classes=0)
+    classes = inputs.get("classes")
+    class_info = None if classes is None else {"label": classes["label"],
+                                               "names": list(classes["names"])}
+    config = dict(DEFAULT_MODEL, dropout=0.0)
     config.update(model)
-    config.update(num_codes=num_codes, cond_dim=len(conditions))
+    if config.pop("num_classes", 0):
+        raise VQVAEInputError("train_prior: num_classes follows the class label; pass "
+                              "class_label (--class-label NAME) instead")
+    config.update(num_codes=num_codes, cond_dim=len(conditions),
+                  num_classes=len(classes["names"]) if classes else 0)
     unknown = sorted(set(config) - set(inspect.signature(GatedPixelCNN).parameters))
     if unknown:
         raise VQVAEInputError(f"train_prior: unknown model option(s) {unknown}")
-    if config["num_classes"]:
-        raise VQVAEInputError("train_prior: class-conditional training is not supported (the "
-                              "dataset has no class labels); leave num_classes at 0")
-    train_info = {"batch_size": batch_size, "seed": seed, "conditions": list(conditions)}
+    train_info = {"batch_size": batch_size, "seed": seed, "conditions": list(conditions),
+                  "ema": ema, "class_label": classes["label"] if classes else None}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prior = GatedPixelCNN(**config)
+        try:
+            prior = GatedPixelCNN(**config)
+        except TypeError as err:
+            raise VQVAEInputError(f"train_prior: bad model option: {err}") from None
+        average = GatedPixelCNN(**config)  # the moving average: what ships
     prior.to(device).train()
-    average = GatedPixelCNN(**config).to(device).eval()  # moving average: what ships
+    average.to(device).eval()
     average.load_state_dict(prior.state_dict())
     average.requires_grad_(False)
     use_amp = device.type == "cuda"
@@ -437,8 +518,11 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     start = 0
     history = {"step": [], "train_bits_per_code": [], "test_bits_per_code": [], "lr": []}
     if state is not None:
-        for key, mine, theirs in (("config", config, state["config"]),
-                                  ("training settings", train_info, state.get("train")),
+        for key, mine, theirs in (("config", prior.config,
+                                   dict(CONFIG_DEFAULTS, **state["config"])),
+                                  ("training settings", train_info,
+                                   dict(SETTING_DEFAULTS, **(state.get("train") or {}))),
+                                  ("classes", class_info, state.get("classes")),
                                   ("codes", fingerprint, state.get("codes_fingerprint"))):
             if mine != theirs:
                 raise VQVAEInputError(f"cannot resume {ckpt_path}: its {key} {theirs} differ from "
@@ -454,6 +538,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     codes = torch.from_numpy(codes_np).to(device)
     cond = torch.from_numpy(((labels - np.asarray(norm["mean"])) / np.asarray(norm["std"]))
                             .astype(np.float32)).to(device) if conditions else None
+    class_of = torch.from_numpy(classes["values"]).to(device) if classes else None
     train_dev = torch.from_numpy(train_index).to(device)
     test_dev = torch.from_numpy(test_index).to(device)
     eval_batch = max(batch_size, 256)
@@ -474,7 +559,7 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             "seed": seed, "history": history, "data": data_info, "conditions": norm,
             "vqvae_checkpoint": inputs["vqvae_checkpoint"],
             "test_bits_per_code": last["test"], "train": train_info,
-            "codes_fingerprint": fingerprint}, ckpt_path)
+            "codes_fingerprint": fingerprint, "classes": class_info}, ckpt_path)
 
     def log(step, loss_sum, count, started):
         train_bits = ctx.mean(loss_sum / count).item() / _LN2  # the host sync: at log time only
@@ -482,7 +567,8 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
         if not math.isfinite(train_bits):
             raise FloatingPointError(f"prior training diverged at step {step} (loss "
                                      f"{train_bits}); lower lr (now {lr})")
-        test_bits = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item() / _LN2
+        test_bits = (_evaluate(average, codes, cond, class_of, test_dev, eval_batch,
+                               use_amp).item() / _LN2
                      if test_index.size and ctx.is_main else None)
         last.update(train=train_bits, test=test_bits)
         entry = {"step": step, "train_bits_per_code": train_bits, "test_bits_per_code": test_bits,
@@ -504,7 +590,12 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
     perm_epoch, perm = None, None
     params = list(prior.parameters())
     averaged = list(average.parameters())
-    try:
+    dropout = prior.dropout > 0
+    # dropout draws from the global generators, reseeded at each step: leave the caller's alone
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, enabled=dropout), \
+            contextlib.closing(bar):
         for step in range(start, steps):
             epoch, k = divmod(step, per_epoch)
             if epoch != perm_epoch:
@@ -516,14 +607,17 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             x = codes[idx]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, lr)
+            if dropout:
+                torch.manual_seed(dropout_seed(seed, step, ctx.rank))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model_step(x, cond[idx] if cond is not None else None)
+                logits = model_step(x, cond[idx] if cond is not None else None,
+                                    class_of[idx] if class_of is not None else None)
             loss = F.cross_entropy(logits.float(), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                torch._foreach_lerp_(averaged, params, 1.0 - ema_decay(step))
+                torch._foreach_lerp_(averaged, params, 1.0 - ema_decay(step, ema))
             loss_sum += loss.detach()
             count += 1
             bar.update(1)
@@ -536,11 +630,10 @@ def _fit(inputs, out, state, steps, batch_size, lr, seed, device, conditions, mo
             if done % checkpoint_every == 0 or done == steps:
                 checkpoint(done)
         if start >= steps:  # nothing left to train: report the held-out NLL as it stands
-            last["test"] = (_evaluate(average, codes, cond, test_dev, eval_batch, use_amp).item()
-                            / _LN2 if test_index.size and ctx.is_main else None)
+            last["test"] = (_evaluate(average, codes, cond, class_of, test_dev, eval_batch,
+                                      use_amp).item() / _LN2
+                            if test_index.size and ctx.is_main else None)
             last["train"] = history["train_bits_per_code"][-1] if history["step"] else None
-    finally:
-        bar.close()
     return {"step": max(start, steps), "train_bits_per_code": last["train"],
             "test_bits_per_code": last["test"], "checkpoint": ckpt_path,
             "num_parameters": sum(p.numel() for p in prior.parameters()),

@@ -21,16 +21,21 @@ from tqdm.auto import tqdm
 
 from ..errors import VQVAEFormatError, VQVAEInputError
 from ..fileio import atomic_path
-from ..nn.forward import chi2, convolve_psf, padded_size, psf_transform
+from ..nn.forward import NoiseLookup, chi2, convolve_psf, padded_size, psf_transform
 from ..nn.quantizer import QuantizerOutput
 from ..nn.vqvae import VQVAE
+from . import augment as dihedral
 from . import distributed
+from .augment import all_transforms
 from .checkpoint import CHECKPOINT_NAME, RunLock, load_checkpoint, save_checkpoint
 
-TRAIN_KEYS = ("observed", "sigma", "psf_index")
+TRAIN_KEYS = ("observed", "sigma", "psf_index", "noise_index", "weight")
 NOISE_MODES = ("data", "independent")
 GRAD_CLIP = 1.0
 HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
+TRUTH_KEY = "truth_chi2"  # history key of the truth term (runs with truth_weight > 0)
+# Training settings added later, with the value that older checkpoints were trained with
+SETTING_DEFAULTS = {"truth_weight": 0.0, "augment": False}
 PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
 GALLERY_ROWS = 8
 EVAL_STAMPS = 1024
@@ -74,7 +79,9 @@ def load_split(data, split, keys, limit=None):
         index = index[(index % 10 == 9) == (split == "test")]
         index = index[:limit] if limit is not None else index
         arrays = {k: np.asarray(data[k])[index] for k in keys if k in data}
-        arrays["psf_bank"] = np.asarray(data["psf_bank"], dtype=np.float32)
+        for bank in ("psf_bank", "noise_bank"):
+            if bank in data:
+                arrays[bank] = np.asarray(data[bank], dtype=np.float32)
         header = dict(data.get("header", {}))
         header.setdefault("stamp_size", int(np.asarray(data["observed"]).shape[-1]))
         header.setdefault("source", "in-memory")
@@ -89,7 +96,8 @@ def load_split(data, split, keys, limit=None):
         index = np.asarray(dataset.split_indices(n, split), dtype=np.int64)
         index = index[:limit] if limit is not None else index
         keys = [k for k in keys if k != "truth" or header.get("has_truth", True)]
-        arrays = dataset.load_arrays(path, indices=index, keys=tuple(keys) + ("psf_bank",))
+        arrays = dataset.load_arrays(path, indices=index,
+                                     keys=tuple(keys) + ("psf_bank", "noise_bank"))
         header["path"] = os.path.abspath(path)
     header = {k: _plain(v) for k, v in header.items()}
     if len(index) and "psf_index" in arrays:
@@ -142,31 +150,45 @@ class BatchSchedule:
 # ----------------------------------------------------------------------------------------------
 
 def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-                   quantize=True, target=None):
-    """Losses of one batch.
+                   quantize=True, target=None, truth=None, truth_weight=0.0, noise=None):
+    """Losses of one batch: the one place where the training loss is put together.
 
     Parameters:
-        model:      The `VQVAE`.
-        observed:   [B, 1, S, S] noisy stamps (pixel units).
-        sigma:      [B] noise sigma of each stamp.
-        psf_ft:     [B, n, n//2+1] `psf_transform` of each stamp's PSF (used if psf_layers).
-        psf_layers: Compare ``convolve_psf(decoded)`` (True) or ``decoded`` (False) with the
-                    stamps. [default: True]
-        amp:        Run the conv nets under bf16 autocast (CUDA). [default: False]
-        quantize:   False decodes the encoder output directly (the autoencoder warm-up), with
-                    no commitment loss and no codebook update. [default: True]
-        target:     [B, 1, S, S] stamps the chi^2 compares with. [default: None, i.e.
-                    ``observed``; see `noisy_pair` for an independent realisation]
+        model:          The `VQVAE`.
+        observed:       [B, 1, S, S] noisy stamps (pixel units).
+        sigma:          [B] noise sigma of each stamp.
+        psf_ft:         [B, n, n//2+1] `psf_transform` of each stamp's PSF (used if psf_layers).
+        psf_layers:     Compare ``convolve_psf(decoded)`` (True) or ``decoded`` (False) with the
+                        stamps. [default: True]
+        amp:            Run the conv nets under bf16 autocast (CUDA). [default: False]
+        quantize:       False decodes the encoder output directly (the autoencoder warm-up), with
+                        no commitment loss and no codebook update. [default: True]
+        target:         [B, 1, S, S] stamps the chi^2 compares with. [default: None, i.e.
+                        ``observed``; see `noisy_pair` for an independent realisation]
+        truth:          [B, 1, S, S] pre-PSF truth of the stamps, for the truth term.
+                        [default: None]
+        truth_weight:   Weight W of the truth term: the loss gains ``W * mean over stamps of
+                        chi2(decoded, truth, sigma)``, the decoded image's squared distance to
+                        the truth per pixel in units of the stamp's noise sigma. [default: 0]
+        noise:          The batch's noise model, keyword arguments of `chi2` (``noise_power``,
+                        ``weight``) from a `NoiseLookup`. [default: None, white noise, weight 1]
 
     Returns:
-        dict of tensors: ``loss`` (mean chi^2/pixel + commitment), ``chi2`` [B], ``decoded``,
-        ``model`` (what was compared with the stamps), and the `QuantizerOutput` as ``quant``.
+        dict of tensors: ``loss`` (mean chi^2/pixel + commitment [+ W * truth term]), ``chi2``
+        [B], ``truth_chi2`` [B] (zeros without truth), ``decoded``, ``model`` (what was compared
+        with the stamps), and the `QuantizerOutput` as ``quant``.
     """
     with torch.autocast(device_type=observed.device.type, dtype=torch.bfloat16, enabled=amp):
         decoded, quant = _autoencode(model, observed, quantize)
     predicted = convolve_psf(decoded, psf_ft=psf_ft[:, None]) if psf_layers else decoded
-    c2 = chi2(predicted, observed if target is None else target, sigma)
-    return {"loss": c2.mean() + quant.commitment_loss, "chi2": c2, "decoded": decoded,
+    c2 = chi2(predicted, observed if target is None else target, sigma, **(noise or {}))
+    loss = c2.mean() + quant.commitment_loss
+    truth_c2 = torch.zeros_like(c2)
+    if truth is not None:
+        truth_c2 = chi2(decoded, truth, sigma)
+        if truth_weight:
+            loss = loss + truth_weight * truth_c2.mean()
+    return {"loss": loss, "chi2": c2, "truth_chi2": truth_c2, "decoded": decoded,
             "model": predicted, "quant": quant}
 
 
@@ -196,10 +218,13 @@ class _Autoencoder(nn.Module):
 
 
 def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, amp=False,
-               quantize=True, grad_clip=GRAD_CLIP, target=None):
-    """One optimizer step; returns detached (loss, mean chi^2/pixel, perplexity, usage) tensors
-    without synchronising with the device."""
-    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target)
+               quantize=True, grad_clip=GRAD_CLIP, target=None, truth=None, truth_weight=0.0,
+               noise=None):
+    """One optimizer step (the arguments are `forward_losses`'s); returns detached (loss, mean
+    chi^2/pixel, perplexity, usage, mean truth chi^2/pixel) tensors without synchronising with
+    the device."""
+    out = forward_losses(model, observed, sigma, psf_ft, psf_layers, amp, quantize, target,
+                         truth, truth_weight, noise)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if grad_clip:
@@ -209,7 +234,8 @@ def train_step(model, optimizer, observed, sigma, psf_ft=None, psf_layers=True, 
     optimizer.step()
     q = out["quant"]
     return torch.stack([out["loss"].detach(), out["chi2"].detach().mean(),
-                        q.perplexity.detach(), q.usage.detach()])
+                        q.perplexity.detach(), q.usage.detach(),
+                        out["truth_chi2"].detach().mean()])
 
 
 def noisy_pair(convolved, sigma, seed, step, rank=0, world_size=1):
@@ -243,16 +269,20 @@ def learning_rate(step, lr, warmup, schedule, steps):
     return lr * factor
 
 
-def _psf_lookup(psf_bank, psf_index, device):
-    """A function batch indices -> PSF transforms, precomputing the bank's transforms if small."""
+def _psf_lookup(psf_bank, psf_index, device, augment=False):
+    """A function (batch indices, transforms) -> PSF transforms [B, n, n//2+1] of those stamps'
+    PSFs, each turned by its `augment` transform (None: as they are; ``augment=True`` prepares
+    the bank's 8 variants). The bank's transforms are precomputed if small."""
     bank = torch.as_tensor(psf_bank, dtype=torch.float32, device=device)
+    if augment:
+        bank = all_transforms(bank)  # [8, P, S, S]
     idx = torch.as_tensor(psf_index, dtype=torch.int64, device=device)
-    n = bank.shape[-1]
-    m = padded_size(n)
-    if len(bank) * m * (m // 2 + 1) * 8 <= PSF_FT_CACHE_BYTES:
+    m = padded_size(bank.shape[-1])
+    pick = (lambda b, i, k: b[idx[i]]) if not augment else (lambda b, i, k: b[k, idx[i]])
+    if bank.shape[:-2].numel() * m * (m // 2 + 1) * 8 <= PSF_FT_CACHE_BYTES:
         bank_ft = psf_transform(bank)
-        return lambda i: bank_ft[idx[i]]
-    return lambda i: psf_transform(bank[idx[i]])
+        return lambda i, k=None: pick(bank_ft, i, k)
+    return lambda i, k=None: psf_transform(pick(bank, i, k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +312,7 @@ def prepare_model(net, device, lr, channels_last=None, compile=False):
 def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", psf_layers=True,
                 model=None, log_every=50, checkpoint_every=500, gallery_every=None, resume=False,
                 progress=True, warmup=100, ae_warmup=200, lr_schedule="constant", compile=False,
-                channels_last=None, noise="data"):
+                channels_last=None, noise="data", truth_weight=0.0, augment=False):
     """Train a `VQVAE` on the training split of a dataset; checkpoint, log and draw a gallery.
 
     Parameters:
@@ -320,6 +350,15 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             draws two fresh noise realisations of the PSF-convolved truth, one
                             encoded and one compared with (`noisy_pair`), so the decoder cannot
                             fit the noise. [default: "data"]
+        truth_weight:       Weight W of a term that compares the decoded (pre-PSF) image with
+                            the truth (datasets with truth, PSF layers on): the loss gains
+                            ``W * mean over the batch of mean over pixels of ((decoded - truth)
+                            / sigma)^2``, sigma the stamp's noise sigma; logged as
+                            ``truth_chi2``. It constrains what the PSF leaves free (light at the
+                            stamp's edge, deconvolution ringing). [default: 0]
+        augment:            Give each stamp of a batch one of the 8 rotations/flips about its
+                            centre pixel (`galsim_vqvae.train.augment`), the same for its
+                            observed stamp, truth and PSF, drawn from (seed, step). [default: False]
 
     Returns:
         dict: ``step``, the last logged ``loss``, ``chi2``, ``perplexity``, ``usage``,
@@ -331,6 +370,17 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
     if noise == "independent" and not psf_layers:
         raise VQVAEInputError("noise='independent' trains through the PSF layers; it cannot be "
                               "combined with psf_layers=False (--no-psf-layers)")
+    if isinstance(truth_weight, bool) or not isinstance(truth_weight, (int, float)) \
+            or not (math.isfinite(truth_weight) and truth_weight >= 0):
+        raise VQVAEInputError(f"truth_weight must be a finite number >= 0, got {truth_weight!r}")
+    if truth_weight and not psf_layers:
+        raise VQVAEInputError("truth_weight compares the pre-PSF decoded image with the truth; it "
+                              "needs the PSF layers (not psf_layers=False, --no-psf-layers)")
+    if not isinstance(augment, bool):
+        raise VQVAEInputError(f"augment must be True or False, got {augment!r}")
+    needs_truth = {"noise='independent'": noise == "independent",
+                   f"truth_weight={truth_weight:g}": truth_weight > 0}
+    needs_truth = [k for k, v in needs_truth.items() if v]
     if lr_schedule not in ("constant", "cosine"):
         raise VQVAEInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
@@ -352,11 +402,13 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
             if not os.path.exists(ckpt_path):
                 raise VQVAEInputError(f"cannot resume: no checkpoint in {out}")
             state = load_checkpoint(ckpt_path)  # every rank loads it
-        keys = TRAIN_KEYS + (("truth",) if noise == "independent" else ())
+        keys = TRAIN_KEYS + (("truth",) if needs_truth else ())
         arrays, header = load_split(data, "train", keys)
-        if noise == "independent" and "truth" not in arrays:
-            raise VQVAEInputError(f"noise='independent' needs a dataset with truth images; "
-                                  f"{header.get('path') or 'the in-memory dataset'} has none")
+        if needs_truth and "truth" not in arrays:
+            raise VQVAEInputError(f"{' and '.join(needs_truth)} "
+                                  f"need{'s' if len(needs_truth) == 1 else ''} a dataset with "
+                                  f"truth images; {header.get('path') or 'the in-memory dataset'}"
+                                  " has none")
         return state, arrays, header
 
     try:
@@ -365,7 +417,8 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
             summary = _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr,
                            seed, ctx, psf_layers, dict(model or {}), log_every,
                            checkpoint_every, gallery_every, progress, warmup, ae_warmup,
-                           lr_schedule, compile, channels_last, noise)
+                           lr_schedule, compile, channels_last, noise, float(truth_weight),
+                           augment)
             ctx.barrier()  # the ranks end together, after rank 0's evaluation and gallery
             return summary
     finally:
@@ -374,7 +427,7 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
 
 def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, seed, ctx,
          psf_layers, model_kwargs, log_every, checkpoint_every, gallery_every, progress, warmup,
-         ae_warmup, lr_schedule, compile, channels_last, noise):
+         ae_warmup, lr_schedule, compile, channels_last, noise, truth_weight, augment):
     observed = arrays["observed"]
     s = int(observed.shape[-1])
     if observed.ndim != 3 or observed.shape[1] != s:
@@ -393,7 +446,8 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     model_kwargs.setdefault("seed", seed)
     train_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "psf_layers": bool(psf_layers),
                  "warmup": warmup, "ae_warmup": ae_warmup, "lr_schedule": lr_schedule,
-                 "horizon": steps if lr_schedule == "cosine" else None, "noise": noise}
+                 "horizon": steps if lr_schedule == "cosine" else None, "noise": noise,
+                 "truth_weight": truth_weight, "augment": augment}
 
     dev = ctx.device
     torch.manual_seed(seed)
@@ -407,19 +461,27 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
         optimizer.load_state_dict(state["optimizer"])
     ctx.share_codebook(net.quantizer)  # codebook updates from the global batch
     model = ctx.wrap(_Autoencoder(net)) if ctx.active else net
+    history_keys = HISTORY_KEYS + ((TRUTH_KEY,) if truth_weight else ())
     history = {k: list(v) for k, v in state["history"].items()} if state else \
-        {k: [] for k in HISTORY_KEYS}
+        {k: [] for k in history_keys}
     start = int(state["step"]) if state else 0
 
     obs = torch.as_tensor(observed, dtype=torch.float32).to(dev)[:, None]
     sig = torch.as_tensor(sigma_np).to(dev)
-    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev, augment)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev, f"dataset {header.get('path')}")
+    if augment and (noise_for.bank is not None or noise_for.weight is not None):
+        raise VQVAEInputError(f"dataset {header.get('path')}: --augment turns the stamps but not "
+                              "their correlated-noise spectra or weight maps; train this dataset "
+                              "without --augment")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
-             if noise == "independent" else None)
+             if "truth" in arrays else None)
+    turn = dihedral.Dihedral(s, dev) if augment else None
     schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
     log_path = os.path.join(out, "log.jsonl")
     if ctx.is_main:
-        _rewrite_log(log_path, history)
+        _rewrite_log(log_path, history, history_keys)
 
     def checkpoint(step):
         ctx.check_identical(net.state_dict(), "VQ-VAE weights or codebooks")
@@ -430,7 +492,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
                              "kind": "vqvae", "world_size": ctx.world_size}, ckpt_path)
 
     net.train()
-    acc = torch.zeros(4, device=dev)
+    acc = torch.zeros(5, device=dev)
     n_acc, t0 = 0, time.perf_counter()
     bar = tqdm(total=steps, initial=start, disable=not (progress and ctx.is_main),
                desc="train-vqvae", dynamic_ncols=True)
@@ -439,17 +501,23 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, lr, warmup, lr_schedule, steps)
             i = schedule.indices(step)
-            x, target = obs[i], None
-            if truth is not None:
-                x, target = noisy_pair(convolve_psf(truth[i], psf_ft=psf_for(i)[:, None]),
-                                       sig[i], seed, step, ctx.rank, ctx.world_size)
+            k = (dihedral.draw(seed, step, len(i), dev, ctx.rank, ctx.world_size) if augment
+                 else None)
+            psf_ft = psf_for(i, k) if psf_layers else None
+            tru = None if truth is None else truth[i] if k is None else turn.apply(truth[i], k)
+            x, target = (obs[i] if k is None else turn.apply(obs[i], k)), None
+            if noise == "independent":
+                x, target = noisy_pair(convolve_psf(tru, psf_ft=psf_ft[:, None]), sig[i], seed,
+                                       step, ctx.rank, ctx.world_size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             quantize = step >= ae_warmup
             if quantize and ctx.active and not net.quantizer._initialized:
                 _init_codebook(ctx, net, x, amp)
-            acc += train_step(model, optimizer, x, sig[i], psf_for(i) if psf_layers else None,
-                              psf_layers, amp, quantize=quantize, target=target)
+            acc += train_step(model, optimizer, x, sig[i], psf_ft, psf_layers, amp,
+                              quantize=quantize, target=target,
+                              truth=tru if truth_weight else None, truth_weight=truth_weight,
+                              noise=noise_for(i))
             n_acc += 1
             done = step + 1
             bar.update(1)
@@ -458,12 +526,14 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
                 elapsed = time.perf_counter() - t0
                 row = {"step": done, "loss": values[0], "chi2": values[1],
                        "perplexity": values[2], "usage": values[3],
-                       "images_per_s": n_acc * batch_size * ctx.world_size / max(elapsed, 1e-9)}
+                       "images_per_s": n_acc * batch_size * ctx.world_size / max(elapsed, 1e-9),
+                       TRUTH_KEY: values[4]}
                 if not math.isfinite(row["loss"]):
                     raise FloatingPointError(f"training diverged at step {done}: loss "
                                              f"{row['loss']}; lower the learning rate ({lr})")
-                for k in HISTORY_KEYS:
-                    history[k].append(row[k])
+                row = {k: row[k] for k in history_keys}
+                for key in history_keys:
+                    history[key].append(row[key])
                 if ctx.is_main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -481,7 +551,7 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     final = max(start, steps)
     checkpoint(final)
     summary = {"step": final}
-    summary.update({k: history[k][-1] for k in HISTORY_KEYS[1:] if history[k]})
+    summary.update({k: history[k][-1] for k in history_keys[1:] if history[k]})
     if ctx.is_main:  # the other ranks hold the same weights
         summary.update(evaluate(net, data, psf_layers))
         draw_gallery(net, data, os.path.join(out, "gallery.png"), psf_layers)
@@ -504,18 +574,18 @@ def _check_resume(state, config, train_cfg, path):
     if diff:
         raise VQVAEInputError(f"cannot resume from {path}: its model config differs "
                               f"(checkpoint vs now): {diff}")
-    old_train = state.get("train", {})
+    old_train = dict(SETTING_DEFAULTS, **state.get("train", {}))
     diff = {k: (old_train.get(k), v) for k, v in train_cfg.items() if old_train.get(k) != v}
     if diff:
         raise VQVAEInputError(f"cannot resume from {path}: its training settings differ "
                               f"(checkpoint vs now): {diff}")
 
 
-def _rewrite_log(path, history):
+def _rewrite_log(path, history, keys=HISTORY_KEYS):
     """``log.jsonl`` as the checkpoint's history says (drops lines of a crashed run's tail)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for j in range(len(history["step"])):
-            f.write(json.dumps({k: history[k][j] for k in HISTORY_KEYS}) + "\n")
+            f.write(json.dumps({k: history[k][j] for k in keys}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +596,7 @@ def _rewrite_log(path, history):
 def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, chunk=256):
     """Decoded and reconstructed (convolved if psf_layers) images of up to ``limit`` stamps of
     ``split`` (the training split when the test split is empty), as numpy arrays with the inputs."""
-    keys = ("observed", "sigma", "psf_index", "truth")
+    keys = ("observed", "sigma", "psf_index", "truth", "noise_index", "weight")
     arrays, _ = load_split(data, split, keys, limit)
     if len(arrays["observed"]) == 0:
         arrays, _ = load_split(data, "train", keys, limit)
@@ -534,6 +604,8 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
     was_training = net.training
     net.eval()
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
+    noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
+                            dev)
     decoded, model, c2 = [], [], []
     obs = torch.as_tensor(arrays["observed"], dtype=torch.float32)
     for a in range(0, len(obs), chunk):
@@ -541,7 +613,7 @@ def reconstruct_split(net, data, psf_layers, split="test", limit=EVAL_STAMPS, ch
         x = obs[a:a + chunk, None].to(dev)
         out = forward_losses(net, x, torch.as_tensor(arrays["sigma"][a:a + chunk]).to(dev),
                              psf_for(i) if psf_layers else None, psf_layers,
-                             amp=dev.type == "cuda")
+                             amp=dev.type == "cuda", noise=noise_for(i))
         decoded.append(out["decoded"][:, 0].float().cpu())
         model.append(out["model"][:, 0].float().cpu())
         c2.append(out["chi2"].cpu())

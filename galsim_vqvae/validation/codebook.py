@@ -10,6 +10,7 @@ of the galaxies whose code maps contain it, weighted by the number of occurrence
 
 import numpy as np
 
+from ..errors import VQVAEInputError
 from .common import Section, fmt
 
 TITLE = "5. Codebook"
@@ -75,7 +76,7 @@ def tsne(x, dims=2, perplexity=30.0, iterations=1000, seed=0):
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
     if n < 4:
-        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+        raise VQVAEInputError(f"t-SNE needs at least 4 points, got {n}")
     perplexity = min(float(perplexity), (n - 1) / 3.0)
     sq = (x * x).sum(1)
     d2 = np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0)

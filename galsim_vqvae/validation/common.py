@@ -1,5 +1,8 @@
-"""What every check of the science report shares: its result type, goals and the held-out stamps."""
+"""What every check of the science report shares: its result type, goals, the held-out stamps
+and the process pool that spreads per-galaxy measurements over the machine's cores."""
 
+import multiprocessing
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -7,6 +10,17 @@ import numpy as np
 from ..errors import VQVAEInputError
 
 SPLITS = ("test", "all")
+
+
+def shown_path(path):
+    """How a report names an input file: its path relative to the current folder when it lies
+    below it, else its file name (never an absolute path of the machine that made the report);
+    None and "default" as they are."""
+    if path is None or path == "default":
+        return path
+    path = os.fspath(path)
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.basename(path) if relative.startswith(os.pardir) else relative
 
 
 @dataclass
@@ -34,6 +48,39 @@ class Section:
     lines: list = field(default_factory=list)
     goals: list = field(default_factory=list)
     figures: list = field(default_factory=list)
+
+
+_TASK = None
+
+
+def _run_task(bounds):
+    return _TASK(*bounds)
+
+
+def parallel_chunks(function, n, workers=1, chunk=64):
+    """``function(a, b)`` over consecutive index ranges covering ``range(n)``, results
+    concatenated along their first axis (arrays, or dicts of arrays concatenated key by key).
+
+    With ``workers`` > 1 the ranges run in that many forked processes, which inherit
+    ``function`` and the data it closes over (nothing is pickled but the results). The ranges
+    and the order of the results do not depend on ``workers``, so neither does the output.
+    """
+    global _TASK
+    bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+    if workers <= 1 or len(bounds) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        parts = [function(a, b) for a, b in bounds]
+    else:
+        _TASK = function
+        try:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(bounds))) as pool:
+                parts = pool.map(_run_task, bounds, chunksize=1)
+        finally:
+            _TASK = None
+    if not parts:
+        return function(0, 0)
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
 
 
 def skipped(title, reason):

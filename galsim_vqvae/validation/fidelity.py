@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import VQVAEInputError
 from ..metrics import hsm_shapes, total_flux
-from .common import Goal, Section, fmt, load_heldout
+from .common import Goal, Section, fmt, load_heldout, parallel_chunks
 
 TITLE = "1. Deconvolution fidelity"
 METHODS = ("vqvae", "plain_ae", "richardson_lucy")
@@ -118,10 +118,11 @@ def richardson_lucy(observed, psf, sigma, num_iter):
     return (out[pad:pad + s, pad:pad + s] - b).astype(np.float32)
 
 
-def richardson_lucy_images(observed, psf, sigma, truth, snr, progress=False):
+def richardson_lucy_images(observed, psf, sigma, truth, snr, progress=False, workers=1):
     """`richardson_lucy` of every stamp, the iteration count of each S/N bin (of the first
     `SNR_EDGES` intervals) chosen from `RL_ITERATIONS` on up to `RL_TUNING_STAMPS` of its stamps
-    to minimise the median relative L2 error. Returns (images, dict bin name -> iterations)."""
+    to minimise the median relative L2 error, in ``workers`` processes. Returns (images, dict
+    bin name -> iterations)."""
     from tqdm import tqdm
 
     out = np.zeros_like(observed, dtype=np.float32)
@@ -132,15 +133,16 @@ def richardson_lucy_images(observed, psf, sigma, truth, snr, progress=False):
         idx = np.flatnonzero(mask)
         if not len(idx):
             continue
+        def deconvolve(rows, k):
+            return parallel_chunks(lambda a, b: np.stack(
+                [richardson_lucy(observed[i], psf[i], sigma[i], k) for i in rows[a:b]]),
+                len(rows), workers, chunk=16)
+
         tune = idx[:RL_TUNING_STAMPS]
-        scores = []
-        for k in RL_ITERATIONS:
-            rec = np.stack([richardson_lucy(observed[i], psf[i], sigma[i], k) for i in tune])
-            scores.append(np.median(relative_l2(rec, truth[tune])))
+        scores = [np.median(relative_l2(deconvolve(tune, k), truth[tune])) for k in RL_ITERATIONS]
         chosen[name] = RL_ITERATIONS[int(np.argmin(scores))]
-        for i in idx:
-            out[i] = richardson_lucy(observed[i], psf[i], sigma[i], chosen[name])
-            bar.update()
+        out[idx] = deconvolve(idx, chosen[name])
+        bar.update(len(idx))
     bar.close()
     return out, chosen
 
@@ -198,7 +200,7 @@ def snr_of(arrays):
 
 
 # ------------------------------------------------------------------------------------------------
-def run(emulator, data, n, out_dir, split="test", plain_ae=None, progress=False):
+def run(emulator, data, n, out_dir, split="test", plain_ae=None, progress=False, workers=1):
     """The deconvolution-fidelity section on up to ``n`` stamps of ``data``'s ``split``.
 
     Parameters:
@@ -209,6 +211,7 @@ def run(emulator, data, n, out_dir, split="test", plain_ae=None, progress=False)
         split:      "test" (held out, i % 10 == 9) or "all". [default: "test"]
         plain_ae:   A plain autoencoder (`load_plain_autoencoder`) or None. [default: None]
         progress:   Show progress bars. [default: False]
+        workers:    Processes for Richardson-Lucy and the HSM measurements. [default: 1]
 
     Returns:
         A `Section` (metrics ``fidelity.<method>.<bin>.<quantity>``).
@@ -221,19 +224,22 @@ def run(emulator, data, n, out_dir, split="test", plain_ae=None, progress=False)
     observed, truth, psf, sigma = (arrays[k] for k in ("observed", "truth", "psf", "sigma"))
     scale = float(emulator.metadata["pixel_scale"])
     snr = snr_of(arrays)
-    truth_shapes = hsm_shapes(truth, scale)
+    truth_shapes = parallel_chunks(lambda a, b: hsm_shapes(truth[a:b], scale), len(truth),
+                                   workers)
     images = {"vqvae": _batched(lambda a, b: emulator.reconstruct(
         observed[a:b], psf[a:b], sigma[a:b])[0], len(observed), progress, "VQ-VAE")}
     if plain_ae is not None:
         images["plain_ae"] = plain_autoencoder_images(plain_ae, observed)
     images["richardson_lucy"], rl_iterations = richardson_lucy_images(
-        observed, psf, sigma, truth, snr, progress)
+        observed, psf, sigma, truth, snr, progress, workers)
 
     names, masks = bin_names(), bin_masks(snr)
     sec = Section(TITLE)
     summary = {}
     for method, rec in images.items():
-        errors = stamp_errors(rec, truth, scale, truth_shapes)
+        errors = parallel_chunks(lambda a, b: stamp_errors(
+            rec[a:b], truth[a:b], scale, {k: v[a:b] for k, v in truth_shapes.items()}),
+            len(rec), workers)
         summary[method] = {b: bin_summary(errors, m) for b, m in zip(names, masks)}
         for b, values in summary[method].items():
             for q, v in values.items():

@@ -3,7 +3,8 @@
 The samples are conditioned on the labels of the held-out truth stamps (clipped to the model's
 training range; cycled when more samples than stamps are asked for), so that both sets describe
 the same population. For each statistic of `galsim_vqvae.metrics.morphology` (flux, HSM size,
-HSM |e|, concentration, asymmetry, Gini, M20): the two-sample Kolmogorov-Smirnov statistic
+HSM |e|, concentration, asymmetry, Gini, M20, and the edge flux, the fraction of the flux in the
+outer 6 pixels of the stamp): the two-sample Kolmogorov-Smirnov statistic
 (``scipy.stats.ks_2samp``) with its p-value, the 5% critical value of the KS statistic for these
 sample sizes, 1.358 sqrt((n + m) / (n m)), and the relative mean difference
 mean(samples) / mean(truth) - 1.
@@ -12,7 +13,7 @@ mean(samples) / mean(truth) - 1.
 import numpy as np
 
 from ..metrics import MORPHOLOGY, morphology
-from .common import Goal, Section, cell, fmt, load_heldout
+from .common import Goal, Section, cell, fmt, load_heldout, parallel_chunks
 
 TITLE = "2. Realism: prior samples against held-out truth"
 KS_GOAL = 0.05
@@ -20,7 +21,7 @@ MEAN_GOAL = 0.02
 MEAN_GOAL_STATISTICS = ("size", "e")
 LABELS = {"flux": "flux", "size": "HSM size (arcsec)", "e": "HSM |e|",
           "concentration": "concentration C", "asymmetry": "asymmetry A", "gini": "Gini",
-          "m20": "M20"}
+          "m20": "M20", "edge": "edge flux (outer 6 px)"}
 
 
 def conditions_like(emulator, params, n):
@@ -62,9 +63,10 @@ def compare(samples, truth):
             "n_samples": len(a), "n_truth": len(b)}
 
 
-def run(emulator, data, n, out_dir, split="test", seed=0, progress=False):
+def run(emulator, data, n, out_dir, split="test", seed=0, progress=False, workers=1):
     """The realism section: ``n`` prior samples against up to ``n`` stamps of ``data``'s
-    ``split``. Returns (`Section`, the sampled code maps, their conditions)."""
+    ``split`` (statistics measured in ``workers`` processes). Returns (`Section`, the sampled
+    code maps, their conditions)."""
     import os
 
     from ..plots import save_gallery, save_histograms
@@ -75,8 +77,8 @@ def run(emulator, data, n, out_dir, split="test", seed=0, progress=False):
     codes = emulator.sample_codes(n, conditions, seed=seed, progress=progress)
     samples = emulator.decode(codes)
     scale = float(emulator.metadata["pixel_scale"])
-    stats_s = morphology(samples, scale)
-    stats_t = morphology(truth, scale)
+    stats_s = parallel_chunks(lambda a, b: morphology(samples[a:b], scale), len(samples), workers)
+    stats_t = parallel_chunks(lambda a, b: morphology(truth[a:b], scale), len(truth), workers)
 
     sec = Section(TITLE)
     sec.metrics.update({"realism.n_samples": n, "realism.n_truth": len(truth)})

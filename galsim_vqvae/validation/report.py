@@ -18,14 +18,15 @@ import numpy as np
 from ..data.dataset import read_header
 from ..errors import VQVAEInputError
 from . import codebook, conditioning, fidelity, real, realism, shear
-from .common import SPLITS, cell, check_grid, fmt, load_heldout, skipped
+from .common import SPLITS, cell, check_grid, fmt, load_heldout, shown_path, skipped
 
 FIGURES = ("fidelity.png", "fidelity_gallery.png", "realism.png", "realism_gallery.png",
-           "conditioning.png", "codebook.png", "real.png")
+           "conditioning.png", "codebook.png", "real.png", "real_residuals.png",
+           "real_samples.png", "real_gini_m20.png")
 
 
 def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None, real_path=None,
-             seed=0, device="cpu", split="test", progress=True):
+             seed=0, device="cpu", split="test", progress=True, workers=1):
     """Run every check of the science report and write it to ``out``.
 
     Parameters:
@@ -44,6 +45,8 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
         split:      Stamps of ``data`` to use: "test" (held out, i % 10 == 9) or "all" (for a
                     dataset the model never saw). [default: "test"]
         progress:   Show progress bars. [default: True]
+        workers:    Processes for the per-galaxy measurements (morphology, HSM, Richardson-Lucy,
+                    ring test); the report does not depend on it. [default: 1]
 
     Returns:
         dict: the metrics written to ``metrics.json``.
@@ -52,8 +55,9 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
 
     from ..emulator import Emulator
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise VQVAEInputError(f"n must be a positive integer, got {n!r}")
+    for name, value in (("n", n), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise VQVAEInputError(f"{name} must be a positive integer, got {value!r}")
     if split not in SPLITS:
         raise VQVAEInputError(f"split must be one of {SPLITS}, got {split!r}")
     out = os.path.abspath(os.fspath(out))
@@ -93,13 +97,14 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             bar.set_postfix_str(step)
             t0 = time.time()
             if step == "fidelity":
-                sections.append(fidelity.run(emulator, data, n, stage, split, net, progress)
+                sections.append(fidelity.run(emulator, data, n, stage, split, net, progress,
+                                             workers)
                                 if data is not None else
                                 skipped(fidelity.TITLE, "no --data (a synthetic dataset)"))
             elif step == "realism":
                 if data is not None:
                     sec, codes, conds = realism.run(emulator, data, n, stage, split, seed,
-                                                    progress)
+                                                    progress, workers)
                     sampled = (codes, conds)
                     sections.append(sec)
                 else:
@@ -107,7 +112,7 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
             elif step == "conditioning":
                 sections.append(conditioning.run(emulator, n, stage, seed + 1, progress))
             elif step == "shear":
-                sections.append(shear.run(emulator, n, seed + 2, progress))
+                sections.append(shear.run(emulator, n, seed + 2, progress, workers))
             elif step == "codebook":
                 sections.append(_codebook(emulator, data, n, split, sampled, stage, seed))
             elif step == "real":
@@ -175,18 +180,21 @@ def _flat_metrics(sections):
 
 def _markdown(emulator, sections, args, seconds):
     from .. import __version__
+    from ..provenance import file_sha256, model_name
 
     md = emulator.metadata
-    name = getattr(emulator, "path", None) or "<in-memory Emulator>"
+    path = getattr(emulator, "path", None)
+    name = f"`{model_name(path)}`, sha256 {file_sha256(path)}" if path else "an in-memory Emulator"
     lines = ["# Science report", "",
-             f"Model `{args['model'] if isinstance(args['model'], str) else name}` ({name}): "
+             f"Model {name}: "
              f"{md['stamp_size']}x{md['stamp_size']} pixels of {md['pixel_scale']}\", band "
              f"{md.get('band', '?')}, {md['num_codes']} codes, conditions "
              f"{emulator.condition_names}; training data: "
              f"{md.get('training_data', {}).get('description', md.get('training_data'))}.", "",
              f"`galsim-vqvae evaluate` (galsim_vqvae {__version__}), n = {args['n']}, seed "
-             f"{args['seed']}, data `{args['data']}` (split `{args['split']}`), plain "
-             f"autoencoder `{args['plain_ae']}`, real galaxies `{args['real']}`, device "
+             f"{args['seed']}, data `{shown_path(args['data'])}` (split `{args['split']}`), "
+             f"plain autoencoder `{shown_path(args['plain_ae'])}`, real galaxies "
+             f"`{shown_path(args['real'])}`, device "
              f"{args['device']}; {seconds:.0f} s. Definitions: docs/evaluate.md.", "",
              "## Goals", "", "| goal | value | target | result |", "| --- | --- | --- | --- |"]
     for sec in sections:

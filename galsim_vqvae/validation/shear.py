@@ -20,7 +20,7 @@ difference of the two, galaxy by galaxy, is the part of m that the learned galax
 
 import numpy as np
 
-from .common import Goal, Section, fmt
+from .common import Goal, Section, fmt, parallel_chunks
 
 TITLE = "4. Shear response (ring test)"
 SHEAR = 0.02
@@ -48,7 +48,7 @@ def shear_ellipticity(result):
 
 
 def ring_test(galaxies, psf=None, pixel_scale=PIXEL_SCALE, stamp_size=STAMP_SIZE, shear=SHEAR,
-              n_angles=N_ANGLES, method="REGAUSS", progress=False):
+              n_angles=N_ANGLES, method="REGAUSS", progress=False, workers=1):
     """Ring test of GalSim objects: multiplicative and additive shear biases per galaxy.
 
     Parameters:
@@ -60,6 +60,7 @@ def ring_test(galaxies, psf=None, pixel_scale=PIXEL_SCALE, stamp_size=STAMP_SIZE
         n_angles:       Orientations per galaxy, evenly spaced over 180 degrees. [default: 4]
         method:         ``galsim.hsm.EstimateShear``'s ``shear_est``. [default: "REGAUSS"]
         progress:       Show a progress bar. [default: False]
+        workers:        Processes to measure the galaxies in. [default: 1]
 
     Returns:
         dict: ``m1``, ``m2``, ``c1``, ``c2`` and their ``_err`` (standard errors), ``m`` and
@@ -75,24 +76,30 @@ def ring_test(galaxies, psf=None, pixel_scale=PIXEL_SCALE, stamp_size=STAMP_SIZE
     psf_image = psf.drawImage(nx=stamp_size, ny=stamp_size, scale=pixel_scale)
     image = galsim.ImageD(stamp_size, stamp_size, scale=pixel_scale)
     angles = [k * 180.0 / n_angles * galsim.degrees for k in range(n_angles)]
-    per = {k: np.full(len(galaxies), np.nan) for k in ("m1", "m2", "c1", "c2")}
-    for i, gal in enumerate(tqdm(galaxies, desc="ring test", leave=False, disable=not progress)):
-        mean = np.zeros((2, 2))  # [component, sign]
-        for comp in range(2):
-            for s, sign in enumerate((1, -1)):
-                g = [0.0, 0.0]
-                g[comp] = sign * shear
-                values = []
-                for angle in angles:
-                    obj = galsim.Convolve(gal.rotate(angle).shear(g1=g[0], g2=g[1]), psf)
-                    obj.drawImage(image=image)
-                    result = galsim.hsm.EstimateShear(image, psf_image, shear_est=method,
-                                                      strict=False)
-                    values.append(shear_ellipticity(result)[comp])
-                mean[comp, s] = np.mean(values)
-        for comp in range(2):
-            per[f"m{comp + 1}"][i] = (mean[comp, 0] - mean[comp, 1]) / (2 * shear) - 1
-            per[f"c{comp + 1}"][i] = (mean[comp, 0] + mean[comp, 1]) / 2
+
+    def measure(a, b):
+        per = {k: np.full(b - a, np.nan) for k in ("m1", "m2", "c1", "c2")}
+        for i, gal in enumerate(tqdm(galaxies[a:b], desc="ring test", leave=False,
+                                     disable=not progress or workers > 1)):
+            mean = np.zeros((2, 2))  # [component, sign]
+            for comp in range(2):
+                for s, sign in enumerate((1, -1)):
+                    g = [0.0, 0.0]
+                    g[comp] = sign * shear
+                    values = []
+                    for angle in angles:
+                        obj = galsim.Convolve(gal.rotate(angle).shear(g1=g[0], g2=g[1]), psf)
+                        obj.drawImage(image=image)
+                        result = galsim.hsm.EstimateShear(image, psf_image, shear_est=method,
+                                                          strict=False)
+                        values.append(shear_ellipticity(result)[comp])
+                    mean[comp, s] = np.mean(values)
+            for comp in range(2):
+                per[f"m{comp + 1}"][i] = (mean[comp, 0] - mean[comp, 1]) / (2 * shear) - 1
+                per[f"c{comp + 1}"][i] = (mean[comp, 0] + mean[comp, 1]) / 2
+        return per
+
+    per = parallel_chunks(measure, len(galaxies), workers, chunk=16)
     ok = np.all([np.isfinite(v) for v in per.values()], axis=0)
     out = {"n": int(ok.sum()), "n_failed": int((~ok).sum())}
     for k, v in per.items():
@@ -126,9 +133,9 @@ def control_galaxies(images, pixel_scale):
     return out
 
 
-def run(emulator, n, seed=0, progress=False):
+def run(emulator, n, seed=0, progress=False, workers=1):
     """The shear-response section: ring tests of ``n`` `VQVAEGalaxy` objects (conditions drawn
-    like the training set) and of their exponential controls."""
+    like the training set) and of their exponential controls, in ``workers`` processes."""
     import galsim
 
     from ..metrics import draw_training_conditions
@@ -138,10 +145,10 @@ def run(emulator, n, seed=0, progress=False):
                   else None)
     galaxies = VQVAEGalaxy.makeGalaxies(n, emulator, conditions=conditions,
                                         rng=galsim.BaseDeviate(seed))
-    model = ring_test(galaxies, progress=progress)
+    model = ring_test(galaxies, progress=progress, workers=workers)
     images = np.stack([g.image.array for g in galaxies])
     control = ring_test(control_galaxies(images, float(emulator.metadata["pixel_scale"])),
-                        progress=progress)
+                        progress=progress, workers=workers)
     both = np.isfinite(model["m1_each"] + model["m2_each"] + control["m1_each"]
                        + control["m2_each"])
     diff = 0.5 * (model["m1_each"] + model["m2_each"] - control["m1_each"]
