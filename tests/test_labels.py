@@ -2,6 +2,7 @@
 partial labels honoured, class labels by name, and every draw a function of the galaxy's seed."""
 
 import copy
+import json
 
 import galsim
 import numpy as np
@@ -261,7 +262,7 @@ def test_bundle_from_checkpoints_holds_the_training_labels(tmp_path):
                  psf_index=np.zeros(n, np.int32),
                  params={"mag": mag, "hlr": hlr, "morph_class": klass})
     with h5py.File(data, "r+") as f:
-        f["params/morph_class"].attrs["class_names"] = ["disk", "intermediate", "bulge"]
+        f.attrs["class_names"] = json.dumps(["disk", "intermediate", "bulge"])
     vqvae = VQVAE(stamp_size=s, hidden=8, res_blocks=1, res_hidden=4, embed_dim=4, num_codes=12)
     data_info = {"path": str(data), "pixel_scale": 0.1, "stamp_size": s, "band": "F814W"}
     save_checkpoint({"model": vqvae.state_dict(), "config": vqvae.config, "step": 1,
@@ -274,8 +275,8 @@ def test_bundle_from_checkpoints_holds_the_training_labels(tmp_path):
                               num_classes=num_classes)
         state = {"model": prior.state_dict(), "config": prior.config, "step": 1,
                  "conditions": norm, "data": data_info}
-        if class_label:
-            state["class_label"] = class_label
+        if class_label:  # as train-prior --class-label writes it
+            state["classes"] = {"label": class_label, "names": ["disk", "intermediate", "bulge"]}
         save_checkpoint(state, tmp_path / "prior.pt")
         emu = Emulator.from_checkpoints(tmp_path / "vq.pt", tmp_path / "prior.pt")
         expected = [mag[train], hlr[train]] + ([klass[train]] if class_label else [])
@@ -285,6 +286,10 @@ def test_bundle_from_checkpoints_holds_the_training_labels(tmp_path):
         back = Emulator.load(tmp_path / "model.safetensors")
         np.testing.assert_array_equal(back.label_table, emu.label_table)
     assert back.class_names == ["disk", "intermediate", "bulge"]
+    state.pop("classes")  # no class entry: the label named here, its names from the dataset
+    save_checkpoint(state, tmp_path / "prior.pt")
+    assert Emulator.from_checkpoints(tmp_path / "vq.pt", tmp_path / "prior.pt",
+                                     class_label="morph_class").class_names == back.class_names
     assert back.draw_conditions(2, {"morph_class": "bulge"}, seed=1)["morph_class"].tolist() \
         == [2, 2]
     # a larger training split is subsampled, seeded, in dataset order
