@@ -65,8 +65,10 @@ def main(argv=None):
           f"flux {stamp.sum():.4g}")
 
     convolved, chi2 = emulator.reconstruct(stamp, psf, sigma, convolved=True)
-    codes = emulator.encode(stamp)[0]
-    gal = galsim_vqvae.VQVAEGalaxy(emulator, code_map=codes)
+    # codes are unit-free: decoded, they have the stamp's flux over encode's input factor
+    codes = emulator.encode(stamp, noise_sigma=sigma)[0]
+    gal = galsim_vqvae.VQVAEGalaxy(emulator, code_map=codes,
+                                   flux_rescale=1 / emulator.input_scale(stamp, sigma)[0])
     print(f"reconstruction: chi^2/pixel {chi2[0]:.3f}; model flux {gal.flux:.4g} "
           f"(stamp {stamp.sum():.4g})")
 

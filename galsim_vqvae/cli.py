@@ -109,7 +109,7 @@ def cmd_train_vqvae(args):
 
 def cmd_train_prior(args):
     from .checkpoints import load_checkpoint
-    from .data.dataset import mean_psf
+    from .data.dataset import mean_psf, median_sigma
     from .emulator import MAX_LABEL_ROWS, Emulator
     from .train.distributed import is_main_process
     from .train.prior import label_table, train_prior
@@ -134,7 +134,8 @@ def cmd_train_prior(args):
     labels = list(conditions) + ([args.class_label] if args.class_label else [])
     table = label_table(args.data, labels, MAX_LABEL_ROWS) if labels else None
     Emulator.from_checkpoints(vqvae_ckpt, os.path.join(args.out, "checkpoint.pt"),
-                              psf_image=mean_psf(trained_on), label_table=table).save(bundle)
+                              psf_image=mean_psf(trained_on), label_table=table,
+                              noise_sigma=median_sigma(trained_on)).save(bundle)
     bits = summary.get("test_bits_per_code")
     return (f"trained prior to step {summary.get('step')}"
             + (f", held-out NLL {bits:.4f} bits/code" if bits is not None else "")
@@ -179,7 +180,7 @@ def cmd_reconstruct(args):
     emulator = Emulator.load(args.model, device=args.device)
     size, scale = emulator.stamp_size, emulator.metadata["pixel_scale"]
     observed = read_stamps(args.input, "--input", size, scale)
-    psf = read_stamps(args.psf, "--psf", size, scale, psf=True)
+    psf = read_stamps(args.psf, "--psf", None, scale, psf=True)  # any size: fit to the stamp
     if len(psf) not in (1, len(observed)):
         raise VQVAEInputError(f"--psf {args.psf} holds {len(psf)} PSF images and --input "
                               f"{args.input} {len(observed)} stamps: give one PSF for all "
@@ -413,7 +414,10 @@ def build_parser():
     p = add("reconstruct", cmd_reconstruct, "deconvolved reconstruction of observed stamps")
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--input", required=True, help="FITS image or cube of observed stamps")
-    p.add_argument("--psf", required=True, help="FITS PSF image (or cube, one per stamp)")
+    p.add_argument("--psf", required=True,
+                   help="FITS PSF image (or cube, one per stamp) at the model's pixel scale, of "
+                        "any size: padded or cropped about its centre pixel (n//2, as GalSim "
+                        "draws it) to the model's stamp")
     p.add_argument("--sigma", type=float, required=True, help="noise sigma of the stamps")
     p.add_argument("--out", required=True, help="output FITS file")
     p.add_argument("--convolved", action="store_true",

@@ -6,8 +6,13 @@ A config uses them with ``modules: [galsim_vqvae]``::
         vqvae_model: {file_name: default, device: cpu, batch_size: 32}
     gal:
         type: VQVAEGalaxy
-        conditions: {mag: {type: Catalog, col: mag}, hlr: 0.4}
+        conditions: {mag: {type: Catalog, col: mag}}
         flux: 1000.
+
+``conditions`` gives any subset of the model's labels (none at all: galaxies of the training
+population); the others are drawn from the labels stored in the model, given these, from each
+galaxy's seed (`galsim_vqvae.Emulator.draw_conditions`), and ``$(@gal).conditions['hlr']`` reads
+them back, e.g. for a truth catalog.
 
 Reproducibility. Each galaxy's sampling seed comes from its own per-object rng
 (`galsim.config.GetRNG`), or from ``index`` if given, so the same ``random_seed`` gives the same

@@ -1,7 +1,9 @@
 """The Emulator: a trained VQ-VAE, its Gated PixelCNN prior and their metadata, as one bundle.
 
-A bundle is a single ``.safetensors`` file: the weights of both networks and the training PSF
-image as tensors, and the metadata as JSON in the file's header. Loading never unpickles anything;
+A bundle is a single ``.safetensors`` file: the weights of both networks, the training PSF
+image and the labels of the training galaxies (``labels.table``, from which labels that a user
+leaves out are drawn: `Emulator.draw_conditions`) as tensors, and the metadata as JSON in the
+file's header. Loading never unpickles anything;
 it checks the format version, the metadata and every tensor's shape, and names what does not fit.
 """
 
@@ -33,6 +35,8 @@ OUT_OF_RANGE_POLICIES = ("error", "clip")
 LABEL_TABLE_KEY = "labels.table"   # the bundle's tensor of training labels [N, labels]
 MAX_LABEL_ROWS = 20_000            # a larger training split is subsampled (seeded)
 _LABEL_SALT = 0x4C41_4245          # "LABE": label draws apart from the sampler's noise stream
+FRAME_PIXELS = 4                   # the outer frame whose pixels estimate a stamp's noise
+PSF_LOST_FLUX = 1e-3               # cropping a larger PSF to the stamp warns beyond this loss
 
 
 def _absent(column):
@@ -157,7 +161,8 @@ class Emulator:
             f.write(payload)
 
     @classmethod
-    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image, label_table=None):
+    def from_checkpoints(cls, vqvae_checkpoint, prior_checkpoint, psf_image, label_table=None,
+                         noise_sigma=None):
         """Assemble a bundle from the checkpoints written by ``train-vqvae`` and ``train-prior``.
 
         The bundle holds the labels of the prior's training split (`label_table`, read from the
@@ -173,6 +178,10 @@ class Emulator:
                                 its conditions then its class label (``train-prior`` passes
                                 `galsim_vqvae.train.prior.label_table`), or None for a bundle
                                 that cannot draw missing labels. [default: None]
+            noise_sigma:        The median noise sigma of the VQ-VAE's training stamps, the
+                                reference of `input_scale` (``train-prior`` passes
+                                `galsim_vqvae.data.dataset.median_sigma`), or None: stamps are
+                                then put on the training scale by their peak. [default: None]
         """
         from .checkpoints import load_checkpoint
 
@@ -220,6 +229,8 @@ class Emulator:
                          "prior_steps": int(prior_state["step"]),
                          "prior_test_bits_per_code": prior_state.get("test_bits_per_code")},
         }
+        if noise_sigma is not None:
+            metadata["noise_sigma_median"] = float(noise_sigma)
         return cls(vqvae, prior, metadata, psf_image, table)
 
     def __repr__(self):
@@ -632,26 +643,85 @@ class Emulator:
             raise VQVAEInputError(f"{what} contains NaN or infinite values")
         return torch.from_numpy(arr)[:, None]
 
-    def encode(self, observed, batch_size=256):
-        """Encode observed stamps [n, stamp, stamp] into code maps [n, latent, latent] (numpy)."""
-        x = self._stamps_tensor(observed, "observed")
+    def input_scale(self, observed, noise_sigma=None):
+        """The factor [n] (float64) by which `encode` multiplies each stamp, so that stamps in any
+        flux unit reach the network as the training stamps did: the noise sigma of the stamp
+        becomes the training stamps' median sigma (``metadata["noise_sigma_median"]``).
+
+        A stamp's sigma is ``noise_sigma`` if given, else 1.4826 times the median absolute
+        deviation of the pixels of its outer frame (`FRAME_PIXELS` wide). A noiseless stamp (sigma
+        0), or a model whose metadata lacks the training sigma, is instead scaled so that its
+        brightest pixel is the training stamps' median brightest pixel (the VQ-VAE's
+        ``image_scale``). The factor is homogeneous: a stamp k times brighter (with k times the
+        sigma) gets a factor 1/k, so that encoding is independent of the flux unit.
+
+        Parameters:
+            observed:       Stamps [n, stamp, stamp].
+            noise_sigma:    Their noise sigma, a number or n numbers, or None to estimate it.
+                            [default: None]
+        """
+        x = np.asarray(observed, dtype=np.float64)
+        x = x[None] if x.ndim == 2 else x
+        n = len(x)
+        if noise_sigma is None:
+            s = x.shape[-1]
+            i = np.arange(s)
+            depth = np.minimum(i, s - 1 - i)  # distance of a row or column from the edge
+            frame = x[:, np.minimum.outer(depth, depth) < FRAME_PIXELS]
+            sigma = 1.4826 * np.median(np.abs(frame - np.median(frame, axis=1)[:, None]), axis=1)
+        else:
+            sigma = np.asarray(noise_sigma, dtype=np.float64)
+            if sigma.shape not in ((), (n,)) or not np.all(np.isfinite(sigma) & (sigma >= 0)):
+                raise VQVAEInputError(f"noise_sigma must be a finite number >= 0 or {n} of them, "
+                                      f"got {noise_sigma!r}")
+            sigma = np.broadcast_to(sigma, (n,))
+        reference = self.metadata.get("noise_sigma_median")
+        peak = x.reshape(n, -1).max(axis=1)
+        by_peak = np.where(peak > 0, self.vqvae.image_scale / np.where(peak > 0, peak, 1.0), 1.0)
+        if not reference:
+            return by_peak
+        return np.where(sigma > 0, reference / np.where(sigma > 0, sigma, 1.0), by_peak)
+
+    def encode(self, observed, batch_size=256, noise_sigma=None):
+        """Encode observed stamps [n, stamp, stamp] into code maps [n, latent, latent] (numpy).
+
+        The stamps are first brought to the training range by `input_scale`, so the codes do
+        not depend on the flux unit of the stamps.
+
+        Parameters:
+            observed:       Stamps [n, stamp, stamp] at the model's pixel scale.
+            batch_size:     Stamps per network call. [default: 256]
+            noise_sigma:    Their noise sigma (a number or n numbers), or None to estimate it
+                            from each stamp (see `input_scale`). [default: None]
+        """
+        return self._encode(observed, batch_size, noise_sigma)[0]
+
+    def _encode(self, observed, batch_size, noise_sigma):
+        """(codes, the factors of `input_scale`)."""
+        x = self._stamps_tensor(observed, "observed").numpy()
+        factor = self.input_scale(x[:, 0], noise_sigma)
+        x = torch.from_numpy((x * factor[:, None, None, None]).astype(np.float32))
         out = []
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
                 out.append(self.vqvae.encode_codes(x[start:start + batch_size].to(self.device))
                            .cpu())
-        return torch.cat(out).numpy().astype(np.int64)
+        return torch.cat(out).numpy().astype(np.int64), factor
 
     def reconstruct(self, observed, psf, noise_sigma, convolved=False):
         """Deconvolved reconstruction of observed stamps through the VQ-VAE.
 
         Parameters:
             observed:       Observed stamps [n, stamp, stamp] at the model's pixel scale.
-            psf:            Their PSF images (pixel included, sum 1), [stamp, stamp] for all or
-                            [n, stamp, stamp].
+            psf:            Their PSF images (pixel included; normalised to sum 1), one
+                            [ny, nx] for all or [n, ny, nx], of any size: padded or cropped about
+                            the centre to the stamp (`fit_psf`).
             noise_sigma:    Their Gaussian noise sigma, a number or n numbers (> 0).
             convolved:      Return the reconstruction convolved with ``psf`` (comparable with
                             ``observed``) instead of the pre-PSF image. [default: False]
+
+        The stamps are brought to the training range (`input_scale`, from ``noise_sigma``) and
+        the result is scaled back: the reconstruction does not depend on the flux unit.
 
         Returns:
             (images [n, stamp, stamp], reduced chi^2 [n] of the convolved reconstruction).
@@ -660,11 +730,15 @@ class Emulator:
 
         x = self._stamps_tensor(observed, "observed")
         n = len(x)
-        p = self._stamps_tensor(psf, "psf")
+        psf = np.asarray(psf, dtype=np.float32)
+        if not np.all(np.isfinite(psf)):
+            raise VQVAEInputError("psf contains NaN or infinite values")
+        p = torch.from_numpy(fit_psf(psf, self.stamp_size))
+        p = (p[None] if p.ndim == 2 else p)[:, None]
         if len(p) == 1:
             p = p.expand(n, -1, -1, -1)
-        if len(p) != n:
-            raise VQVAEInputError(f"psf must be one image or {n} images, got {len(p)}")
+        if p.ndim != 4 or len(p) != n:
+            raise VQVAEInputError(f"psf must be one image or {n} images, got shape {psf.shape}")
         sums = p.sum(dim=(1, 2, 3))
         if not bool((sums > 0).all()):
             raise VQVAEInputError("psf images must have a positive sum")
@@ -672,7 +746,9 @@ class Emulator:
         sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (n,)).copy()
         if not np.all(np.isfinite(sigma) & (sigma > 0)):
             raise VQVAEInputError(f"noise_sigma must be finite and > 0, got {noise_sigma!r}")
-        decoded = torch.from_numpy(self.decode(self.encode(observed)))[:, None]
+        codes, factor = self._encode(observed, 256, sigma.astype(np.float64))
+        decoded = torch.from_numpy((self.decode(codes) / factor[:, None, None])
+                                   .astype(np.float32))[:, None]
         model = convolve_psf(decoded, p)
         red_chi2 = chi2(model, x, torch.from_numpy(sigma)).numpy()
         images = model if convolved else decoded
@@ -836,6 +912,9 @@ def _check_metadata(metadata, path):
     for field in ("pixel_scale", "psf_fwhm"):
         if not is_number(metadata[field]) or not metadata[field] > 0:
             fail(field, "a positive number")
+    if "noise_sigma_median" in metadata and not (is_number(metadata["noise_sigma_median"])
+                                                 and metadata["noise_sigma_median"] > 0):
+        fail("noise_sigma_median", "a positive number")
     if not is_number(metadata["zeropoint"]):
         fail("zeropoint", "a finite number")
     for field in ("band", "flux_convention"):
@@ -934,6 +1013,42 @@ def _check_label_table(table, metadata, path):
         if not np.all((col == np.round(col)) & (col >= 0) & (col < len(klass["class_names"]))):
             fail(f"label table column {klass['name']!r} must hold class numbers 0 to "
                  f"{len(klass['class_names']) - 1}")
+
+
+def fit_psf(psf, size, what="psf"):
+    """PSF images [..., ny, nx] of any size on the model's [..., size, size] grid: padded with
+    zeros or cropped about the centre, GalSim's convention (the centre pixel of an n-pixel side
+    is pixel n // 2, as ``drawImage(nx=n, ny=n, use_true_center=False)`` puts it), so that the
+    centre pixel lands on pixel (size // 2, size // 2). Cropping away more than `PSF_LOST_FLUX`
+    of a PSF's flux warns.
+
+    Parameters:
+        psf:    Array [..., ny, nx] (one PSF or a stack), any ny, nx >= 1.
+        size:   The side of the model's stamps.
+        what:   How the PSF is named in the warning. [default: "psf"]
+
+    Returns:
+        float32 array [..., size, size].
+    """
+    psf = np.asarray(psf, dtype=np.float64)
+    if psf.ndim < 2 or min(psf.shape[-2:]) < 1:
+        raise VQVAEInputError(f"{what} must be an image [ny, nx] or a stack of them, got shape "
+                              f"{psf.shape}")
+    out = np.zeros(psf.shape[:-2] + (size, size))
+    src, dst = [], []
+    for n in psf.shape[-2:]:
+        shift = size // 2 - n // 2  # source pixel i lands on pixel i + shift
+        lo, hi = max(0, -shift), min(n, size - shift)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo + shift, hi + shift))
+    out[(Ellipsis, *dst)] = psf[(Ellipsis, *src)]
+    total = psf.sum(axis=(-2, -1))
+    lost = np.abs(total - out.sum(axis=(-2, -1))) / np.maximum(np.abs(total), 1e-300)
+    if np.any(lost > PSF_LOST_FLUX):
+        warnings.warn(f"{what}: the {psf.shape[-1]}x{psf.shape[-2]}-pixel PSF is cropped to the "
+                      f"model's {size}x{size} stamp, losing {lost.max():.2%} of its flux",
+                      stacklevel=2)
+    return out.astype(np.float32)
 
 
 def psf_fwhm(psf_image, pixel_scale):

@@ -123,9 +123,10 @@ def test_encode_decode_and_reconstruct(tiny_emulator):
     s = tiny_emulator.stamp_size
     observed = rng.normal(0.0, 0.1, (2, s, s)).astype(np.float32)
     observed[:, s // 2 - 3:s // 2 + 3, s // 2 - 3:s // 2 + 3] += rng.uniform(1, 3, (2, 6, 6))
-    codes = tiny_emulator.encode(observed)
+    codes = tiny_emulator.encode(observed, noise_sigma=0.1)
     assert codes.shape == (2, s // 4, s // 4)
-    decoded = tiny_emulator.decode(codes)
+    # codes are unit-free: the reconstruction is the decoded image over the input factor
+    decoded = tiny_emulator.decode(codes) / tiny_emulator.input_scale(observed, 0.1)[:, None, None]
     pre, chi_pre = tiny_emulator.reconstruct(observed, tiny_emulator.psf_image, 0.1)
     np.testing.assert_allclose(pre, decoded, rtol=1e-6)
     conv, chi = tiny_emulator.reconstruct(observed, tiny_emulator.psf_image, 0.1, convolved=True)

@@ -288,13 +288,6 @@ def _(w):
                 "--out", w.path("r.fits")])
 
 
-@case("psf-size", T, "`reconstruct`", "`--psf` of another size than the model's stamps",
-      ["--psf", "psf16.fits", "16x16", "32x32"])
-def _(w):
-    return CLI(["reconstruct", "--model", w.model, "--input", w.stamp("obs.fits", scale=0.03),
-                "--psf", w.psf("psf16.fits", size=16), "--sigma", "1", "--out", w.path("r.fits")])
-
-
 @case("psf-count", T, "`reconstruct`", "two PSFs for three stamps",
       ["--psf", "two_psfs.fits", "holds 2 PSF images", "3 stamps"])
 def _(w):

@@ -305,6 +305,12 @@ def load_arrays(path, indices=None, keys=None):
     return out
 
 
+def median_sigma(path, split="train"):
+    """The median noise sigma of the stamps of one split of a dataset file."""
+    rows = split_indices(read_header(path)["n"], split)
+    return float(np.median(load_arrays(path, indices=rows, keys=("sigma",))["sigma"]))
+
+
 def mean_psf(path):
     """The mean PSF image [S, S] (float64) of a dataset's stamps: the PSF bank weighted by the
     number of stamps that use each entry."""
