@@ -98,6 +98,10 @@ def cmd_train_vqvae(args):
                           checkpoint_every=args.checkpoint_every, noise=args.noise)
     if not is_main_process():  # under torchrun, rank 0 reports
         return None
+    if args.steps <= args.ae_warmup:
+        print(f"galsim-vqvae train-vqvae: warning: --steps {args.steps} is not above --ae-warmup "
+              f"{args.ae_warmup}: the run stayed a plain autoencoder and its codebook was never "
+              "used (perplexity 0); train with --steps above --ae-warmup", file=sys.stderr)
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
             + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                         if isinstance(v, float)))

@@ -206,3 +206,16 @@ def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
         assert header["band"] == "F606W" and header["zeropoint"] == zp
         outs[zp] = load_arrays(out, keys=["params"])["params/mag"]
     np.testing.assert_allclose(outs[26.5] - outs[25.0], 1.5, atol=1e-4)
+
+
+def test_steps_below_ae_warmup_warns(tmp_path, capsys):
+    """--steps not above --ae-warmup never uses the codebook: the run says so (perplexity 0)."""
+    from test_errors import TINY_VQVAE, write_dataset
+
+    data = write_dataset(str(tmp_path / "d.h5"))
+    args = ["train-vqvae", "--data", data, "--steps", 2, *TINY_VQVAE]
+    code, out, err = run(capsys, *args, "--ae-warmup", 2, "--out", tmp_path / "a")
+    assert code == 0 and "perplexity 0," in out
+    assert "warning: --steps 2 is not above --ae-warmup 2" in err and "never used" in err
+    code, out, err = run(capsys, *args, "--ae-warmup", 1, "--out", tmp_path / "b")
+    assert code == 0 and "warning" not in err and "perplexity 0," not in out
