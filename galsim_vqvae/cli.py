@@ -10,7 +10,7 @@ import secrets
 import sys
 import time
 
-from .errors import VQVAEInputError
+from .errors import VQVAEInputError, VQVAEMissingExtraError
 from .fileio import check_output_path
 
 EXIT_BAD_INPUT = 2
@@ -434,11 +434,13 @@ def main(argv=None):
 
 def _is_user_error(err):
     """Whether ``err`` is bad input (one line, exit 2): the package's own input errors, GalSim's
-    (a bad config value), and the OS's (a missing or unwritable file). Anything else, a bare
+    (a bad config value), the OS's (a missing or unwritable file) and a missing optional
+    dependency (naming the extra to install). Anything else, a bare
     ValueError included, is a bug and keeps its traceback."""
     import galsim
 
-    return isinstance(err, (VQVAEInputError, OSError, galsim.GalSimError))
+    return isinstance(err, (VQVAEInputError, VQVAEMissingExtraError, OSError,
+                            galsim.GalSimError))
 
 
 if __name__ == "__main__":
