@@ -80,11 +80,19 @@ setup(
     packages=find_packages(include=["galsim_vqvae", "galsim_vqvae.*"]),
     package_data={"galsim_vqvae": ["models/default/*"]},
     python_requires=">=3.9",
+    # Drawing galaxies needs only these; the extras add what datasets, training, figures and the
+    # science report need (galsim_vqvae/extras.py names the extra when one is missing).
     install_requires=[
-        "galsim>=2.5", "torch>=2.1", "astropy", "numpy", "scipy", "tqdm", "matplotlib",
-        "safetensors", "h5py", "pyyaml", "scikit-image",
+        "galsim>=2.5", "torch>=2.1", "astropy", "numpy", "scipy", "tqdm", "safetensors",
+        "pyyaml",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        "plots": ["matplotlib"],
+        "train": ["h5py", "matplotlib"],
+        "evaluate": ["h5py", "matplotlib", "scikit-image"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "h5py", "matplotlib",
+                 "scikit-image"],
+    },
     entry_points={"console_scripts": ["galsim-vqvae = galsim_vqvae.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -10,7 +10,7 @@ import secrets
 import sys
 import time
 
-from .errors import VQVAEInputError
+from .errors import VQVAEInputError, VQVAEMissingExtraError
 from .fileio import check_output_path
 
 EXIT_BAD_INPUT = 2
@@ -102,6 +102,10 @@ def cmd_train_vqvae(args):
                           truth_norm=args.truth_norm)
     if not is_main_process():  # under torchrun, rank 0 reports
         return None
+    if args.steps <= args.ae_warmup:
+        print(f"galsim-vqvae train-vqvae: warning: --steps {args.steps} is not above --ae-warmup "
+              f"{args.ae_warmup}: the run stayed a plain autoencoder and its codebook was never "
+              "used (perplexity 0); train with --steps above --ae-warmup", file=sys.stderr)
     return (f"trained VQ-VAE to step {summary.get('step')}; checkpoint in {args.out}; "
             + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                         if isinstance(v, float)))
@@ -483,11 +487,13 @@ def main(argv=None):
 
 def _is_user_error(err):
     """Whether ``err`` is bad input (one line, exit 2): the package's own input errors, GalSim's
-    (a bad config value), and the OS's (a missing or unwritable file). Anything else, a bare
+    (a bad config value), the OS's (a missing or unwritable file) and a missing optional
+    dependency (naming the extra to install). Anything else, a bare
     ValueError included, is a bug and keeps its traceback."""
     import galsim
 
-    return isinstance(err, (VQVAEInputError, OSError, galsim.GalSimError))
+    return isinstance(err, (VQVAEInputError, VQVAEMissingExtraError, OSError,
+                            galsim.GalSimError))
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ from galsim.config import (ExtraOutputBuilder, GetAllParams, GetInputObj, GetRNG
 from galsim.config.value import standard_ignore
 from galsim.errors import GalSimConfigError, GalSimConfigValueError, GalSimValueError
 
-from .provenance import provenance_cards
 from .profile import (RESOLUTION_POLICIES, VQVAEGalaxy, _model_info, _target_fwhm, check_psf,
                       draw_labels, generate, get_emulator, index_seed, rng_seed)
+from .provenance import provenance_cards
 
 __all__ = ["VQVAEModel", "VQVAEModelLoader", "BuildVQVAEGalaxy"]
 

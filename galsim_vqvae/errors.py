@@ -12,3 +12,8 @@ class VQVAEInputError(ValueError):
 
 class VQVAEFormatError(VQVAEInputError):
     """A dataset or model file that is missing, truncated, corrupt, or of an unknown version."""
+
+
+class VQVAEMissingExtraError(ImportError):
+    """An optional dependency is not installed. The message names the package's extra that
+    installs it (e.g. ``pip install "galsim_vqvae[train]"``); drawing galaxies needs none."""

@@ -46,9 +46,15 @@ def _load():
         from . import _C  # noqa: F401  (registers galsim_vqvae::nearest_code and its CPU kernel)
     except ImportError as exc:
         _BACKEND = "torch"
-        _LOAD_ERROR = (f"the compiled extension galsim_vqvae._C is not importable ({exc}); build "
-                       "it with `pip install --no-build-isolation .` where a C++ compiler and torch "
-                       "are installed")
+        root = _source_root_shadowing()
+        if root is not None:
+            _LOAD_ERROR = (f"Python was started in the source root {root}, whose galsim_vqvae "
+                           "folder (without the compiled ops) shadows the installed package: "
+                           "start Python in another folder")
+        else:
+            _LOAD_ERROR = (f"the compiled extension galsim_vqvae._C is not importable ({exc}); "
+                           "build it with `pip install --no-build-isolation .` where a C++ "
+                           "compiler and torch are installed")
         return
     _BACKEND = "cpp"
     try:
@@ -58,6 +64,17 @@ def _load():
         if torch.version.cuda:  # a CUDA torch without the CUDA kernel: CUDA tensors use PyTorch
             _LOAD_ERROR = (f"the CUDA kernel galsim_vqvae._C_cuda is not importable ({exc}); CUDA "
                            "tensors use the PyTorch reference")
+
+
+def _source_root_shadowing():
+    """The source root (the folder of setup.py and csrc/) when the package was imported from the
+    source tree because Python runs there, shadowing any installed copy; else None."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
+    if not (os.path.isfile(os.path.join(root, "setup.py"))
+            and os.path.isdir(os.path.join(root, "csrc"))):
+        return None
+    return root if os.path.abspath(os.getcwd()) == root else None
 
 
 def load_error():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 from .errors import VQVAEInputError
+from .extras import require
 from .fileio import atomic_path
 
 
@@ -23,6 +24,7 @@ def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4, per
         panel_size: Inches per panel (at 100 dpi). [default: 1.4]
         per_row:    Galaxies per row of the grid. [default: about sqrt(n / len(columns))]
     """
+    require("matplotlib")
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     if not columns:
@@ -68,6 +70,7 @@ def save_gallery(path, columns, title=None, stretch="asinh", panel_size=1.4, per
 # ------------------------------------------------------------------------------------------------
 # Figures of the science report (galsim-vqvae evaluate)
 def _grid(n_panels, panel_size=(3.2, 2.6), columns=4):
+    require("matplotlib")
     from matplotlib.figure import Figure
 
     cols = min(columns, n_panels)

@@ -37,7 +37,7 @@ def provenance_cards(model_path):
     model never saved (MODEL "unsaved", no MODELSHA)."""
     cards = {"VQVAEVER": (__version__, "galsim_vqvae version")}
     if model_path is None:
-        cards["MODEL"] = ("unsaved", "galsim_vqvae model: built in memory, never saved")
+        cards["MODEL"] = ("unsaved", "model built in memory, never saved")
     else:
         cards["MODEL"] = (model_name(model_path)[:68], "galsim_vqvae model bundle")
         cards["MODELSHA"] = (file_sha256(model_path), "")  # sha256: no room for a comment

@@ -254,3 +254,59 @@ def test_training_flags_reach_the_checkpoints(tmp_path, capsys):
     assert state["config"]["dropout"] == 0.1 and state["config"]["num_classes"] == 2
     assert state["train"]["ema"] == 0.95 and state["train"]["class_label"] == "morph_class"
     assert state["classes"] == {"label": "morph_class", "names": ["disk", "bulge"]}
+
+
+def test_steps_below_ae_warmup_warns(tmp_path, capsys):
+    """--steps not above --ae-warmup never uses the codebook: the run says so (perplexity 0)."""
+    from test_errors import TINY_VQVAE, write_dataset
+
+    data = write_dataset(str(tmp_path / "d.h5"))
+    args = ["train-vqvae", "--data", data, "--steps", 2, *TINY_VQVAE]
+    code, out, err = run(capsys, *args, "--ae-warmup", 2, "--out", tmp_path / "a")
+    assert code == 0 and "perplexity 0," in out
+    assert "warning: --steps 2 is not above --ae-warmup 2" in err and "never used" in err
+    code, out, err = run(capsys, *args, "--ae-warmup", 1, "--out", tmp_path / "b")
+    assert code == 0 and "warning" not in err and "perplexity 0," not in out
+
+
+def test_drawing_needs_no_extra(tiny_emulator, tmp_path):
+    """Without matplotlib, h5py and scikit-image (the extras), galaxies are drawn (Python, the
+    GalSim config path, sample); commands that need one name the extra to install; and
+    setup.py does not force them on every user."""
+    import ast
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+for name in ("matplotlib", "h5py", "skimage"):
+    sys.modules[name] = None  # as if not installed
+import galsim, galsim_vqvae
+from galsim_vqvae.cli import main
+model = {str(tiny_emulator.path)!r}
+out = {str(tmp_path)!r}
+galsim_vqvae.Emulator.load(model).sample(1, {{"mag": 22.0, "hlr": 0.4}}, seed=1)
+config = galsim.config.ReadConfig({str(Path(__file__).parents[1] / "examples" / "mock_survey.yaml")!r})[0]
+galsim.config.Process(config, except_abort=True, new_params={{
+    "input.vqvae_model.file_name": model, "image.nobjects": 2, "image.size": 64,
+    "image.nproc": 1, "output.dir": out}})
+assert main(["sample", "--model", model, "--n", "1", "--conditions", "mag=22,hlr=0.4",
+             "--out", out + "/s.fits", "--quiet"]) == 0
+assert main(["gallery", "--model", model, "--out", out + "/g.png", "--quiet"]) == 2
+assert main(["make-dataset", "--source", "synthetic", "--n", "2", "--out", out + "/d.h5",
+             "--quiet"]) == 2
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert 'matplotlib is not installed' in proc.stderr
+    assert 'pip install "galsim_vqvae[plots]"' in proc.stderr
+    assert 'pip install "galsim_vqvae[train]"' in proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"mock_survey.fits", "mock_survey_truth.fits",
+                                                    "s.fits"}
+    setup = ast.parse((Path(__file__).parents[1] / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+              if k.arg in ("install_requires", "extras_require")}
+    assert not {"matplotlib", "h5py", "scikit-image"} & set(kwargs["install_requires"])
+    assert {"h5py", "matplotlib", "scikit-image"} <= set(kwargs["extras_require"]["test"])

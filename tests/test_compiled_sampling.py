@@ -199,10 +199,21 @@ def test_fallback_is_announced(monkeypatch):
         sample_fast(prior, 2, (3, 3), seeds=seeds, implementation="compiled")
 
 
-def test_emulator_fast_is_naive(tiny_emulator):
+def test_emulator_fast_is_naive(tiny_emulator, monkeypatch):
     """The Emulator's default (fast, compiled where built) draws the naive maps."""
+    from galsim_vqvae.nn import fast_sampling
+
+    ran = []  # which implementation of the fast sampler ran (none: another sampler did)
+    for name in ("_sample_compiled", "_sample_torch"):
+        def spy(*args, _name=name, _real=getattr(fast_sampling, name), **kwargs):
+            ran.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(fast_sampling, name, spy)
     conditions = {"mag": [22.0, 24.5, 23.0], "hlr": [0.3, 1.0, 0.5]}
     fast = tiny_emulator.sample_codes(3, conditions, seed=FRESH)
+    compiled = ops.sampler_backend("cpu", announce=False) != "torch"
+    assert ran and set(ran) == {"_sample_compiled" if compiled else "_sample_torch"}, ran
+    monkeypatch.undo()
     naive = tiny_emulator.sample_codes(3, conditions, seed=FRESH, method="naive")
     assert np.array_equal(fast, naive), f"FRESH = {FRESH}"
 

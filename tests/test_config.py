@@ -393,3 +393,24 @@ def test_conditions_from_an_input_catalog(tiny_emulator, tmp_path):
         ref = ref.drawImage(nx=24, ny=24, scale=0.2)
         stamp = image[galsim.BoundsI(1 + 24 * k, 24 * (k + 1), 1, 24)].array
         np.testing.assert_allclose(stamp, ref.array, rtol=1e-5, atol=1e-5 * ref.array.max())
+
+
+def test_example_without_the_shipped_model(tmp_path):
+    """examples/README.md's "Without the shipped model": the tiny model is written without
+    pytest, and the survey it runs does not overwrite the shipped model's output files."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, runpy; sys.modules['pytest'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code, str(root / "tests" / "tiny_model.py"),
+                    str(tmp_path / "tiny.safetensors")], check=True, capture_output=True)
+    assert galsim_vqvae.Emulator.load(tmp_path / "tiny.safetensors").stamp_size == 32
+    text = (root / "examples" / "README.md").read_text()
+    section = text[text.index("## Without the shipped model"):]
+    command = next(line for line in section.splitlines() if line.startswith("galsim "))
+    names = re.findall(r"output\.(?:truth\.)?file_name=(\S+)", command)
+    assert len(names) == 2 and not {"mock_survey.fits", "mock_survey_truth.fits"} & set(names)

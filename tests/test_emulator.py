@@ -221,9 +221,18 @@ def test_save_is_atomic(tiny_emulator, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-def test_fast_sampler_is_the_default_and_equals_the_naive_oracle(tiny_emulator):
+def test_fast_sampler_is_the_default_and_equals_the_naive_oracle(tiny_emulator, monkeypatch):
+    import galsim_vqvae.emulator as gemulator
+
+    ran = []
+    for name, sampler in list(gemulator._SAMPLERS.items()):
+        def spy(*args, _name=name, _sampler=sampler, **kwargs):
+            ran.append(_name)
+            return _sampler(*args, **kwargs)
+        monkeypatch.setitem(gemulator._SAMPLERS, name, spy)
     cond = {"mag": [20.0, 23.0, 25.5, 21.0], "hlr": [0.2, 0.6, 1.5, 0.1]}
     fast = tiny_emulator.sample_codes(4, cond, seed=99)
+    assert ran and set(ran) == {"fast"}, ran  # the default ran the fast sampler, only it
     np.testing.assert_array_equal(fast, tiny_emulator.sample_codes(4, cond, seed=99,
                                                                    method="fast"))
     np.testing.assert_array_equal(fast, tiny_emulator.sample_codes(4, cond, seed=99,

@@ -699,6 +699,13 @@ def _(w):
 T = "Conditions, counts and devices"
 
 
+@case("extra-missing", T, "`gallery`", "an optional dependency (matplotlib) is not installed",
+      ["matplotlib is not installed", "pip install \"galsim_vqvae[plots]\""])
+def _(w):
+    w.mp.setitem(sys.modules, "matplotlib", None)  # as if not installed: its import fails
+    return CLI(["gallery", "--model", w.model, "--n", "1", "--out", w.path("g.png"), "--quiet"])
+
+
 @case("vqvae-hidden-odd", T, "`train-vqvae`", "`--hidden` odd",
       ["hidden must be an even number", "got 3"])
 def _(w):

@@ -234,3 +234,28 @@ def test_fallback_is_announced(monkeypatch):
         assert ops.backend() == "torch"   # announced once only
         z, c = torch.randn(20, 4), torch.randn(6, 4)
         assert torch.equal(ops.nearest_code(z, c)[0], brute_float64(z, c)[0])
+
+
+def test_source_tree_shadowing_is_named(tmp_path):
+    """Python started in a source root without the compiled ops imports the source tree, not the
+    installed package: the fallback warning says so (not 'build it', which the user did)."""
+    import shutil
+    import subprocess
+    import sys
+
+    package = os.path.dirname(os.path.abspath(ops.__file__))
+    root = tmp_path / "src"
+    shutil.copytree(package, root / "galsim_vqvae",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "models", "__pycache__"))
+    (root / "setup.py").write_text("")
+    (root / "csrc").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GALSIM_VQVAE_FORCE_TORCH_OPS"}
+    # (an editable install's import hook would find the built _C anyway: set it aside, as a
+    # regular install has none)
+    code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in "
+            "getattr(f, '__module__', '')]; import galsim_vqvae.ops as o; print(o.__file__); "
+            "print(o.load_error())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith(str(root))
+    assert f"started in the source root {root}" in out and "shadows the installed" in out

@@ -62,9 +62,9 @@ def split_indices(n, split):
 
 
 def _h5py():
-    import h5py
+    from ..extras import require
 
-    return h5py
+    return require("h5py")
 
 
 def _attr(value):

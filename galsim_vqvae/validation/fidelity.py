@@ -104,6 +104,9 @@ def richardson_lucy(observed, psf, sigma, num_iter):
     that the pedestal deconvolves to itself near the edges), and b is subtracted from the result.
     The PSF is cut to the largest odd square centred on its centre pixel and renormalised.
     """
+    from ..extras import require
+
+    require("skimage")
     from skimage.restoration import richardson_lucy as rl
 
     s = observed.shape[-1]

@@ -44,9 +44,9 @@ PROFILE_GOAL = 1.0  # |mean residual| in sigma, every annulus
 def load_real(path, emulator, work_dir, progress=False):
     """Stamps, PSFs, sigmas, noise model and header of ``path``: a dataset file (HDF5) on the
     model's grid, or a RealGalaxyCatalog FITS file (converted to one in ``work_dir``)."""
-    import h5py
+    from ..data.dataset import _h5py, load_arrays, read_header
 
-    from ..data.dataset import load_arrays, read_header
+    h5py = _h5py()
 
     path = os.fspath(path)
     if not os.path.isfile(path):
