@@ -229,7 +229,7 @@ def make_cosmos_dataset(out, catalog, directory=None, stamp_size=84, pixel_scale
                                 whitening_reach(power))
             psf_index = w.add_psfs(model_psf(psf.array, in_scale, stamp_size, pixel_scale,
                                              f"{where} PSF"))
-            params = stamp_params(stamp, zeropoint)
+            params = stamp_params(fit_to_size(image, stamp_size), zeropoint)  # no padding
             params["catalog_mag"] = float(rgc.mag[i]) if hasattr(rgc, "mag") else np.nan
             w.append(observed=stamp[None], sigma=[sigma], psf_index=psf_index,
                      params={k: [v] for k, v in params.items()}, noise_index=[noise_index],
