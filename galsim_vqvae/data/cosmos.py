@@ -110,11 +110,11 @@ class _CatalogNoise:
         variance = float(np.asarray(getattr(rgc, "variance", [0.0] * (i + 1)))[i])
         files = getattr(rgc, "noise_file_name", None)
         if not np.isfinite(variance) or variance < 0:
-            raise VQVAEInputError(f"{where}: field VARIANCE is {variance}; a noise variance must "
-                                  f"be finite and >= 0")
+            raise VQVAEInputError(f"{where}: field NOISE_VARIANCE is {variance}; a noise "
+                                  f"variance must be finite and >= 0")
         if not variance > 0:
             if files is not None:
-                raise VQVAEInputError(f"{where}: field VARIANCE is 0 but it has a noise file "
+                raise VQVAEInputError(f"{where}: field NOISE_VARIANCE is 0 but it has a noise file "
                                       f"{files[i]}; give its variance")
             sigma = estimate_sigma(image)
             self._count("estimated from the stamp corners (white)")
@@ -129,6 +129,7 @@ class _CatalogNoise:
             what = "its noise" if files is None else \
                 f"its noise file {files[i]} (field NOISE_FILENAME)"
             try:
+                _check_correlation_image(rgc.getNoiseProperties(i)[0])
                 noise = rgc.getNoise(i).withVariance(1.0)
                 power, unit = noise_model(noise, in_scale, self.pixel_scale, self.stamp_size)
             except VQVAEInputError as err:
@@ -147,6 +148,25 @@ class _CatalogNoise:
 
     def _count(self, method):
         self.methods[method] = self.methods.get(method, 0) + 1
+
+
+def _check_correlation_image(image):
+    """A noise file's image (a GalSim ``Image`` or None) must look like a correlation function:
+    square, finite, peaked at its centre, well below the peak at its edge."""
+    if image is None:
+        return
+    a = image.array
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 3:
+        raise VQVAEInputError(f"its image has shape {a.shape}; a correlation function image is "
+                              f"square")
+    if not np.isfinite(a).all():
+        raise VQVAEInputError("its image has NaN/inf pixels")
+    c = a.shape[0] // 2
+    centre = a[c - 1:c + 1, c - 1:c + 1].max() if a.shape[0] % 2 == 0 else a[c, c]
+    edge = np.abs(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])).max()
+    if not (centre > 0 and centre >= a.max() and edge < 0.5 * centre):
+        raise VQVAEInputError(f"its image does not peak at its centre (centre {centre:.4g}, "
+                              f"maximum {a.max():.4g}, largest edge value {edge:.4g})")
 
 
 def _read(method, i, where, field):
