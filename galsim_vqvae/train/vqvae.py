@@ -421,6 +421,9 @@ def _run(arrays, header, data, out, ckpt_path, state, steps, batch_size, lr, see
     psf_for = _psf_lookup(arrays["psf_bank"], arrays["psf_index"], dev)
     noise_for = NoiseLookup(*(arrays.get(k) for k in ("noise_bank", "noise_index", "weight")),
                             dev, f"dataset {header.get('path')}")
+    if noise == "independent" and noise_for.bank is not None:  # noisy_pair draws white noise
+        raise VQVAEInputError(f"noise='independent' draws white noise; dataset "
+                              f"{header.get('path')} has correlated noise (noise_bank)")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
              if noise == "independent" else None)
     schedule = BatchSchedule(len(obs), batch_size, seed, dev, ctx.rank, ctx.world_size)
