@@ -20,10 +20,10 @@ noise of the sigma estimated from the resampled stamp's corners.
 Weight: 1 on the galaxy's own image, 0 on the padding (stamps smaller than S x S; when resampled,
 the image's outer model pixel on each side, which the interpolation sees only partly, is left out
 too) and, for correlated noise, within the whitening kernel's reach of the stamp's edge
-(`noise.whitening_reach`: 3 pixels for COSMOS noise, where the chi^2's periodic whitening mixes
-opposite edges). The padding holds correlated noise of the galaxy's noise model (`noise.draw_correlated`), so
-that the whitening of the chi^2 sees stationary noise across the edge. Neighbours are already
-replaced by noise in COSMOS stamps: there is no other mask.
+(`noise.whitening_reach`: 3 pixels for COSMOS noise at 0.03", where the chi^2's periodic
+whitening mixes opposite edges). The padding holds correlated noise of the galaxy's noise model
+(`noise.draw_correlated`), so that the whitening of the chi^2 sees stationary noise across the
+image's edge. Neighbours are already replaced by noise in COSMOS stamps: there is no other mask.
 """
 
 import os
