@@ -364,3 +364,38 @@ def test_training_loss_uses_the_noise_model(tmp_path):
     np.testing.assert_allclose(r["chi2"], ref, rtol=2e-4)
     white = ((resid / a["sigma"][:, None, None]) ** 2).mean(axis=(1, 2))
     assert np.abs(r["chi2"] / white - 1).max() > 0.05
+
+
+def test_fits_weight_maps(tmp_path):
+    """FITS stamps with mask maps: the dataset's weight is the mask (normalised, padding 0), a
+    masked bright neighbour in a corner does not reach sigma, and at another pixel scale a model
+    pixel keeps weight only where all its input pixels are good."""
+    from astropy.io import fits
+
+    from galsim_vqvae.data.dataset import load_arrays
+    from galsim_vqvae.data.fits import make_fits_dataset
+
+    rng = np.random.default_rng(9)
+    for d in ("in", "wt"):
+        (tmp_path / d).mkdir()
+    image = rng.normal(0, 0.5, (28, 28))
+    image[:6, :6] += 1000.0  # a neighbour in a corner, masked
+    mask = np.ones((28, 28))
+    mask[:6, :6] = 0
+    fits.PrimaryHDU(image).writeto(tmp_path / "in" / "a.fits")
+    fits.PrimaryHDU(mask * 2.0).writeto(tmp_path / "wt" / "a_mask.fits")  # median -> 1
+    psf = np.zeros((9, 9))
+    psf[4, 4] = 1
+    fits.PrimaryHDU(psf).writeto(tmp_path / "psf.fits")
+    for scale, out in ((0.06, "same.h5"), (0.03, "coarser.h5")):
+        make_fits_dataset(tmp_path / out, tmp_path / "in", tmp_path / "psf.fits", stamp_size=32,
+                          pixel_scale=0.06, input_pixel_scale=scale, progress=False,
+                          weight=tmp_path / "wt")
+    a = load_arrays(tmp_path / "same.h5")
+    np.testing.assert_array_equal(a["weight"][0], fit_to_size(mask, 32))
+    assert 0.4 < a["sigma"][0] < 0.6
+    b = load_arrays(tmp_path / "coarser.h5")
+    w = b["weight"][0]
+    assert w.max() == pytest.approx(1.0, rel=0.05) and (w[w > 0] > 0.9).all()
+    assert w[16 - 7:16 - 4, 16 - 7:16 - 4].max() == 0  # the masked corner, 3 x 3 model pixels
+    assert (w > 0).sum() < 14 * 14 - 9 and (w > 0).sum() > 100
