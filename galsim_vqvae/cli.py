@@ -437,8 +437,8 @@ def build_parser():
     p.add_argument("--out", default="evaluation", help="output folder")
     p.add_argument("--data", help="a synthetic dataset with truth (fidelity, realism, codebook)")
     p.add_argument("--split", choices=["test", "all"], default="test",
-                   help="stamps of --data: held out (i %% 10 == 9), or all for a dataset the "
-                   "model never saw")
+                   help="stamps of --data and of a --real dataset file: held out "
+                   "(i %% 10 == 9), or all for a dataset the model never saw")
     p.add_argument("--plain-ae", help="a 'train-vqvae --no-psf-layers' run, for comparison")
     p.add_argument("--real", help="real galaxies: a dataset file or a RealGalaxyCatalog FITS file")
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples")

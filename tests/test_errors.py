@@ -351,6 +351,91 @@ def _(w):
                 w.fits("image.fits", np.ones((8, 8))), "--out", w.path("out.h5"), "--quiet"])
 
 
+def tiny_catalog(w, name="cat"):
+    """A 2-galaxy RealGalaxyCatalog with COSMOS noise (`realcat`) in folder ``name``."""
+    import realcat
+
+    return w.path(name, realcat.write_catalog(w.folder(name), n=2))
+
+
+def make_dataset_cosmos(w, catalog):
+    return CLI(["make-dataset", "--source", "cosmos", "--catalog", catalog, "--out",
+                w.path("out.h5"), "--quiet"])
+
+
+@case("cosmos-images-missing", T, "`make-dataset`", "a catalog whose image file is missing",
+      ["cat/catalog.fits galaxy 0", "field GAL_FILENAME", "images.fits"])
+def _(w):
+    catalog = tiny_catalog(w)
+    os.remove(w.path("cat", "images.fits"))
+    return make_dataset_cosmos(w, catalog)
+
+
+@case("cosmos-noise-missing", T, "`make-dataset`", "a catalog whose noise file is missing",
+      ["cat/catalog.fits galaxy 0", "field NOISE_FILENAME", "acs_I_unrot_sci_20_cf.fits"])
+def _(w):
+    catalog = tiny_catalog(w)
+    os.remove(w.path("cat", "acs_I_unrot_sci_20_cf.fits"))
+    return make_dataset_cosmos(w, catalog)
+
+
+@case("cosmos-noise-malformed", T, "`make-dataset`", "a noise file that is not a correlation "
+      "function", ["field NOISE_FILENAME", "is not a noise correlation function",
+                   "shape (4, 6)"])
+def _(w):
+    catalog = tiny_catalog(w)
+    os.remove(w.path("cat", "acs_I_unrot_sci_20_cf.fits"))
+    w.fits("cat/acs_I_unrot_sci_20_cf.fits", np.ones((4, 6)))
+    return make_dataset_cosmos(w, catalog)
+
+
+@case("cosmos-variance", T, "`make-dataset`", "a negative noise variance in the catalog",
+      ["cat/catalog.fits galaxy 1", "field NOISE_VARIANCE", "-1"])
+def _(w):
+    from astropy.table import Table
+
+    catalog = tiny_catalog(w)
+    table = Table.read(catalog)
+    table["NOISE_VARIANCE"][1] = -1.0
+    table.write(catalog, overwrite=True)
+    return make_dataset_cosmos(w, catalog)
+
+
+def _weights(w, maps):
+    """Two stamps in ``in/`` and their weight maps ``maps`` (name -> array) in ``wt/``."""
+    w.stamp("in/a.fits")
+    w.stamp("in/b.fits", seed=1)
+    for name, array in maps.items():
+        w.fits(f"wt/{name}", array)
+    return make_dataset_fits(w, w.path("in"), w.psf("psf.fits"), "--weight", w.path("wt"))
+
+
+@case("weight-shape", T, "`make-dataset`", "`--weight` map of another shape than its stamp",
+      ["wt/b.weight.fits", "weight map has shape (16, 16), its stamp (32, 32)"])
+def _(w):
+    return _weights(w, {"a.weight.fits": np.ones((32, 32)), "b.weight.fits": np.ones((16, 16))})
+
+
+@case("weight-negative", T, "`make-dataset`", "`--weight` map with negative pixels",
+      ["wt/a_mask.fits", "1 negative pixels"])
+def _(w):
+    m = np.ones((32, 32))
+    m[3, 4] = -1
+    return _weights(w, {"a_mask.fits": m, "b_mask.fits": np.ones((32, 32))})
+
+
+@case("weight-all-zero", T, "`make-dataset`", "`--weight` map that masks the whole stamp",
+      ["wt/b.fits", "weight map is 0 everywhere"])
+def _(w):
+    return _weights(w, {"a.fits": np.ones((32, 32)), "b.fits": np.zeros((32, 32))})
+
+
+@case("weight-missing-for-stamp", T, "`make-dataset`", "`--weight` folder lacks a stamp's map",
+      ["no weight map for stamp", "b.fits", "b.weight.fits"])
+def _(w):
+    return _weights(w, {"a.fits": np.ones((32, 32))})
+
+
 # ------------------------------------------------------------------------------------------------
 # Dataset files
 T = "Dataset files"
@@ -376,10 +461,40 @@ def _(w):
 
 
 @case("dataset-version", T, "`train-vqvae`", "`--data` of another format version",
-      ["v99.h5", "unknown format_version 99"])
+      ["v3.h5", "unknown format_version 3"])
 def _(w):
-    return train_vqvae_cli(w, w.dataset("v99.h5", edit=lambda f: f.attrs.modify(
-        "format_version", 99)))
+    return train_vqvae_cli(w, w.dataset("v3.h5", edit=lambda f: f.attrs.modify(
+        "format_version", 3)))
+
+
+def _with_weight(weight):
+    """An edit giving a dataset file (made version 2) the per-pixel ``weight(n, size)``."""
+    def edit(f):
+        n, s = f["observed"].shape[:2]
+        f.attrs.modify("format_version", 2)
+        f["weight"] = weight(n, s)
+    return edit
+
+
+@case("dataset-weight-shape", T, "`train-vqvae`", "`--data` with a weight map of the wrong shape",
+      ["wshape.h5", "weight has shape (20, 8, 8)"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset("wshape.h5", edit=_with_weight(
+        lambda n, s: np.ones((n, 8, 8), np.float32))))
+
+
+@case("dataset-weight-negative", T, "`train-vqvae`", "`--data` with negative weights",
+      ["wneg.h5", "weight holds negative"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset("wneg.h5", edit=_with_weight(
+        lambda n, s: -np.ones((n, s, s), np.float32))))
+
+
+@case("dataset-weight-empty", T, "`train-vqvae`", "`--data` with a stamp its mask leaves empty",
+      ["wzero.h5", "weight is 0 everywhere in stamp 0", "mask leaves it empty"])
+def _(w):
+    return train_vqvae_cli(w, w.dataset("wzero.h5", edit=_with_weight(
+        lambda n, s: np.zeros((n, s, s), np.float32))))
 
 
 @case("dataset-foreign", T, "`gallery`", "`--data` is an HDF5 file of another program",

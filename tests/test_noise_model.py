@@ -331,3 +331,71 @@ def realcat_sides(directory, n):
 
     with fits.open(directory / "images.fits") as f:
         return [f[i].data.shape[0] for i in range(n)]
+
+
+def test_training_loss_uses_the_noise_model(tmp_path):
+    """train-vqvae on a dataset with correlated noise and weights: its chi^2 of the held-out
+    stamps is `chi2` with each stamp's noise power spectrum and weight (float64 reference of
+    the whitening), not the white-noise one."""
+    import realcat
+
+    from galsim_vqvae.data.cosmos import make_cosmos_dataset
+    from galsim_vqvae.data.dataset import load_arrays
+    from galsim_vqvae.nn.vqvae import VQVAE
+    from galsim_vqvae.train.checkpoint import load_checkpoint
+    from galsim_vqvae.train.vqvae import reconstruct_split, train_vqvae
+
+    name = realcat.write_catalog(tmp_path / "cat", n=12)
+    data = tmp_path / "d.h5"
+    make_cosmos_dataset(data, name, tmp_path / "cat", stamp_size=32, pixel_scale=0.03,
+                        progress=False)
+    train_vqvae(str(data), str(tmp_path / "run"), steps=3, batch_size=4, ae_warmup=1, warmup=1,
+                model={"hidden": 8, "embed_dim": 4, "num_codes": 8}, progress=False,
+                log_every=1)
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    net = VQVAE(**state["config"])
+    net.load_state_dict(state["model"])
+    r = reconstruct_split(net, str(data), True, split="all")
+    a = load_arrays(data)
+    power = a["noise_bank"][a["noise_index"]].astype(np.float64)
+    resid = r["model"].astype(np.float64) - a["observed"]
+    rw = np.fft.ifft2(np.fft.fft2(resid) / np.sqrt(power)).real / a["sigma"][:, None, None]
+    ref = (a["weight"] * rw**2).sum(axis=(1, 2)) / (a["weight"] > 0).sum(axis=(1, 2))
+    np.testing.assert_allclose(r["chi2"], ref, rtol=2e-4)
+    white = ((resid / a["sigma"][:, None, None]) ** 2).mean(axis=(1, 2))
+    assert np.abs(r["chi2"] / white - 1).max() > 0.05
+
+
+def test_fits_weight_maps(tmp_path):
+    """FITS stamps with mask maps: the dataset's weight is the mask (normalised, padding 0), a
+    masked bright neighbour in a corner does not reach sigma, and at another pixel scale a model
+    pixel keeps weight only where all its input pixels are good."""
+    from astropy.io import fits
+
+    from galsim_vqvae.data.dataset import load_arrays
+    from galsim_vqvae.data.fits import make_fits_dataset
+
+    rng = np.random.default_rng(9)
+    for d in ("in", "wt"):
+        (tmp_path / d).mkdir()
+    image = rng.normal(0, 0.5, (28, 28))
+    image[:6, :6] += 1000.0  # a neighbour in a corner, masked
+    mask = np.ones((28, 28))
+    mask[:6, :6] = 0
+    fits.PrimaryHDU(image).writeto(tmp_path / "in" / "a.fits")
+    fits.PrimaryHDU(mask * 2.0).writeto(tmp_path / "wt" / "a_mask.fits")  # median -> 1
+    psf = np.zeros((9, 9))
+    psf[4, 4] = 1
+    fits.PrimaryHDU(psf).writeto(tmp_path / "psf.fits")
+    for scale, out in ((0.06, "same.h5"), (0.03, "coarser.h5")):
+        make_fits_dataset(tmp_path / out, tmp_path / "in", tmp_path / "psf.fits", stamp_size=32,
+                          pixel_scale=0.06, input_pixel_scale=scale, progress=False,
+                          weight=tmp_path / "wt")
+    a = load_arrays(tmp_path / "same.h5")
+    np.testing.assert_array_equal(a["weight"][0], fit_to_size(mask, 32))
+    assert 0.4 < a["sigma"][0] < 0.6
+    b = load_arrays(tmp_path / "coarser.h5")
+    w = b["weight"][0]
+    assert w.max() == pytest.approx(1.0, rel=0.05) and (w[w > 0] > 0.9).all()
+    assert w[16 - 7:16 - 4, 16 - 7:16 - 4].max() == 0  # the masked corner, 3 x 3 model pixels
+    assert (w > 0).sum() < 14 * 14 - 9 and (w > 0).sum() > 100

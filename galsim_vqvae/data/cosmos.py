@@ -20,10 +20,10 @@ noise of the sigma estimated from the resampled stamp's corners.
 Weight: 1 on the galaxy's own image, 0 on the padding (stamps smaller than S x S; when resampled,
 the image's outer model pixel on each side, which the interpolation sees only partly, is left out
 too) and, for correlated noise, within the whitening kernel's reach of the stamp's edge
-(`noise.whitening_reach`: 3 pixels for COSMOS noise, where the chi^2's periodic whitening mixes
-opposite edges). The padding holds correlated noise of the galaxy's noise model (`noise.draw_correlated`), so
-that the whitening of the chi^2 sees stationary noise across the edge. Neighbours are already
-replaced by noise in COSMOS stamps: there is no other mask.
+(`noise.whitening_reach`: 3 pixels for COSMOS noise at 0.03", where the chi^2's periodic
+whitening mixes opposite edges). The padding holds correlated noise of the galaxy's noise model
+(`noise.draw_correlated`), so that the whitening of the chi^2 sees stationary noise across the
+image's edge. Neighbours are already replaced by noise in COSMOS stamps: there is no other mask.
 """
 
 import os
@@ -110,11 +110,11 @@ class _CatalogNoise:
         variance = float(np.asarray(getattr(rgc, "variance", [0.0] * (i + 1)))[i])
         files = getattr(rgc, "noise_file_name", None)
         if not np.isfinite(variance) or variance < 0:
-            raise VQVAEInputError(f"{where}: field VARIANCE is {variance}; a noise variance must "
-                                  f"be finite and >= 0")
+            raise VQVAEInputError(f"{where}: field NOISE_VARIANCE is {variance}; a noise "
+                                  f"variance must be finite and >= 0")
         if not variance > 0:
             if files is not None:
-                raise VQVAEInputError(f"{where}: field VARIANCE is 0 but it has a noise file "
+                raise VQVAEInputError(f"{where}: field NOISE_VARIANCE is 0 but it has a noise file "
                                       f"{files[i]}; give its variance")
             sigma = estimate_sigma(image)
             self._count("estimated from the stamp corners (white)")
@@ -129,6 +129,7 @@ class _CatalogNoise:
             what = "its noise" if files is None else \
                 f"its noise file {files[i]} (field NOISE_FILENAME)"
             try:
+                _check_correlation_image(rgc.getNoiseProperties(i)[0])
                 noise = rgc.getNoise(i).withVariance(1.0)
                 power, unit = noise_model(noise, in_scale, self.pixel_scale, self.stamp_size)
             except VQVAEInputError as err:
@@ -147,6 +148,25 @@ class _CatalogNoise:
 
     def _count(self, method):
         self.methods[method] = self.methods.get(method, 0) + 1
+
+
+def _check_correlation_image(image):
+    """A noise file's image (a GalSim ``Image`` or None) must look like a correlation function:
+    square, finite, peaked at its centre, well below the peak at its edge."""
+    if image is None:
+        return
+    a = image.array
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 3:
+        raise VQVAEInputError(f"its image has shape {a.shape}; a correlation function image is "
+                              f"square")
+    if not np.isfinite(a).all():
+        raise VQVAEInputError("its image has NaN/inf pixels")
+    c = a.shape[0] // 2
+    centre = a[c - 1:c + 1, c - 1:c + 1].max() if a.shape[0] % 2 == 0 else a[c, c]
+    edge = np.abs(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])).max()
+    if not (centre > 0 and centre >= a.max() and edge < 0.5 * centre):
+        raise VQVAEInputError(f"its image does not peak at its centre (centre {centre:.4g}, "
+                              f"maximum {a.max():.4g}, largest edge value {edge:.4g})")
 
 
 def _read(method, i, where, field):
@@ -229,7 +249,7 @@ def make_cosmos_dataset(out, catalog, directory=None, stamp_size=84, pixel_scale
                                 whitening_reach(power))
             psf_index = w.add_psfs(model_psf(psf.array, in_scale, stamp_size, pixel_scale,
                                              f"{where} PSF"))
-            params = stamp_params(stamp, zeropoint)
+            params = stamp_params(fit_to_size(image, stamp_size), zeropoint)  # no padding
             params["catalog_mag"] = float(rgc.mag[i]) if hasattr(rgc, "mag") else np.nan
             w.append(observed=stamp[None], sigma=[sigma], psf_index=psf_index,
                      params={k: [v] for k, v in params.items()}, noise_index=[noise_index],

@@ -109,8 +109,9 @@ def _open(path):
                                        f"{FORMAT!r}")
             version = _attr(f.attrs.get("format_version"))
             if version not in READ_VERSIONS:
+                reads = " and ".join(map(str, READ_VERSIONS))
                 raise VQVAEFormatError(f"{path}: unknown format_version {version!r} (this version "
-                                       f"of galsim_vqvae reads {' and '.join(map(str, READ_VERSIONS))})")
+                                       f"of galsim_vqvae reads {reads})")
             _check_attributes(f, path)
             _check_layout(f, path)
     except BaseException:

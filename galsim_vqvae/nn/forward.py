@@ -182,6 +182,11 @@ class NoiseLookup:
             weight = torch.as_tensor(weight, dtype=torch.float32)
             if not (torch.isfinite(weight).all() and (weight >= 0).all()):
                 raise VQVAEFormatError(f"{where}: weight holds negative or non-finite values")
+            empty = torch.nonzero(~(weight > 0).flatten(1).any(1)).flatten()
+            if len(empty):
+                raise VQVAEFormatError(f"{where}: weight is 0 everywhere in stamp "
+                                       f"{int(empty[0])} of the loaded stamps (its mask leaves it "
+                                       f"empty)")
             if not bool((weight == 1).all()):
                 self.weight = weight.to(device)
 

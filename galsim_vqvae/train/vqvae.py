@@ -457,6 +457,9 @@ def _run(arrays, header, state, ctx, settings, run):
         raise VQVAEInputError(f"dataset {header.get('path')}: --augment turns the stamps but not "
                               "their correlated-noise spectra or weight maps; train this dataset "
                               "without --augment")
+    if noise == "independent" and noise_for.bank is not None:  # noisy_pair draws white noise
+        raise VQVAEInputError(f"noise='independent' draws white noise; dataset "
+                              f"{header.get('path')} has correlated noise (noise_bank)")
     truth = (torch.as_tensor(np.asarray(arrays["truth"]), dtype=torch.float32).to(dev)[:, None]
              if "truth" in arrays else None)
     turn = dihedral.Dihedral(s, dev) if cfg.augment else None

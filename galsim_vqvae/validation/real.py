@@ -41,10 +41,12 @@ CHI2_RANGE = (0.95, 1.10)  # goal for a model trained on these galaxies' band (i
 PROFILE_GOAL = 1.0  # |mean residual| in sigma, every annulus
 
 
-def load_real(path, emulator, work_dir, progress=False):
+def load_real(path, emulator, work_dir, progress=False, n=None, split="all"):
     """Stamps, PSFs, sigmas, noise model and header of ``path``: a dataset file (HDF5) on the
-    model's grid, or a RealGalaxyCatalog FITS file (converted to one in ``work_dir``)."""
-    from ..data.dataset import _h5py, load_arrays, read_header
+    model's grid (the stamps of its ``split``: "test", the held-out stamps i % 10 == 9, or "all"),
+    or a RealGalaxyCatalog FITS file (converted to one in ``work_dir``; every galaxy). At most the
+    first ``n`` of them (None: all)."""
+    from ..data.dataset import _h5py, load_arrays, read_header, split_indices
 
     h5py = _h5py()
 
@@ -59,7 +61,8 @@ def load_real(path, emulator, work_dir, progress=False):
         make_cosmos_dataset(converted, os.path.basename(path), os.path.dirname(path) or ".",
                             stamp_size=emulator.stamp_size,
                             pixel_scale=float(emulator.metadata["pixel_scale"]),
-                            band=None, progress=progress)
+                            band=None, progress=progress, max_galaxies=n)
+        split = "all"
         header = read_header(converted)
         header["input"] = path
         path = converted
@@ -67,8 +70,14 @@ def load_real(path, emulator, work_dir, progress=False):
         header = read_header(path)
         header["input"] = path
     check_grid(header, emulator, f"--real {header['input']}")
-    arrays = load_arrays(path, keys=["observed", "psf_index", "sigma", "psf_bank", "noise_bank",
-                                     "noise_index", "weight", "params"])
+    index = split_indices(header["n"], None if split == "all" else split)[:n]
+    if len(index) == 0:
+        raise VQVAEInputError(f"--real {header['input']} has no stamps in its {split!r} split "
+                              f"({header['n']} stamps)")
+    arrays = load_arrays(path, indices=index,
+                         keys=["observed", "psf_index", "sigma", "psf_bank", "noise_bank",
+                               "noise_index", "weight", "params"])
+    header["split"] = split
     arrays["psf"] = arrays["psf_bank"][arrays["psf_index"]]
     s = emulator.stamp_size
     n = len(arrays["observed"])
@@ -299,8 +308,8 @@ def run(emulator, arrays, out_dir, seed=0):
         "These stamps carry no correlated-noise model: the chi^2 takes their noise as white of "
         "the stamp's sigma, over the pixels with data (weight > 0).")
     sec.lines += [
-        f"{len(chi2)} real stamps from `{shown_path(header['input'])}` "
-        f"({header.get('description', '')}), "
+        f"{len(chi2)} real stamps (split `{header.get('split', 'all')}`) from "
+        f"`{shown_path(header['input'])}` ({header.get('description', '')}), "
         f"band {band}, on the model's grid ({emulator.stamp_size} pixels of "
         f"{emulator.metadata['pixel_scale']}\"; the model was trained in band {model_band}). "
         f"{noise_text} Reduced chi^2 of the reconstruction convolved with each stamp's own PSF: "

@@ -86,7 +86,7 @@ def evaluate(model="default", n=1000, out="evaluation", data=None, plain_ae=None
     try:
         # The real galaxies are read first: a catalog whose images are missing fails at once,
         # not after the hours of the other checks.
-        real_arrays = (real.load_real(real_path, emulator, stage, progress)
+        real_arrays = (real.load_real(real_path, emulator, stage, progress, n, split)
                        if real_path is not None else None)
         sections = []
         steps = ["fidelity", "realism", "conditioning", "shear", "codebook", "real"]
