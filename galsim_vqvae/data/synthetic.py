@@ -220,13 +220,13 @@ def galaxy_profile(rng, pixel_scale):
     flux = 10 ** (-0.4 * (mag - ZEROPOINT))
     # Disk size: lognormal, brighter galaxies larger (van der Wel et al. 2014 size-mass relation,
     # seen in observed H-band magnitude at z~0.5-2).
-    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.14 * (mag - 22.5)), 0.18), 0.08, 0.9))
+    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.08 * (mag - 22.5)), 0.18), 0.08, 0.9))
     kind = rng.choice(3, p=[0.45, 0.35, 0.20])  # disk-dominated, intermediate, bulge-dominated
     bulge_frac = float(rng.uniform(*[(0.0, 0.2), (0.2, 0.6), (0.6, 0.95)][kind]))
     n = float(np.clip(rng.normal(3.5, 1.0), 2.0, 6.0))
     n = round(n * 20) / 20  # 0.05 grid: GalSim caches its Sersic tables per n
     r_bulge = max(0.05, r_disk * rng.uniform(0.2, 0.5))
-    q_disk = 0.12 + 0.88 * rng.beta(1.2, 2.0)
+    q_disk = rng.uniform(0.2, 1.0)
     q_bulge = float(np.clip(rng.normal(0.75, 0.15), 0.4, 1.0))
     beta = rng.uniform(0, np.pi)
     beta_bulge = beta + np.deg2rad(rng.normal(0, 10))
