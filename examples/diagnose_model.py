@@ -87,10 +87,18 @@ def main(argv=None):
     noiseless = convolve_psf(torch.from_numpy(truth)[:, None],
                              torch.from_numpy(psf)[:, None])[:, 0].numpy()
     conditions = conditions_like(emu, arrays, len(truth))
+    sigma = arrays["sigma"]
+
+    def autoencode(stamps):
+        # encode brings each stamp to the training scale from its noise sigma (the noiseless
+        # stamps are given the sigma of their noisy version, so both get the same factor)
+        return emu.decode(emu.encode(stamps, noise_sigma=sigma)) / \
+            emu.input_scale(stamps, sigma)[:, None, None]
+
     sets = {
         "truth": truth,
-        "decode(encode(noiseless))": emu.decode(emu.encode(noiseless)),
-        "decode(encode(observed))": emu.decode(emu.encode(observed)),
+        "decode(encode(noiseless))": autoencode(noiseless),
+        "decode(encode(observed))": autoencode(observed),
         "prior, T=1.0": emu.sample(len(truth), conditions, seed=args.seed),
         "prior, T=0.8": emu.sample(len(truth), conditions, seed=args.seed, temperature=0.8),
     }
@@ -100,14 +108,16 @@ def main(argv=None):
     # the empty sky and pure noise
     latent = emu.metadata["latent_size"]
     s = emu.metadata["stamp_size"]
-    sky_code = int(np.bincount(emu.encode(np.zeros((1, s, s), np.float32)).ravel()).argmax())
+    sky_code = int(np.bincount(emu.encode(np.zeros((1, s, s), np.float32),
+                                          noise_sigma=1.0).ravel()).argmax())
     sky = emu.decode(np.full((1, latent, latent), sky_code))[0]
-    sigma = float(np.median(arrays["sigma"]))
+    median_sigma = float(np.median(sigma))
     rng = np.random.default_rng(0)
-    noise_codes = emu.encode((sigma * rng.normal(size=(8, s, s))).astype(np.float32))
+    noise_codes = emu.encode((median_sigma * rng.normal(size=(8, s, s))).astype(np.float32),
+                             noise_sigma=median_sigma)
     noise_dec = emu.decode(noise_codes)
     median_flux = float(np.median(truth.sum(axis=(1, 2))))
-    codes = emu.encode(observed)
+    codes = emu.encode(observed, noise_sigma=sigma)
     counts = np.bincount(codes.ravel(), minlength=emu.metadata["num_codes"])
     p = counts / counts.sum()
     perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))

@@ -404,6 +404,8 @@ class VQVAEGalaxy(galsim.GSObject):
                 flux=flux, flux_rescale=flux_rescale)
         if not pad_factor > 0:
             raise GalSimRangeError("pad_factor must be > 0.", pad_factor, 0.)
+        if flux is not None and not (np.isfinite(flux) and flux > 0):
+            raise GalSimRangeError("flux must be a finite number > 0.", flux, 0.)
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2 or image.shape[0] != image.shape[1]:
             raise GalSimValueError("The decoded image must be square.", image.shape)

@@ -17,6 +17,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "galsim
 # its own layer and those below.
 LAYERS = {
     0: ("errors", "fileio", "checkpoints", "fitsimage", "devices", "ops", "_C", "_version",
+        "extras",
         "plots", "metrics"),
     1: ("data",),
     2: ("nn",),
