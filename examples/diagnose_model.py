@@ -16,6 +16,9 @@ mean image of each set on a log scale (a frame along the edges shows there at on
 
     python examples/diagnose_model.py --model default --data val.h5 --n 300 --out diag/
 
+``--per-class`` adds, for a class-conditional model, each class's samples against the truth of
+that class (concentration, asymmetry, Gini).
+
 ``val.h5``: ``galsim-vqvae make-dataset --source synthetic --n 1500 --seed 99 --out val.h5``.
 """
 
@@ -62,6 +65,32 @@ def summarise(name, images, truth, scale, truth_stats):
     return row
 
 
+def per_class(emu, arrays, truth, scale, seed):
+    """For each class: the mean concentration, asymmetry and Gini of the truth of that class and
+    of as many samples conditioned on it (their mag and hlr), and the samples' KS against them."""
+    label = emu.class_label
+    classes = np.asarray(arrays[f"params/{label}"]).astype(int)
+    out = {}
+    for k, name in enumerate(emu.class_names):
+        rows = np.flatnonzero(classes == k)
+        if len(rows) < 5:
+            continue
+        conditions = {c: np.asarray(arrays[f"params/{c}"])[rows] for c in emu.condition_names}
+        info = emu.metadata["conditions"]
+        for c, key in enumerate(emu.condition_names):
+            conditions[key] = np.clip(conditions[key], info["min"][c], info["max"][c])
+        conditions[label] = np.full(len(rows), k)
+        samples = emu.sample(len(rows), conditions, seed=seed + k)
+        stats_s = metrics.morphology(samples, scale)
+        stats_t = metrics.morphology(truth[rows], scale)
+        out[name] = {"n": int(len(rows))}
+        for stat in ("concentration", "asymmetry", "gini"):
+            out[name][stat] = {"truth": float(np.nanmean(stats_t[stat])),
+                               "samples": float(np.nanmean(stats_s[stat])),
+                               "ks": compare(stats_s[stat], stats_t[stat])["ks"]}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="bundle path or 'default'")
@@ -69,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=300, help="stamps and samples per set")
     parser.add_argument("--seed", type=int, default=3, help="seed of the prior samples")
     parser.add_argument("--out", required=True, help="output folder (figure and JSON)")
+    parser.add_argument("--per-class", action="store_true",
+                        help="also compare samples of each morphology class with the truth of "
+                        "that class (concentration, asymmetry, Gini; a class-conditional model)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -132,6 +164,8 @@ def main(argv=None):
         "codes_used_heldout": int((counts > 0).sum()),
         "n": int(len(truth)),
     }
+    if args.per_class and emu.class_label:
+        extra["per_class"] = per_class(emu, arrays, truth, scale, args.seed)
     with open(os.path.join(args.out, "diagnosis.json"), "w") as f:
         json.dump({"sets": rows, **extra}, f, indent=1)
 
