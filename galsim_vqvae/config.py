@@ -3,7 +3,7 @@
 A config uses them with ``modules: [galsim_vqvae]``::
 
     input:
-        vqvae_model: {file_name: default, device: cpu, batch_size: 32}
+        vqvae_model: {file_name: default, device: cpu}   # batch_size: 32 (512 on cuda)
     gal:
         type: VQVAEGalaxy
         conditions: {mag: {type: Catalog, col: mag}}
@@ -58,6 +58,10 @@ __all__ = ["VQVAEModel", "VQVAEModelLoader", "BuildVQVAEGalaxy"]
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
+CPU_BATCH_SIZE = 32   # galaxies per network call on the CPU (the C++ sampler splits them)
+GPU_BATCH_SIZE = 512  # on a GPU: a block fills the device (benchmarks/README.md)
+
+
 class VQVAEModel:
     """The ``vqvae_model`` input: a handle on a galaxy model, loaded on first use in each process.
 
@@ -69,7 +73,9 @@ class VQVAEModel:
                             processes over them (worker k on GPU (k - 1) mod n); ``"cuda:N"``
                             pins every process to GPU N. [default: "cpu"]
         batch_size:         Galaxies generated per network call (a block of consecutive object
-                            numbers). [default: 32]
+                            numbers). It never changes the galaxies, only how they are batched.
+                            [default: None, i.e. 512 on a GPU (blocks that keep it busy) and 32
+                            on the CPU]
         resolution_policy:  What to do when a galaxy is drawn through a PSF narrower than the
                             training PSF: ``"warn"``, ``"raise"`` or ``"ignore"``.
                             [default: "warn"]
@@ -90,7 +96,7 @@ class VQVAEModel:
     _single_params = []
     _takes_rng = False
 
-    def __init__(self, file_name="default", device="cpu", batch_size=32,
+    def __init__(self, file_name="default", device="cpu", batch_size=None,
                  resolution_policy="warn", out_of_range="error", num_threads=1):
         if not isinstance(file_name, (str, os.PathLike)):
             raise GalSimConfigValueError("vqvae_model.file_name must be 'default' or the path of "
@@ -101,6 +107,8 @@ class VQVAEModel:
         if not _DEVICE_RE.match(str(device)):
             raise GalSimConfigValueError("vqvae_model.device must be cpu, cuda, cuda:N or mps",
                                          device)
+        if batch_size is None:
+            batch_size = GPU_BATCH_SIZE if str(device).startswith("cuda") else CPU_BATCH_SIZE
         for name, value, low, high in (("batch_size", batch_size, 1, 2 ** 20),
                                        ("num_threads", num_threads, 0, 4096)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \

@@ -414,3 +414,14 @@ def test_example_without_the_shipped_model(tmp_path):
     command = next(line for line in section.splitlines() if line.startswith("galsim "))
     names = re.findall(r"output\.(?:truth\.)?file_name=(\S+)", command)
     assert len(names) == 2 and not {"mock_survey.fits", "mock_survey_truth.fits"} & set(names)
+
+
+def test_block_size_follows_the_device(tiny_emulator):
+    """Blocks fill a GPU (512 galaxies a call) and stay small on the CPU (32); a batch_size given
+    is kept. (The device is only used on first generation, so no GPU is needed here.)"""
+    from galsim_vqvae.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, VQVAEModel
+
+    path = str(tiny_emulator.path)
+    assert VQVAEModel(path).batch_size == CPU_BATCH_SIZE == 32
+    assert VQVAEModel(path, device="cuda").batch_size == GPU_BATCH_SIZE == 512
+    assert VQVAEModel(path, device="cuda:1", batch_size=64).batch_size == 64
