@@ -11,8 +11,10 @@
 #      the compiled ops built in the background;
 #   2. the training set and the held-out set (examples/train_default_model.sh dataset);
 #   3. VQ-VAE and prior (examples/train_default_model.sh vqvae, prior);
-#   4. the checks: examples/diagnose_model.py, `galsim-vqvae evaluate` on the held-out set
-#      (EVAL_N stamps and samples, all cores), the 64-sample gallery beside held-out truth.
+#   4. the checks: examples/diagnose_model.py (one process: 300 stamps, about 5 minutes),
+#      `galsim-vqvae evaluate` on the held-out set (EVAL_N stamps and samples, all cores), the
+#      64-sample gallery beside held-out truth. (On 2026-12-07 the device time ran out during the
+#      diagnosis, then run with 1,000 stamps; the checks were made on the CPU afterwards.)
 # Needs carried: .whl (gpusite.tar.xz); optional .gpu_data/cosmos_btk for `evaluate --real`.
 set -uo pipefail
 ACTION=${1:-start}
@@ -70,7 +72,7 @@ chain() {
   step prior bash examples/train_default_model.sh prior || return 1
   local model=$RUN/prior/model.safetensors
   step diagnose python3 examples/diagnose_model.py --model "$model" --data "$RUN/val.h5" \
-      --n 1000 --out "$RUN/diagnosis"
+      --n 300 --out "$RUN/diagnosis"
   local real=()
   [ -f .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits ] && \
       real=(--real .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits)
