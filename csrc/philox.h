@@ -16,11 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define GVQ_HD __host__ __device__ __forceinline__
-#else
-#define GVQ_HD inline
-#endif
+#include "host_device.h"
 
 namespace galsim_vqvae {
 
