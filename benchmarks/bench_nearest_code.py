@@ -1,5 +1,5 @@
 """pytest-benchmark suite: ``ops.nearest_code`` against torch cdist+argmin and matmul+argmin on the
-CPU, at the issue's shapes (N = 14,112 = 32 stamps x 21 x 21, and N = 112,896; D = 64, K = 512).
+CPU, at the shapes of the default model's training (N = 14,112 = 32 stamps x 21 x 21, and N = 112,896; D = 64, K = 512).
 
     cd benchmarks && pytest bench_nearest_code.py --benchmark-columns=median,iqr,rounds
 

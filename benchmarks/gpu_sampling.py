@@ -5,11 +5,11 @@
 
 For each prior (``default``: the shipped model's prior, ``Emulator.load("default")``, conditioned
 on the mean labels; ``15x128``: random weights, 15 layers, 128 channels, K=512, 5x5 kernels, the
-issue's configuration) on 21x21 maps, and each batch size, it prints code maps/s of
+size the samplers are benchmarked at) on 21x21 maps, and each batch size, it prints code maps/s of
 
 * ``naive64``: `sample_naive` as it is, the float64 oracle (the whole prior once per position);
 * ``naive32``: the naive loop on the float32 prior (cuDNN, TF32 allowed: PyTorch's defaults), the
-  sampler as it was before every sampler moved to float64 logits: the issue's "23 maps/s" baseline;
+  sampler as it was before every sampler moved to float64 logits: 23 maps/s on an H100 (2026-11-24);
 * ``torch``: the PyTorch cached loop (`sample_fast(implementation="torch")`);
 * ``op``: the compiled op ``galsim_vqvae::pixelcnn_sample`` on the GPU;
 * ``e2e``: `sample_fast` as users call it (compiled op, plus the per-sample Gumbel noise drawn on
