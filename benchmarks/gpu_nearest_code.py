@@ -5,7 +5,8 @@
 1. Builds the extensions in place (``python3 setup.py build_ext --inplace``; set
    ``TORCH_CUDA_ARCH_LIST``, default "9.0") and imports ``galsim_vqvae.ops`` (without the package's
    ``__init__``, so galsim need not be installed there); ``ops.backend()`` must say "cuda".
-2. Checks the op on fresh random inputs at four shapes (N = 14,112 and 112,896; K = 512 and 8,192; D = 64) against float64 (every row:
+2. Checks the op on fresh random inputs at four shapes (N = 14,112 and 112,896; K = 512 and
+   8,192; D = 64) against float64 (every row:
    a float64 argmin; each disagreement is settled with exact rational arithmetic and counted as an
    exact tie or an error), its distances against the float64 distance of the chosen code, and on
    adversarial inputs (duplicates, +-0.0, near-ties, huge and tiny magnitudes) against the C++ op.
