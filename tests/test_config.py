@@ -256,7 +256,8 @@ def test_config_errors(tiny_emulator, tmp_path):
     cfg = single_config(tiny_emulator.path)
     cfg["gal"]["conditions"] = {"mag": 30.0, "hlr": 0.5}
     cfg["input"]["vqvae_model"]["out_of_range"] = "clip"  # now mag 30 is clipped to 25.5
-    clipped = build(cfg)
+    with pytest.warns(UserWarning, match="'mag' = 30 is outside the training range"):
+        clipped = build(cfg)
     cfg = single_config(tiny_emulator.path)
     cfg["gal"]["conditions"] = {"mag": 25.5, "hlr": 0.5}
     np.testing.assert_array_equal(clipped.array, build(cfg).array)
