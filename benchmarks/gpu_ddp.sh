@@ -45,10 +45,7 @@ cli() { timeout "$TMO" "$PY" -m galsim_vqvae.cli "$@"; }
 : > "$OUT/gpu_ddp.log"
 
 if [ "${DEVICE%%:*}" = cuda ]; then
-  if [ ! -d /tmp/site/galsim ] && [ -f .whl/gpusite.tar.xz ]; then
-    mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
-  fi
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  . benchmarks/gpu_site.sh  # GalSim and astropy for this machine's Python
   if ! "$PY" -c "import sys, galsim_vqvae.ops as o; sys.exit(o.backend() != 'cuda')" 2>/dev/null; then
     t=$(date +%s)
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \

@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NCCL_NVLS_ENABLE=0
 export WORKERS=${WORKERS:-$(nproc)}
 EVAL_N=${EVAL_N:-10000}
 export DEVICE=${DEVICE:-cuda}
-if [ "$DEVICE" = cpu ]; then export PYTHONPATH=$PWD; else export PYTHONPATH=/tmp/site:$PWD; fi
+if [ "$DEVICE" = cpu ]; then export PYTHONPATH=$PWD; else . benchmarks/gpu_site.sh; fi
 mkdir -p "$RUN"
 LOG=$RUN/chain.log
 
@@ -38,9 +38,6 @@ step() {  # step NAME COMMAND...: run, time and log one step
 }
 
 chain() {
-  if [ "$DEVICE" != cpu ] && [ ! -d /tmp/site/galsim ]; then
-    mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
-  fi
   python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
   # The compiled ops build while the training and held-out sets render (on all but 4 cores);
   # then the CUDA tests (a failing CUDA op is removed: the ops fall back to PyTorch, announced)

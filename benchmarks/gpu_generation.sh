@@ -13,10 +13,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -d /tmp/site/galsim ]; then
-  mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
-fi
-export PYTHONPATH=/tmp/site:$PWD
+. benchmarks/gpu_site.sh  # GalSim and astropy for this machine's Python
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 echo "commit: $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}

@@ -12,10 +12,7 @@ shift || true
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -d /tmp/site/galsim ]; then
-  mkdir -p /tmp/site && tar xJf .whl/gpusite.tar.xz -C /tmp/site
-fi
-export PYTHONPATH=/tmp/site:$PWD
+. benchmarks/gpu_site.sh  # GalSim and astropy for this machine's Python
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
   --format=csv,noheader | tee "$OUT/device.txt"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
