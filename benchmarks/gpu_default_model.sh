@@ -7,15 +7,20 @@
 # A device command lasts at most 10 minutes, the chain longer: `start` then `wait 560`, and more
 # `wait` calls issued at once (the machine stays held between calls that follow each other).
 # The chain (each step logged to $RUN/chain.log, timed, skipped if its output exists):
-#   1. GalSim/astropy for Python 3.12 from .whl/gpusite.tar.xz (benchmarks/make_gpu_site.sh),
-#      the compiled ops built in the background;
-#   2. the training set and the held-out set (examples/train_default_model.sh dataset);
-#   3. VQ-VAE and prior (examples/train_default_model.sh vqvae, prior);
-#   4. the checks: examples/diagnose_model.py (one process: 300 stamps, about 5 minutes),
-#      `galsim-vqvae evaluate` on the held-out set (EVAL_N stamps and samples, all cores), the
-#      64-sample gallery beside held-out truth. (On 2026-12-07 the device time ran out during the
-#      diagnosis, then run with 1,000 stamps; the checks were made on the CPU afterwards.)
-# Needs carried: .whl (gpusite.tar.xz); optional .gpu_data/cosmos_btk for `evaluate --real`.
+#   1. GalSim/astropy for Python 3.12 from .whl/gpusite.tar.xz (benchmarks/make_gpu_site.sh);
+#      the training set and the held-out set rendered (examples/train_default_model.sh dataset)
+#      while the compiled ops build, then (BENCH=1) the generation benchmarks;
+#   2. the VQ-VAE: each of VQ_VARIANTS ("NAME=train-vqvae loss options;NAME=...") trained side
+#      by side, the one whose reconstructions of held-out stamps are the most realistic kept
+#      (examples/select_vqvae.py); or, without VQ_VARIANTS, the recipe's own; beside it the
+#      CUDA tests and (COSMOS=1) the overfit check on the 100 COSMOS galaxies
+#      (examples/train_cosmos.sh, issue 18);
+#   3. the prior (examples/train_default_model.sh prior), which writes the bundle;
+#   4. the checks: the 64-sample gallery beside held-out truth and `galsim-vqvae evaluate` on
+#      the held-out set (EVAL_N stamps and samples, all cores). examples/diagnose_model.py is
+#      run on the CPU afterwards (one process).
+# Needs carried: .whl (gpusite.tar.xz); optional .gpu_data/cosmos_btk for `evaluate --real`
+# and the COSMOS overfit check.
 set -uo pipefail
 ACTION=${1:-start}
 export RUN=${RUN:-/tmp/runs/default}
@@ -40,44 +45,66 @@ step() {  # step NAME COMMAND...: run, time and log one step
 chain() {
   python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
   # The compiled ops build while the training and held-out sets render (on all but 4 cores);
-  # then the CUDA tests (a failing CUDA op is removed: the ops fall back to PyTorch, announced)
-  # and, with BENCH=1, the generation benchmarks (benchmarks/gpu_generation.sh's, on the GPU
-  # while the CPU renders: the config-path figure shares the CPU).
+  # then, with BENCH=1, the generation benchmarks (benchmarks/gpu_generation.sh's, on the GPU
+  # while the CPU renders: the config-path figure shares the CPU). The CUDA tests run later,
+  # beside the VQ-VAE training.
   # (a local dry run: DEVICE=cpu N=300 N_HELDOUT=60 VQ_STEPS=6 AE_WARMUP=2 VQ_BATCH=16
   #  PRIOR_STEPS=4 PRIOR_BATCH=16 EVAL_N=20 bash benchmarks/gpu_default_model.sh chain)
   (export WORKERS=$(( WORKERS > 8 ? WORKERS - 4 : WORKERS ))
    step dataset bash examples/train_default_model.sh dataset) &
   local dataset=$!
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 step build python3 setup.py build_ext --inplace
-  if [ "$DEVICE" != cpu ]; then
-    if ! (cd tests && step cuda_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -x \
-          -m cuda test_compiled_sampling.py test_sampling.py test_emulator.py test_ops.py); then
-      rm -f galsim_vqvae/_C_cuda*.so
-      echo "CUDA tests failed: CUDA op removed, PyTorch fallback" >> "$LOG"
-    fi
-    if [ -n "${BENCH:-}" ]; then
-      step bench_generation timeout 150 python3 benchmarks/gpu_generation.py --out "$RUN"
-      step bench_config timeout 90 python3 benchmarks/gpu_config_path.py --device cuda \
-          --nobjects 512 --nprocs 1 --batch-size 512
-      step bench_nearest timeout 60 python3 benchmarks/gpu_nearest_code.py --no-build --quick \
-          --out "$RUN"
-    fi
+  if [ "$DEVICE" != cpu ] && [ -n "${BENCH:-}" ]; then
+    step bench_generation timeout 150 python3 benchmarks/gpu_generation.py --out "$RUN"
+    step bench_config timeout 120 python3 benchmarks/gpu_config_path.py --device cuda \
+        --nobjects 512 --nprocs 1 --batch-size 512
+    step bench_nearest timeout 60 python3 benchmarks/gpu_nearest_code.py --no-build --quick \
+        --out "$RUN"
   fi
   wait $dataset || return 1
   python3 -c "import galsim_vqvae.ops as o; print('ops backend', o.backend())" >> "$LOG" 2>&1
-  step vqvae bash examples/train_default_model.sh vqvae || return 1
+  # Beside the VQ-VAE training, on the same GPU: the COSMOS overfit check (issue 18:
+  # examples/train_cosmos.sh on the 100 real galaxies, if carried in .gpu_data) and the CUDA
+  # tests (done after the benchmarks, which want a quiet GPU).
+  local side=()
+  if [ -n "${COSMOS:-}" ] && [ -d .gpu_data/cosmos_btk ]; then
+    (COSMOS_DIR=.gpu_data/cosmos_btk CATALOG=real_galaxy_catalog_26_extension_example.fits \
+     RUN=$RUN/cosmos_overfit VQ_STEPS=3000 VQ_BATCH=64 AE_WARMUP=300 PRIOR_STEPS=1500 \
+     PRIOR_BATCH=64 EVAL_N=100 EVAL_SPLIT=all QUIET=1 step cosmos_overfit \
+     bash examples/train_cosmos.sh) & side+=($!)
+  fi
+  if [ "$DEVICE" != cpu ]; then
+    (cd tests && step cuda_tests timeout 400 python3 -m pytest -q -p no:cacheprovider -x \
+        -m cuda test_compiled_sampling.py test_sampling.py test_emulator.py test_ops.py) & side+=($!)
+  fi
+  # The VQ-VAE variants (VQ_VARIANTS: NAME=train-vqvae loss options, ';'-separated), trained
+  # side by side; examples/select_vqvae.py keeps the one whose reconstructions of held-out
+  # stamps are the most realistic (lowest sum of KS statistics) as $RUN/vqvae.
+  local pids=() dirs=() v
+  IFS=';' read -ra variants <<< "${VQ_VARIANTS:-}"
+  for v in "${variants[@]}"; do
+    (VQ_DIR=$RUN/vqvae_${v%%=*} VQ_LOSS=${v#*=} step vqvae_${v%%=*} \
+     bash examples/train_default_model.sh vqvae) & pids+=($!); dirs+=("$RUN/vqvae_${v%%=*}")
+  done
+  for v in "${pids[@]}"; do wait "$v" || return 1; done
+  if [ ${#dirs[@]} -gt 0 ]; then
+    step select python3 examples/select_vqvae.py --runs "${dirs[@]}" --data "$RUN/val.h5" \
+        --n 1000 --workers "$WORKERS" --device "$DEVICE" --out "$RUN/selection.json" \
+        --link "$RUN/vqvae" || return 1
+  else
+    step vqvae bash examples/train_default_model.sh vqvae || return 1
+  fi
   step prior bash examples/train_default_model.sh prior || return 1
   local model=$RUN/prior/model.safetensors
-  step diagnose python3 examples/diagnose_model.py --model "$model" --data "$RUN/val.h5" \
-      --n 300 --out "$RUN/diagnosis"
+  step gallery python3 -m galsim_vqvae.cli gallery --model "$model" --data "$RUN/val.h5" \
+      --n 64 --seed 1 --out "$RUN/gallery.png" --device "$DEVICE"
   local real=()
   [ -f .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits ] && \
       real=(--real .gpu_data/cosmos_btk/real_galaxy_catalog_26_extension_example.fits)
   step evaluate python3 -m galsim_vqvae.cli evaluate --model "$model" --n "$EVAL_N" \
       --data "$RUN/val.h5" --split all --seed 7 --device "$DEVICE" --workers "$WORKERS" --quiet \
       --out "$RUN/evaluate" "${real[@]}"
-  step gallery python3 -m galsim_vqvae.cli gallery --model "$model" --data "$RUN/val.h5" \
-      --n 64 --seed 1 --out "$RUN/gallery.png" --device "$DEVICE"
+  for v in "${side[@]}"; do wait "$v"; done
   echo "[$(date +%T)] chain done" >> "$LOG"
 }
 
@@ -96,8 +123,8 @@ case "$ACTION" in
     OUT=${OUT:-/tmp/out}
     mkdir -p "$OUT"
     split -b 15M -d "$RUN/prior/model.safetensors" "$OUT/model.safetensors.part" 2>/dev/null
-    tar czf "$OUT/results.tgz" -C "$RUN" $(cd "$RUN" && ls -d chain.log diagnosis evaluate \
-        gallery.png training_curves.png vqvae/log.jsonl vqvae/gallery.png prior/log.jsonl \
-        *.log *.json 2>/dev/null)
+    tar czf "$OUT/results.tgz" -C "$RUN" $(cd "$RUN" && ls -d chain.log evaluate gallery.png \
+        training_curves.png vqvae*/log.jsonl vqvae*/gallery.png prior/log.jsonl *.log *.json \
+        cosmos_overfit/evaluate cosmos_overfit/*/log.jsonl cosmos_overfit/*.log 2>/dev/null)
     ls -la "$OUT" ;;
 esac

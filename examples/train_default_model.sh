@@ -11,7 +11,7 @@ set -euo pipefail
 STAGE=${1:-all}
 PY=${PY:-python3}
 RUN=${RUN:-runs/default}
-N=${N:-40000}
+N=${N:-60000}
 N_HELDOUT=${N_HELDOUT:-10000}
 WORKERS=${WORKERS:-$(nproc)}
 VQ_STEPS=${VQ_STEPS:-8000}
@@ -19,6 +19,9 @@ PRIOR_STEPS=${PRIOR_STEPS:-5000}
 VQ_BATCH=${VQ_BATCH:-512}
 PRIOR_BATCH=${PRIOR_BATCH:-256}
 DEVICE=${DEVICE:-cuda}
+VQ_DIR=${VQ_DIR:-$RUN/vqvae}
+# The VQ-VAE's loss beside the chi^2 (see docs/default_model.md for why these).
+VQ_LOSS=${VQ_LOSS:---truth-weight 1 --truth-norm hybrid --decoder-padding replicate}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
 resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }  # continue an interrupted run
@@ -32,13 +35,13 @@ if [ "$STAGE" = all ] || [ "$STAGE" = dataset ]; then
       --workers "$WORKERS" --out "$RUN/val.h5"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = vqvae ]; then
-  # Noise2Noise targets, the l1 truth term (the synthetic set's pre-PSF truth constrains what
-  # the PSF hides: frames at the stamp edges, rings, faint junk; see docs/default_model.md), the
+  # Noise2Noise targets, the truth term (the synthetic set's pre-PSF truth constrains what the
+  # PSF hides: frames at the stamp edges, rings, faint junk; see docs/default_model.md), the
   # 8 rotations/flips.
-  cli train-vqvae --data "$RUN/synthetic.h5" --out "$RUN/vqvae" --steps "$VQ_STEPS" \
+  cli train-vqvae --data "$RUN/synthetic.h5" --out "$VQ_DIR" --steps "$VQ_STEPS" \
       --batch-size "$VQ_BATCH" --lr 3e-4 --lr-schedule cosine --ae-warmup "${AE_WARMUP:-500}" --warmup 200 \
       --restart-every 20 --log-every 100 --checkpoint-every 1000 --seed 1 --noise independent \
-      --truth-weight 1 --truth-norm l1 --augment --device "$DEVICE" $(resume "$RUN/vqvae")
+      $VQ_LOSS --augment --device "$DEVICE" $(resume "$VQ_DIR")
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = prior ]; then
   cli train-prior --data "$RUN/synthetic.h5" --vqvae "$RUN/vqvae" --out "$RUN/prior" \

@@ -315,3 +315,20 @@ def test_default_model_honours_a_partial_label():
     assert emu.label_table is not None, "the shipped default model has no table of labels"
     images = emu.sample(100, {"mag": 21.0}, seed=11)
     assert abs(np.median(magnitude(images, emu.metadata["zeropoint"])) - 21.0) < 0.1
+
+
+def test_realism_conditions_carry_the_class(tiny_emulator, class_emulator):
+    """The realism checks condition samples on the held-out stamps' class where the model has a
+    class label and the dataset records it, else leave it to be drawn."""
+    from galsim_vqvae.validation.realism import conditions_like
+
+    rng = np.random.default_rng()
+    n = int(rng.integers(5, 20))
+    params = {"params/mag": rng.uniform(21, 25, n), "params/hlr": rng.uniform(0.2, 0.8, n),
+              "params/morph_class": rng.integers(0, 4, n)}
+    got = conditions_like(class_emulator, params, n + 3)
+    np.testing.assert_array_equal(got["morph_class"][:n], params["params/morph_class"])
+    assert got["morph_class"].dtype == np.int64 and len(got["morph_class"]) == n + 3
+    assert "morph_class" not in conditions_like(tiny_emulator, params, n)
+    del params["params/morph_class"]
+    assert set(conditions_like(class_emulator, params, n)) == {"mag", "hlr"}

@@ -26,9 +26,11 @@ LABELS = {"flux": "flux", "size": "HSM size (arcsec)", "e": "HSM |e|",
 
 def conditions_like(emulator, params, n):
     """``n`` conditions for the prior from a dataset's labels (dict ``params/NAME`` -> array),
-    clipped to the training range and cycled; None for an unconditional model."""
+    clipped to the training range and cycled, with the class label where the model has one and
+    the dataset records it; None for an unconditional model."""
     names = emulator.condition_names
-    if not names:
+    label = emulator.class_label
+    if not names and not label:
         return None
     info = emulator.metadata["conditions"]
     missing = [k for k in names if f"params/{k}" not in params]
@@ -41,7 +43,9 @@ def conditions_like(emulator, params, n):
     for c, name in enumerate(names):
         values = np.asarray(params[f"params/{name}"], dtype=np.float64)
         out[name] = np.clip(np.resize(values, n), info["min"][c], info["max"][c])
-    return out
+    if label and f"params/{label}" in params:  # else drawn from the bundle's label table
+        out[label] = np.resize(np.asarray(params[f"params/{label}"]).astype(np.int64), n)
+    return out or None
 
 
 def compare(samples, truth):
@@ -84,8 +88,8 @@ def run(emulator, data, n, out_dir, split="test", seed=0, progress=False, worker
     sec.metrics.update({"realism.n_samples": n, "realism.n_truth": len(truth)})
     sec.lines += [
         f"{n} prior samples (seed {seed}) conditioned on the labels "
-        f"{emulator.condition_names or '(none: unconditional model)'} of {len(truth)} truth "
-        f"stamps (split `{split}`); statistics of the noiseless pre-PSF images "
+        f"{list(conditions) if conditions else '(none: unconditional model)'} of "
+        f"{len(truth)} truth stamps (split `{split}`); statistics of the noiseless pre-PSF images "
         "(`galsim_vqvae.metrics`, see docs/evaluate.md for definitions and sources).", "",
         "| statistic | mean (samples) | mean (truth) | rel. mean diff | KS | KS 5% critical "
         "| KS p |", "| --- | --- | --- | --- | --- | --- | --- |"]
