@@ -125,6 +125,6 @@ case "$ACTION" in
     split -b 15M -d "$RUN/prior/model.safetensors" "$OUT/model.safetensors.part" 2>/dev/null
     tar czf "$OUT/results.tgz" -C "$RUN" $(cd "$RUN" && ls -d chain.log evaluate gallery.png \
         training_curves.png vqvae*/log.jsonl vqvae*/gallery.png prior/log.jsonl *.log *.json \
-        cosmos_overfit/evaluate cosmos_overfit/*/log.jsonl cosmos_overfit/*.log 2>/dev/null)
+        cosmos_overfit/evaluation cosmos_overfit/*/log.jsonl cosmos_overfit/*.log 2>/dev/null)
     ls -la "$OUT" ;;
 esac
