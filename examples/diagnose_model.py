@@ -52,12 +52,46 @@ def hole_fraction(images, truth):
     return ((images <= 0) & inside).sum(axis=(1, 2)) / inside.sum(axis=(1, 2))
 
 
+SIDES = ("first rows", "last rows", "first columns", "last columns")
+
+
+def side_flux(images, width=8):
+    """Mean fraction of the flux in the ``width`` pixels along each side, in the order of
+    `SIDES` (the figures draw with origin="lower": the first rows at the bottom, where the
+    PixelCNN's raster order starts, the last rows at the top, where it ends)."""
+    tot = images.sum(axis=(1, 2))
+    parts = (images[:, :width], images[:, -width:], images[:, :, :width], images[:, :, -width:])
+    return {side: float(np.mean(p.sum(axis=(1, 2)) / tot)) for side, p in zip(SIDES, parts)}
+
+
+def side_codes(codes, k=4):
+    """Are the sky codes at the map's sides those of its interior? For each side (the outer
+    row or column of the code maps) its ``k`` most common codes with their frequency, and the
+    fraction of its positions whose code is among the interior's 10 most common (positions two
+    cells inside the edge, sky in most stamps)."""
+    def common(values, m):
+        u, c = np.unique(values, return_counts=True)
+        order = np.argsort(-c)[:m]
+        return [(int(u[i]), round(float(c[i] / c.sum()), 3)) for i in order]
+
+    ring = np.concatenate([codes[:, 2, 2:-2], codes[:, -3, 2:-2], codes[:, 2:-2, 2],
+                           codes[:, 2:-2, -3]], axis=1)
+    inner = [c for c, _ in common(ring.ravel(), 10)]
+    sides = (codes[:, 0], codes[:, -1], codes[:, :, 0], codes[:, :, -1])
+    out = {"interior (2 cells in)": common(ring.ravel(), k)}
+    for side, values in zip(SIDES, sides):
+        out[side] = {"common": common(values.ravel(), k),
+                     "shared_with_interior": float(np.isin(values, inner).mean())}
+    return out
+
+
 def summarise(name, images, truth, scale, truth_stats):
     stats = metrics.morphology(images, scale)
     row = {"set": name, "edge_flux_mean": float(np.nanmean(stats["edge"])),
            "edge_flux_median": float(np.nanmedian(stats["edge"])),
            "rms_radius_px": float(np.mean(rms_radius(images))),
            "holes": float(np.mean(hole_fraction(images, truth))),
+           "side_flux": side_flux(images),
            "flux_ratio_median": float(np.median(images.sum(axis=(1, 2)) /
                                                 truth.sum(axis=(1, 2))))}
     for k in metrics.MORPHOLOGY:
@@ -127,11 +161,12 @@ def main(argv=None):
         return emu.decode(emu.encode(stamps, noise_sigma=sigma)) / \
             emu.input_scale(stamps, sigma)[:, None, None]
 
+    sample_codes = emu.sample_codes(len(truth), conditions, seed=args.seed)
     sets = {
         "truth": truth,
         "decode(encode(noiseless))": autoencode(noiseless),
         "decode(encode(observed))": autoencode(observed),
-        "prior, T=1.0": emu.sample(len(truth), conditions, seed=args.seed),
+        "prior, T=1.0": emu.decode(sample_codes),
         "prior, T=0.8": emu.sample(len(truth), conditions, seed=args.seed, temperature=0.8),
     }
     truth_stats = metrics.morphology(truth, scale)
@@ -162,6 +197,8 @@ def main(argv=None):
                                                   noise_dec.sum(axis=(1, 2)) / median_flux],
         "perplexity_heldout": perplexity,
         "codes_used_heldout": int((counts > 0).sum()),
+        "side_codes_heldout": side_codes(codes),
+        "side_codes_samples": side_codes(sample_codes),
         "n": int(len(truth)),
     }
     if args.per_class and emu.class_label:
