@@ -68,9 +68,10 @@ chain() {
   # tests (done after the benchmarks, which want a quiet GPU).
   local side=()
   if [ -n "${COSMOS:-}" ] && [ -d .gpu_data/cosmos_btk ]; then
-    (COSMOS_DIR=.gpu_data/cosmos_btk CATALOG=real_galaxy_catalog_26_extension_example.fits \
-     RUN=$RUN/cosmos_overfit VQ_STEPS=3000 VQ_BATCH=64 AE_WARMUP=300 PRIOR_STEPS=1500 \
-     PRIOR_BATCH=64 EVAL_N=100 EVAL_SPLIT=all QUIET=1 step cosmos_overfit \
+    (step cosmos_overfit env COSMOS_DIR=.gpu_data/cosmos_btk \
+     CATALOG=real_galaxy_catalog_26_extension_example.fits RUN="$RUN/cosmos_overfit" \
+     VQ_STEPS="${COSMOS_VQ_STEPS:-3000}" VQ_BATCH=64 AE_WARMUP=300 \
+     PRIOR_STEPS="${COSMOS_PRIOR_STEPS:-1500}" PRIOR_BATCH=64 EVAL_N=100 EVAL_SPLIT=all QUIET=1 \
      bash examples/train_cosmos.sh) & side+=($!)
   fi
   if [ "$DEVICE" != cpu ]; then
@@ -125,6 +126,6 @@ case "$ACTION" in
     split -b 15M -d "$RUN/prior/model.safetensors" "$OUT/model.safetensors.part" 2>/dev/null
     tar czf "$OUT/results.tgz" -C "$RUN" $(cd "$RUN" && ls -d chain.log evaluate gallery.png \
         training_curves.png vqvae*/log.jsonl vqvae*/gallery.png prior/log.jsonl *.log *.json \
-        cosmos_overfit/evaluation cosmos_overfit/*/log.jsonl cosmos_overfit/*.log 2>/dev/null)
+        cosmos_overfit.log cosmos_overfit/evaluation cosmos_overfit/*/log.jsonl 2>/dev/null)
     ls -la "$OUT" ;;
 esac
