@@ -99,8 +99,8 @@ def pair_by_magnitude(real_mag, pool_mag, n):
 def synthetic_galaxies(real, n, seed, stamp, colour, white_noise, population, pool=4):
     """``n`` synthetic galaxies (from the first ``pool`` x n of a synthetic dataset of ``seed``
     and ``population``, chosen by `pair_by_magnitude` with F160W magnitude + ``colour``) drawn
-    like their real partners were observed (see the module docstring). Returns images [n,S,S], the dataset
-    index, the partner index and the synthetic F160W magnitude of each."""
+    like their real partners were observed (see the module docstring). Returns images [n,S,S],
+    the dataset index, the partner index and the synthetic F160W magnitude of each."""
     import galsim
 
     psf = sy.effective_psf(sy.optical_psf(seed, 0), 84, 0.06)
