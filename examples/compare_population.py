@@ -96,16 +96,16 @@ def pair_by_magnitude(real_mag, pool_mag, n):
     return np.array(chosen)[order], np.array(partner)[order]
 
 
-def synthetic_galaxies(real, n, seed, stamp, colour, white_noise, pool=4):
-    """``n`` synthetic galaxies (from the first ``pool`` x n of a synthetic dataset of ``seed``,
-    chosen by `pair_by_magnitude` with F160W magnitude + ``colour``) drawn like their real
-    partners were observed (see the module docstring). Returns images [n,S,S], the dataset
-    index, the partner index and the synthetic F160W magnitude of each."""
+def synthetic_galaxies(real, n, seed, stamp, colour, white_noise, population, pool=4):
+    """``n`` synthetic galaxies (from the first ``pool`` x n of a synthetic dataset of ``seed``
+    and ``population``, chosen by `pair_by_magnitude` with F160W magnitude + ``colour``) drawn
+    like their real partners were observed (see the module docstring). Returns images [n,S,S],
+    the dataset index, the partner index and the synthetic F160W magnitude of each."""
     import galsim
 
     psf = sy.effective_psf(sy.optical_psf(seed, 0), 84, 0.06)
     ctx = dict(seed=seed, stamp_size=84, pixel_scale=0.06, psf="optical", n_psf=1,
-               fine=[psf[1]])
+               fine=[psf[1]], population=population)
     sy._init_worker(ctx)
     stamps = [sy.draw_stamp(seed, i, sy._CTX) for i in range(pool * n)]  # as in the dataset
     mag_h = np.array([st["mag"] for st in stamps])
@@ -247,6 +247,8 @@ def main(argv=None):
     parser.add_argument("--catalog", default="real_galaxy_catalog_26_extension_example.fits")
     parser.add_argument("--n", type=int, default=300, help="synthetic galaxies")
     parser.add_argument("--seed", type=int, default=1, help="synthetic dataset seed")
+    parser.add_argument("--population", default=sy.DEFAULT_POPULATION,
+                        choices=sorted(sy.POPULATIONS), help="synthetic population")
     parser.add_argument("--stamp", type=int, default=64, help="stamp side (pixels)")
     parser.add_argument("--colour", type=float, default=1.0,
                         help="assumed I - H colour for pairing by magnitude")
@@ -262,8 +264,9 @@ def main(argv=None):
 
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 2 ** 20]))
     real = real_galaxies(args.catalog, args.dir, args.stamp, rng)
-    syn, chosen, partner, mag_h = synthetic_galaxies(real, args.n, args.seed, args.stamp, args.colour,
-                                             args.white_noise)
+    syn, chosen, partner, mag_h = synthetic_galaxies(real, args.n, args.seed, args.stamp,
+                                                     args.colour, args.white_noise,
+                                                     args.population)
     scale = float(real["scale"][0])
     real_stats, syn_stats = measure(real["images"], scale), measure(syn, scale)
     mag_real, mag_syn = real["mag"], real["mag"][partner]
@@ -273,7 +276,8 @@ def main(argv=None):
         with np.errstate(divide="ignore", invalid="ignore"):
             stats["size_at_mag"] = np.log10(stats["hlr"]) - np.polyval(fit, mag)
     rows = compare(real_stats, syn_stats)
-    print(f"{len(real['images'])} real, {args.n} synthetic galaxies (seed {args.seed}); "
+    print(f"{len(real['images'])} real, {args.n} synthetic galaxies (seed {args.seed}, "
+          f"population {args.population}); "
           f"detected: real {real_stats['detected'].mean():.0%}, "
           f"synthetic {syn_stats['detected'].mean():.0%}")
     print(table(rows))

@@ -61,7 +61,9 @@ def cmd_make_dataset(args):
 
         summary = make_synthetic_dataset(args.out, n=args.n, seed=args.seed, psf=args.psf_model,
                                          psf_file=args.psf_file, n_psf=args.n_psf,
-                                         workers=args.workers, progress=not args.quiet)
+                                         workers=args.workers, progress=not args.quiet,
+                                         **({"population": args.population}
+                                            if args.population else {}))
     elif args.source == "fits":
         from .data.fits import make_fits_dataset
 
@@ -294,6 +296,10 @@ def build_parser():
                    help="synthetic: PSF family")
     p.add_argument("--psf-file", help="synthetic with --psf-model cosmos: RealGalaxy PSF file")
     p.add_argument("--n-psf", type=_positive_int, default=64, help="synthetic: PSFs in the bank")
+    p.add_argument("--population",
+                   help="synthetic: galaxy population (docs/data.md): 2026-12, matched to real "
+                        "COSMOS galaxies, or 2026-11, the training set of the default model of "
+                        "2026-12-07 [default: 2026-12]")
     p.add_argument("--band", help="fits/cosmos: the band's name [default: F160W for fits, "
                    "the catalog's for cosmos]")
     p.add_argument("--zeropoint", type=float, default=25.94,

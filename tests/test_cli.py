@@ -191,6 +191,23 @@ _AEGIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "aegi
 
 
 @pytest.mark.skipif(not _AEGIS.is_dir(), reason=f"no shared HST data at {_AEGIS}")
+def test_make_dataset_synthetic_population(tmp_path, capsys):
+    """--population reaches the stamps (the same seed, other galaxies) and the file's header."""
+    from galsim_vqvae.data import synthetic as sy
+    from galsim_vqvae.data.dataset import load_arrays, read_header
+
+    truth = {}
+    for population in (None, "2026-11"):
+        out = tmp_path / f"{population}.h5"
+        more = ["--population", population] if population else []
+        code, _, err = run(capsys, "make-dataset", "--source", "synthetic", "--n", 2, "--n-psf", 1,
+                           "--workers", 1, "--seed", 3, "--out", out, "--quiet", *more)
+        assert code == 0, err
+        assert read_header(out)["population"] == (population or sy.DEFAULT_POPULATION)
+        truth[population] = load_arrays(out, keys=["truth"])["truth"]
+    assert not np.array_equal(truth[None], truth["2026-11"])
+
+
 def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
     from galsim_vqvae.data.dataset import load_arrays, read_header
 

@@ -860,6 +860,13 @@ def _(w):
                 galsim.GalSimRangeError)
 
 
+@case("synthetic-population", T, "`make-dataset`", "an unknown `--population`",
+      ["population must be one of", "'2027-01'"])
+def _(w):
+    return CLI(["make-dataset", "--source", "synthetic", "--population", "2027-01", "--n", "2",
+                "--workers", "1", "--out", w.path("d.h5"), "--quiet"])
+
+
 @case("conditions-nan", T, "`Emulator.sample` (Python)", "a NaN condition",
       ["'hlr'", "non-finite"])
 def _(w):

@@ -1,11 +1,13 @@
 """Synthetic galaxies: truth/PSF/observed consistency, agreement with GalSim's own rendering,
 reproducibility across worker counts, the PSF bank, the population."""
 
+import hashlib
 from pathlib import Path
 
 import galsim
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.signal import fftconvolve
 
 from galsim_vqvae.data import synthetic as sy
@@ -56,6 +58,7 @@ def test_workers_give_identical_files(datasets):
     ha, hb = read_header(datasets[1]), read_header(datasets[2])
     assert ha["seed"] == SEED and ha["source"] == "synthetic" and ha["band"] == "F160W"
     assert ha["zeropoint"] == 25.94 and ha["pixel_scale"] == SCALE and ha["stamp_size"] == S
+    assert ha["population"] == sy.DEFAULT_POPULATION == "2026-12"
     assert {"flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2"} <= set(ha["params"])
 
 
@@ -129,6 +132,71 @@ def test_cosmos_psfs(tmp_path):
         assert abs(np.linalg.norm(a["observed"][i] - model) / noise - 1) < 0.05
     with pytest.raises(VQVAEInputError, match="psf_file"):
         sy.make_synthetic_dataset(path, n=2, seed=1, psf="cosmos", progress=False)
+
+
+# Stamps 0-5 and 24 (a merger) of seed 2026 drawn by draw_stamp at commit 5a9712c, before the
+# populations: sha256 of truth and observed (float32, as stored) and the PARAM_NAMES (float64).
+OLD_POPULATION_SHA256 = {0: "7d5d50e3e1778b1011d29a97", 1: "cb65f7c0a917f399bae0a280",
+                         2: "bf9905fd715545786b355a65", 3: "c55781458cd07ffd51595c6f",
+                         4: "884cfee7721d6b6e7325883a", 5: "f854069d6ead5a7fdeb2b0bf",
+                         24: "64f01bbd122f49c128f0df58"}
+
+
+def _stamp_sha256(stamp):
+    h = hashlib.sha256()
+    for key in ("truth", "observed"):
+        h.update(stamp[key].astype(np.float32).tobytes())
+    h.update(np.array([stamp[k] for k in sy.PARAM_NAMES], dtype=np.float64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def test_old_population_reproduced():
+    """Population 2026-11 draws, bit for bit, the stamps of the code before populations existed;
+    the default population draws other galaxies from the same seed."""
+    seed = 2026
+    fine = [sy.effective_psf(sy.optical_psf(seed, k), S, SCALE)[1] for k in range(2)]
+    ctx = dict(seed=seed, stamp_size=S, pixel_scale=SCALE, psf="optical", n_psf=2, fine=fine,
+               population="2026-11")
+    sy._init_worker(ctx)
+    for i, expected in OLD_POPULATION_SHA256.items():
+        assert _stamp_sha256(sy.draw_stamp(seed, i, sy._CTX)) == expected, i
+    sy._CTX["population"] = sy.DEFAULT_POPULATION
+    assert sy.DEFAULT_POPULATION != "2026-11"
+    assert _stamp_sha256(sy.draw_stamp(seed, 0, sy._CTX)) != OLD_POPULATION_SHA256[0]
+
+
+@pytest.mark.parametrize("name", sorted(sy.POPULATIONS))
+def test_population_distributions(name):
+    """Disk axis ratios follow the population's distribution (KS test against scipy's), disk
+    sizes its median size-magnitude relation and scatter."""
+    spec = sy.POPULATIONS[name]
+    rng = np.random.default_rng([SEED, 3])
+    draws = [sy.galaxy_profile(rng, SCALE, name)[1] for _ in range(2000)]
+    q = np.array([p["disk_q"] for p in draws])
+    if spec["disk_q"][0] == "uniform":
+        low, high = spec["disk_q"][1:]
+        reference = stats.uniform(low, high - low)
+    else:
+        a, b, low, high = spec["disk_q"][1:]
+        reference = stats.beta(a, b, loc=low, scale=high - low)
+    assert q.min() >= low and q.max() <= high
+    assert stats.kstest(q, reference.cdf).pvalue > 1e-3
+    median, slope, dex, (lo, hi) = spec["disk_size"]
+    r = np.array([p["disk_hlr"] for p in draws])
+    mag = 25.94 - 2.5 * np.log10([p["flux"] for p in draws])
+    assert r.min() >= lo and r.max() <= hi
+    resid = np.log10(r) - np.log10(median) - slope * (mag - 22.5)
+    for sel in (mag < 22.5, mag > 24):  # the relation's median at both ends: its slope
+        assert abs(np.median(resid[sel])) < 0.03, (name, np.median(resid[sel]))
+    inside = (r > lo) & (r < hi)
+    assert abs(np.std(resid[inside & (mag < 24.5)]) / dex - 1) < 0.15
+
+
+def test_bad_population(tmp_path):
+    with pytest.raises(VQVAEInputError, match="population must be one of .*'2027-01'"):
+        sy.make_synthetic_dataset(tmp_path / "x.h5", n=2, seed=1, population="2027-01",
+                                  progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_population():

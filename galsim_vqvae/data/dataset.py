@@ -346,10 +346,12 @@ class DatasetWriter:
         class_names:    Names of the classes of an integer ``params/morph_class`` label (value k
                         means ``class_names[k]``), stored as the attribute ``class_names``.
                         [default: None]
+        population:     Name of a synthetic galaxy population, stored as the attribute
+                        ``population``. [default: None, no attribute]
     """
 
     def __init__(self, path, stamp_size, pixel_scale, band, zeropoint, source, description="",
-                 seed=-1, compression=None, class_names=None):
+                 seed=-1, compression=None, class_names=None, population=None):
         if source not in SOURCES:
             raise VQVAEInputError(f"source must be one of {SOURCES}, got {source!r}")
         if compression not in (None, "lzf", "gzip"):
@@ -365,6 +367,8 @@ class DatasetWriter:
                           flux_convention=FLUX_CONVENTION)
         if class_names is not None:
             self.attrs["class_names"] = json.dumps([str(c) for c in class_names])
+        if population is not None:
+            self.attrs["population"] = str(population)
         self.compression = compression
         self.n = 0
         self.n_psf = 0

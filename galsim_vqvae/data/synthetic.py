@@ -34,6 +34,22 @@ EDGE_MARGIN = 3            # (the stamp less this many edge pixels) are redrawn
 MAX_KNOT_RADIUS = 2.5     # clumps lie within 2.5 disk half-light radii (pulled in if drawn further)
 PARAM_NAMES = ("flux", "mag", "hlr", "sersic_n", "bulge_frac", "e1", "e2", "dx", "dy", "snr",
                "morph_class")
+# Populations: the distributions that differ between versions of the population, by name (the
+# dataset file's ``population`` attribute). Everything else (magnitudes, bulges, clumps, mergers,
+# noise) is shared. A population's galaxies never change: a new choice gets a new name.
+#   disk_size: (median half-light radius in arcsec at H = 22.5, d log10 / d mag, lognormal
+#               scatter in dex, clip range in arcsec) of the disk.
+#   disk_q:    the disk's projected axis ratio: ("uniform", low, high) or
+#              ("beta", a, b, low, high), q = low + (high - low) Beta(a, b).
+POPULATIONS = {
+    # the population of the default model shipped on 2026-12-07
+    "2026-11": dict(disk_size=(0.35, -0.08, 0.18, (0.08, 0.9)), disk_q=("uniform", 0.2, 1.0)),
+    # matched to 100 real COSMOS galaxies (docs/data.md, "Synthetic against real galaxies"):
+    # more elongated disks, sizes falling faster with magnitude
+    "2026-12": dict(disk_size=(0.35, -0.14, 0.18, (0.08, 0.9)),
+                    disk_q=("beta", 1.2, 2.0, 0.12, 1.0)),
+}
+DEFAULT_POPULATION = "2026-12"
 # Morphology classes (the ``morph_class`` label, an index into CLASS_NAMES): the bulge-fraction
 # class a galaxy is drawn from, or "irregular" for the merging/irregular systems.
 CLASS_NAMES = ("disk", "intermediate", "bulge", "irregular")
@@ -207,12 +223,29 @@ class KGrid:
         return 4.0 * fine[::2, ::2][c0:c0 + self.stamp_size, c0:c0 + self.stamp_size]
 
 
-def galaxy_profile(rng, pixel_scale):
+def get_population(name):
+    """The distributions of population ``name`` (a key of `POPULATIONS`)."""
+    if name not in POPULATIONS:
+        raise VQVAEInputError(f"population must be one of {sorted(POPULATIONS)}, got {name!r}")
+    return POPULATIONS[name]
+
+
+def _axis_ratio(rng, spec):
+    if spec[0] == "uniform":
+        return rng.uniform(spec[1], spec[2])
+    a, b, low, high = spec[1:]
+    return low + (high - low) * rng.beta(a, b)
+
+
+def galaxy_profile(rng, pixel_scale, population=DEFAULT_POPULATION):
     """Draw one galaxy from ``rng`` (a numpy Generator): a `Galaxy` and a dict of its drawn
-    parameters (``sersic_n``, ``bulge_frac``, ``dx``, ``dy``, the F160W ``flux`` of the profile and
-    ``merger``, ``morph_class``). See docs/data.md for the choices and their sources."""
+    parameters (``sersic_n``, ``bulge_frac``, ``dx``, ``dy``, the F160W ``flux`` of the profile,
+    ``merger``, ``morph_class``, the disk's half-light radius ``disk_hlr`` and axis ratio
+    ``disk_q``), from ``population`` (a name of `POPULATIONS`). See
+    docs/data.md for the choices and their sources."""
     import galsim
 
+    pop = get_population(population)
     u = rng.uniform()
     a = COUNT_SLOPE
     m1, m2 = MAG_RANGE
@@ -220,13 +253,14 @@ def galaxy_profile(rng, pixel_scale):
     flux = 10 ** (-0.4 * (mag - ZEROPOINT))
     # Disk size: lognormal, brighter galaxies larger (van der Wel et al. 2014 size-mass relation,
     # seen in observed H-band magnitude at z~0.5-2).
-    r_disk = float(np.clip(_lognormal(rng, 0.35 * 10 ** (-0.08 * (mag - 22.5)), 0.18), 0.08, 0.9))
+    median, slope, dex, clip = pop["disk_size"]
+    r_disk = float(np.clip(_lognormal(rng, median * 10 ** (slope * (mag - 22.5)), dex), *clip))
     kind = rng.choice(3, p=[0.45, 0.35, 0.20])  # disk-dominated, intermediate, bulge-dominated
     bulge_frac = float(rng.uniform(*[(0.0, 0.2), (0.2, 0.6), (0.6, 0.95)][kind]))
     n = float(np.clip(rng.normal(3.5, 1.0), 2.0, 6.0))
     n = round(n * 20) / 20  # 0.05 grid: GalSim caches its Sersic tables per n
     r_bulge = max(0.05, r_disk * rng.uniform(0.2, 0.5))
-    q_disk = rng.uniform(0.2, 1.0)
+    q_disk = _axis_ratio(rng, pop["disk_q"])
     q_bulge = float(np.clip(rng.normal(0.75, 0.15), 0.4, 1.0))
     beta = rng.uniform(0, np.pi)
     beta_bulge = beta + np.deg2rad(rng.normal(0, 10))
@@ -275,7 +309,8 @@ def galaxy_profile(rng, pixel_scale):
                     SOFTENING * pixel_scale)
     morph_class = CLASS_NAMES.index("irregular") if merger else int(kind)
     return galaxy, dict(sersic_n=n, bulge_frac=bulge_frac, dx=dx, dy=dy, flux=flux,
-                        merger=bool(merger), morph_class=morph_class)
+                        merger=bool(merger), morph_class=morph_class, disk_hlr=r_disk,
+                        disk_q=float(q_disk))
 
 
 def _sersic_gsparams():
@@ -361,7 +396,8 @@ def _bank_entry(k):
 
 
 def draw_stamp(seed, i, ctx=None):
-    """Draw stamp ``i`` of a synthetic dataset (randomness from ``SeedSequence([seed, i])``).
+    """Draw stamp ``i`` of a synthetic dataset (randomness from ``SeedSequence([seed, i])``) of
+    population ``ctx["population"]`` (default `DEFAULT_POPULATION`).
 
     Returns a dict: ``observed``, ``truth``, ``noiseless`` [S,S] float64, ``sigma``,
     ``psf_index``, ``galaxy`` (the `Galaxy`) and the parameters of `PARAM_NAMES`.
@@ -370,7 +406,7 @@ def draw_stamp(seed, i, ctx=None):
     s, scale, grid = ctx["stamp_size"], ctx["pixel_scale"], ctx["grid"]
     rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
     for _ in range(100):  # redraw galaxies that do not fit the stamp (same random stream)
-        galaxy, params = galaxy_profile(rng, scale)
+        galaxy, params = galaxy_profile(rng, scale, ctx.get("population", DEFAULT_POPULATION))
         kimage = galaxy.kimage(grid)
         truth = grid.to_stamp(kimage)
         m = EDGE_MARGIN
@@ -382,7 +418,8 @@ def draw_stamp(seed, i, ctx=None):
     noiseless = grid.to_stamp(kimage * psf_kimage(k, ctx))
     flux = float(truth.sum())  # flux in the stamp (the profile's flux less light beyond it)
     hlr, e1, e2 = _measure(truth, scale, flux)
-    params.pop("merger")
+    for key in ("merger", "disk_hlr", "disk_q"):
+        params.pop(key)
     params.update(flux=flux, mag=ZEROPOINT - 2.5 * math.log10(flux), hlr=hlr, e1=e1, e2=e2,
                   snr=float(np.sqrt(np.sum(noiseless ** 2)) / sigma))
     return dict(observed=noiseless + sigma * noise, truth=truth, noiseless=noiseless,
@@ -420,7 +457,8 @@ def _pool(workers, ctx):
 # ------------------------------------------------------------------------------------------------
 def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="optical",
                            psf_file=None, n_psf=64, workers=2, chunk=256, progress=True,
-                           compression=None, psf_pixel_scale=None, detector_pixel=None):
+                           compression=None, psf_pixel_scale=None, detector_pixel=None,
+                           population=DEFAULT_POPULATION):
     """Render a synthetic CANDELS-like F160W galaxy dataset with noiseless truth.
 
     Parameters:
@@ -444,6 +482,10 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
         detector_pixel: Side (arcsec) of a native detector pixel to convolve every PSF with
                         before the stamp pixel, e.g. 0.128 for WFC3/IR, whose drizzled F160W
                         PSF (FWHM ~0.18") is broader than the optics alone. [default: None]
+        population:     Name of the galaxy population (a key of `POPULATIONS`: "2026-11", the
+                        shipped 2026-12-07 model's training population, or "2026-12", matched to
+                        real COSMOS galaxies), stored as the file's ``population`` attribute.
+                        [default: DEFAULT_POPULATION]
 
     Returns:
         dict: ``n``, ``n_psf``, ``path``, ``seconds``, ``stamps_per_second``, ``snr_percentiles``
@@ -463,8 +505,10 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
     if seed is None or int(seed) < 0:
         raise VQVAEInputError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
+    get_population(population)
     ctx = dict(seed=seed, stamp_size=int(stamp_size), pixel_scale=float(pixel_scale), psf=psf,
-               detector_pixel=float(detector_pixel) if detector_pixel else None)
+               detector_pixel=float(detector_pixel) if detector_pixel else None,
+               population=population)
     if psf == "optical":
         description = (f"synthetic CANDELS-like F160W galaxies (bulge+disk+clumps, "
                        f"{MERGER_FRACTION:.0%} mergers) through {n_psf} OpticalPSFs")
@@ -488,7 +532,7 @@ def make_synthetic_dataset(out, n, seed, stamp_size=84, pixel_scale=0.06, psf="o
         snr = []
         with DatasetWriter(out, stamp_size, pixel_scale, BAND, ZEROPOINT, "synthetic",
                            description=description, seed=seed, compression=compression,
-                           class_names=CLASS_NAMES) as w:
+                           class_names=CLASS_NAMES, population=population) as w:
             w.add_psfs(np.stack([bank for bank, _ in bank_fine]))
             chunk = max(1, min(chunk, -(-n // (4 * workers))))  # keep every worker busy
             bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
