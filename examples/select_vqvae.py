@@ -4,9 +4,9 @@ For each ``train-vqvae`` run folder, decodes the encoded noisy held-out stamps o
 dataset with truth (the stamps are in the training set's units, so no rescaling), measures the
 realism statistics of `galsim_vqvae.metrics.morphology` on the reconstructions and on the truth,
 and scores the run by the sum of the eight KS statistics (flux, HSM size, |e|, C, A, Gini, M20,
-edge flux) of reconstructions against truth; the median flux ratio and the mean edge flux are
-printed beside it. The run with the lowest score is chosen; with ``--link`` a symbolic link to it
-is made (what ``examples/train_default_model.sh prior`` reads as ``$RUN/vqvae``).
+edge flux) of reconstructions against truth (one that cannot be measured counts as 1); the
+median flux ratio and the mean edge flux are printed beside it. The run with the lowest score
+is chosen; with ``--link`` a symbolic link to it is made (what ``examples/train_default_model.sh prior`` reads as ``$RUN/vqvae``).
 
     python examples/select_vqvae.py --runs runs/a/vqvae_l1 runs/a/vqvae_hybrid \\
         --data runs/a/val.h5 --n 1000 --workers 16 --out runs/a/selection.json \\
@@ -71,7 +71,9 @@ def main(argv=None):
         images = reconstruct(run, observed, args.device)
         s = stats(images)
         ks = {k: compare(s[k], truth_stats[k])["ks"] for k in metrics.MORPHOLOGY}
-        rows.append({"run": run, "score": float(sum(ks.values())),
+        # a statistic that cannot be measured (HSM failing on every image) counts as KS 1
+        rows.append({"run": run, "score": float(np.nansum([1.0 if np.isnan(v) else v
+                                                            for v in ks.values()])),
                      "ks": ks, "mean_rel": {k: compare(s[k], truth_stats[k])["mean_rel"]
                                             for k in metrics.MORPHOLOGY},
                      "flux_ratio_median": float(np.median(images.sum(axis=(1, 2)) /
