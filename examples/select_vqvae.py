@@ -6,7 +6,8 @@ realism statistics of `galsim_vqvae.metrics.morphology` on the reconstructions a
 and scores the run by the sum of the eight KS statistics (flux, HSM size, |e|, C, A, Gini, M20,
 edge flux) of reconstructions against truth (one that cannot be measured counts as 1); the
 median flux ratio and the mean edge flux are printed beside it. The run with the lowest score
-is chosen; with ``--link`` a symbolic link to it is made (what ``examples/train_default_model.sh prior`` reads as ``$RUN/vqvae``).
+is chosen; with ``--link`` a symbolic link to it is made (what
+``examples/train_default_model.sh prior`` reads as ``$RUN/vqvae``).
 
     python examples/select_vqvae.py --runs runs/a/vqvae_l1 runs/a/vqvae_hybrid \\
         --data runs/a/val.h5 --n 1000 --workers 16 --out runs/a/selection.json \\
