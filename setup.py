@@ -42,10 +42,18 @@ def _extensions():
     cxx = ["-O3", "-fno-math-errno"] + extra
     if sys.platform != "win32":
         cxx += ["-fvisibility=hidden"]
+    # at::parallel_for runs serially unless the extension itself is compiled with OpenMP (ATen's
+    # inline parallel_for tests _OPENMP): without it the C++ ops used one thread whatever
+    # torch.set_num_threads said. libgomp is torch's own (same soname, already loaded).
+    link = []
+    if sys.platform.startswith("linux") and getattr(torch._C, "has_openmp", False):
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     include = [os.path.join(here, "csrc")]
     exts = [CppExtension("galsim_vqvae._C", ["csrc/ops.cpp", "csrc/cpu/nearest_code.cpp",
                                              "csrc/cpu/pixelcnn_sample.cpp"],
-                         include_dirs=include, extra_compile_args={"cxx": cxx})]
+                         include_dirs=include, extra_compile_args={"cxx": cxx},
+                         extra_link_args=link)]
     want_cuda = os.environ.get("GALSIM_VQVAE_NO_CUDA") != "1"
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if want_cuda and torch.version.cuda and nvcc and os.path.exists(nvcc):
@@ -53,7 +61,7 @@ def _extensions():
             "galsim_vqvae._C_cuda", ["csrc/cuda/register.cpp", "csrc/cuda/nearest_code.cu",
                                      "csrc/cuda/pixelcnn_sample.cu"],
             include_dirs=include,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link))
     elif want_cuda and torch.version.cuda:
         _warn("torch has CUDA but nvcc was not found: building the CPU op only.")
 

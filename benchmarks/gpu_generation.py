@@ -53,6 +53,8 @@ def mean_conditions(emulator, n):
 
 def emulator_rows(device, sizes):
     emulator = Emulator.load("default", device=device)
+    prior = emulator.metadata["prior_config"]
+    shape = f"{prior['layers']} x {prior['channels']} prior"
     # warm-up: weights, float64 prior, kernels, allocator
     emulator.sample(64, mean_conditions(emulator, 64), seed=0)
     rows = []
@@ -61,9 +63,9 @@ def emulator_rows(device, sizes):
         seconds, images = timed(lambda: emulator.sample(n, cond, seed=1), device)
         assert isinstance(images, np.ndarray) and images.shape[0] == n
         codes_s, _ = timed(lambda: emulator.sample_codes(n, cond, seed=1), device)
-        rows.append(dict(what=f"Emulator.sample, default model, n={n}", n=n,
+        rows.append(dict(what=f"Emulator.sample, default model ({shape}), n={n}", n=n,
                          seconds=seconds, per_s=n / seconds, codes_per_s=n / codes_s))
-        print(f"Emulator.sample n={n}: {n / seconds:.1f} galaxies/s "
+        print(f"Emulator.sample, default model ({shape}), n={n}: {n / seconds:.1f} galaxies/s "
               f"(sample_codes alone {n / codes_s:.1f} maps/s)", flush=True)
     return rows
 

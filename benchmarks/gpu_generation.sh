@@ -3,10 +3,11 @@
 # the sampler, the Emulator and nearest_code, then time generation end to end and print one table:
 #   Emulator.sample galaxies/s (shipped default model) at n = 256 and 4096, the 15x128 prior's
 #   code maps/s at batch 256 against the naive float64 / float32 samplers (benchmarks/
-#   gpu_generation.py), the GalSim config path's galaxies/s for 512 galaxies at image.nproc 1
-#   (benchmarks/gpu_config_path.py), nearest_code against torch at (112896, 64, 512) and
-#   K = 8192 (benchmarks/gpu_nearest_code.py --quick).
-# Usage there: bash benchmarks/gpu_generation.sh   (about 4-5 minutes on one H100)
+#   gpu_generation.py), the GalSim config path's galaxies/s for 2048 galaxies (blocks of 512) at
+#   image.nproc 1, 4 and 8 (all workers on the one GPU) with the split of the worker time between
+#   generation, GalSim drawing and the rest (benchmarks/gpu_config_path.py), nearest_code
+#   against torch at (112896, 64, 512) and K = 8192 (benchmarks/gpu_nearest_code.py --quick).
+# Usage there: bash benchmarks/gpu_generation.sh   (about 5-7 minutes on one H100; estimate)
 # Needs .whl/gpusite.tar.xz (GalSim + astropy for the GPU machine's Python: make_gpu_site.sh).
 # Writes build.log, tests.log, generation.log/.json, config_path.log, nearest_code.log under $OUT.
 set -uo pipefail
@@ -28,10 +29,9 @@ python3 -c "from galsim_vqvae import ops; print('backends: sampler', ops.sampler
 echo "tests done after ${SECONDS}s"
 timeout 150 python3 benchmarks/gpu_generation.py --out "$OUT" 2>&1 | tee "$OUT/generation.log"
 echo "generation done after ${SECONDS}s"
-timeout 90 python3 benchmarks/gpu_config_path.py --device cuda --nobjects 512 --nprocs 1 \
-  --batch-size 512 \
-  > "$OUT/config_path.log" 2>&1
-echo "config path rc=$? after ${SECONDS}s"; tail -3 "$OUT/config_path.log"
+timeout 240 python3 benchmarks/gpu_config_path.py --device cuda --nobjects 2048 \
+  --batch-size 512 --nprocs 1 4 8 > "$OUT/config_path.log" 2>&1
+echo "config path rc=$? after ${SECONDS}s"; grep -A2 "^config path" "$OUT/config_path.log"
 timeout 60 python3 benchmarks/gpu_nearest_code.py --no-build --quick --out "$OUT" \
   > "$OUT/nearest_code.log" 2>&1
 echo "nearest_code rc=$? after ${SECONDS}s"; tail -8 "$OUT/nearest_code.log"

@@ -60,6 +60,38 @@ def test_backend_is_compiled_here():
     assert ops.backend() in ("cpp", "cuda")
 
 
+def _thread_ticks():
+    """CPU clock ticks used so far by each thread of this process (Linux /proc)."""
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks[tid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+@needs_op
+@pytest.mark.skipif(not (os.path.isdir("/proc/self/task") and torch._C.has_openmp),
+                    reason="needs Linux /proc and an OpenMP build of torch")
+def test_compiled_op_uses_its_threads():
+    """The C++ op is built with OpenMP, so at::parallel_for really splits the work: with two
+    torch threads both accrue CPU time (built without -fopenmp, one thread did everything)."""
+    g = torch.Generator().manual_seed(11)
+    z, codebook = torch.randn(60_000, 64, generator=g), torch.randn(512, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ops.nearest_code(z, codebook)
+        before = _thread_ticks()
+        for _ in range(4):
+            ops.nearest_code(z, codebook)
+        after = _thread_ticks()
+    finally:
+        torch.set_num_threads(threads)
+    used = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)
+    assert len(used) >= 2 and used[1] >= 0.25 * used[0], used
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", [f for _, f in IMPLS], ids=IMPL_IDS)
 @pytest.mark.parametrize("shape", [(1000, 64, 512), (257, 17, 33), (31, 3, 1), (5, 256, 70)])

@@ -172,7 +172,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& z_in,
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kMaxTiles, 65536 / (kRows * kp)));
   const int64_t chunk = std::max<int64_t>(1, 16384 / (int64_t)(d * kCodes * sizeof(float)));
   const int64_t blocks = (tiles + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // At least ~1,024 rows per thread: below that, waking a second thread costs more than it saves
+  // (and far more on a loaded machine).
+  const int64_t grain = std::max<int64_t>(1, 1024 / (block * kRows));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> zt(block * kRows * d), row_min(block * kRows);
     std::vector<float> scores(codebook_fast ? block * kRows * kp : 0);
     std::vector<int64_t> cand;
