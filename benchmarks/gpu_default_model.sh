@@ -56,8 +56,8 @@ chain() {
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 step build python3 setup.py build_ext --inplace
   if [ "$DEVICE" != cpu ] && [ -n "${BENCH:-}" ]; then
     step bench_generation timeout 150 python3 benchmarks/gpu_generation.py --out "$RUN"
-    step bench_config timeout 120 python3 benchmarks/gpu_config_path.py --device cuda \
-        --nobjects 512 --nprocs 1 --batch-size 512
+    step bench_config timeout 150 python3 benchmarks/gpu_config_path.py --device cuda \
+        --nobjects 2048 --nprocs 1 8 --batch-size 256
     step bench_nearest timeout 60 python3 benchmarks/gpu_nearest_code.py --no-build --quick \
         --out "$RUN"
   fi
