@@ -3,7 +3,8 @@
 After rosinality's ``vq-vae-2-pytorch`` (one level): the encoder halves the stamp twice with
 stride-2 4x4 convolutions (84 -> 42 -> 21), refines with a 3x3 convolution and a residual stack,
 and projects to the code dimension with a 1x1 convolution; the decoder mirrors it, upsampling by
-bilinear resizes + convolutions (or transposed convolutions). The model works in physical pixel
+bilinear resizes + convolutions (or transposed convolutions), padded by repeating the edge pixels
+(or, in models made before 2026-12-07, with zeros). The model works in physical pixel
 units (flux per pixel): it divides its input by ``image_scale`` and multiplies its output by it.
 The decoded image is the pre-PSF galaxy, non-negative by construction: `positive` (a ReLU, or
 the softplus of models made before 2026-11-24, with a one-sided leaky gradient so that the output
@@ -77,8 +78,6 @@ def upsample2(c_in, c_out, mode, padding_mode="zeros"):
     """
     if mode not in UPSAMPLES:
         raise VQVAEInputError(f"upsample must be one of {UPSAMPLES}, got {mode!r}")
-    if padding_mode not in PADDINGS:
-        raise VQVAEInputError(f"decoder_padding must be one of {PADDINGS}, got {padding_mode!r}")
     if mode == "transpose":
         if padding_mode != "zeros":
             raise VQVAEInputError(f"upsample='transpose' needs decoder_padding='zeros' (transposed "
