@@ -92,7 +92,8 @@ def cmd_train_vqvae(args):
 
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
                                ("hidden", args.hidden), ("restart_every", args.restart_every),
-                               ("output", args.output))
+                               ("output", args.output),
+                               ("decoder_padding", args.decoder_padding))
              if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
@@ -331,6 +332,11 @@ def build_parser():
                    help="plain autoencoder on observed stamps (for comparison)")
     p.add_argument("--output", choices=("relu", "linear", "softplus"),
                    help="the decoder's output (default relu: non-negative); see VQVAE")
+    p.add_argument("--decoder-padding", choices=("replicate", "zeros"),
+                   help="padding of the decoder's convolutions (default replicate: a map of one "
+                        "code decodes to a constant image; zeros, of models made before "
+                        "2026-12-07, leaves a frame along the edges); a resumed run keeps its "
+                        "checkpoint's")
     p.add_argument("--noise", choices=("data", "independent"), default="data",
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "
@@ -339,10 +345,13 @@ def build_parser():
                    help="datasets with truth: add W * mean over pixels of ((decoded - truth) / "
                         "sigma)^2 per stamp to the loss, constraining the pre-PSF image where "
                         "the PSF does not (edges, ringing) [default: 0]")
-    p.add_argument("--truth-norm", choices=["l2", "l1"], default="l2",
-                   help="the truth term's distance: l2 (squared, as above) or l1 (mean |decoded "
-                        "- truth| / sigma, which drives faint frames and halos to exactly zero) "
-                        "[default: l2]")
+    p.add_argument("--truth-norm", choices=["l2", "l1", "hybrid"], default="l2",
+                   help="the truth term's distance: l2 (squared, as above), l1 (mean |decoded "
+                        "- truth| / sigma, which drives faint frames and halos to exactly zero, "
+                        "and trims faint wings), or hybrid (l2 plus the l1 term over the pixels "
+                        "where the truth is below a small fraction of sigma, SKY_THRESHOLD in "
+                        "galsim_vqvae.nn.forward: junk off the galaxy to zero, its wings "
+                        "unbiased) [default: l2]")
     p.add_argument("--augment", action="store_true",
                    help="give each stamp one of the 8 rotations/flips about its centre (the "
                         "same for its truth and PSF), drawn from (seed, step)")

@@ -829,6 +829,17 @@ def _(w):
                 "--hidden", "3", "--quiet"])
 
 
+@case("vqvae-transpose-replicate", T, "`VQVAE` (Python)", "transposed-convolution upsampling "
+      "with replicate padding", ["upsample='transpose' needs decoder_padding='zeros'",
+                                 "got 'replicate'"])
+def _(w):
+    from galsim_vqvae.errors import VQVAEInputError
+    from galsim_vqvae.nn.vqvae import VQVAE
+
+    return Call(lambda: VQVAE(stamp_size=16, hidden=4, upsample="transpose",
+                              decoder_padding="replicate"), VQVAEInputError)
+
+
 @case("conditions-range-cli", T, "`sample`", "a condition outside the training range",
       ["'mag' = 40", "outside the training range [20, 25.5]", "--out-of-range"])
 def _(w):

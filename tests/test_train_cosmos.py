@@ -23,7 +23,9 @@ COSMOS = os.path.join(ROOT, "..", "shared", "data", "hst", "cosmos_btk")
 TINY = {"DEVICE": "cpu", "QUIET": "1", "VQ_STEPS": "6", "VQ_BATCH": "8", "AE_WARMUP": "3",
         "WARMUP": "2", "PRIOR_STEPS": "4", "PRIOR_BATCH": "8", "LOG_EVERY": "2",
         "CHECKPOINT_EVERY": "100", "EVAL_N": "4", "EVAL_SPLIT": "all",
-        "VQ_MODEL": "--hidden 16 --embed-dim 8 --num-codes 32",
+        # zero padding: a 6-step decoder with replicate padding can decode a whole sample to a
+        # constant negative pre-activation, i.e. exactly 0 after the ReLU, which evaluate refuses
+        "VQ_MODEL": "--hidden 16 --embed-dim 8 --num-codes 32 --decoder-padding zeros",
         "PRIOR_MODEL": "--channels 8 --layers 2 --kernel-size 3", "OMP_NUM_THREADS": "1"}
 
 

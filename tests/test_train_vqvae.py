@@ -87,7 +87,8 @@ def test_training_lowers_the_loss(toy, tmp_path):
     (True, "data", {}), (False, "data", {}), (True, "independent", {}),
     (True, "data", dict(truth_weight=0.5, augment=True)),
     (True, "independent", dict(truth_weight=2.0, augment=True)),
-    (True, "independent", dict(truth_weight=1.0, truth_norm="l1"))])
+    (True, "independent", dict(truth_weight=1.0, truth_norm="l1")),
+    (True, "independent", dict(truth_weight=1.0, truth_norm="hybrid"))])
 def test_resume_is_bit_identical(toy, tmp_path, psf_layers, noise, extra):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     kw = dict(log_every=4, checkpoint_every=100, psf_layers=psf_layers, seed=3, noise=noise,
@@ -381,3 +382,85 @@ def test_truth_term_of_the_loss(toy, tmp_path):
     with pytest.raises(VQVAEInputError, match="augment must be"):
         _run(toy, tmp_path / "d", 2, augment="yes")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_hybrid_truth_term(toy):
+    """chi^2 over every pixel plus |d - t| / sigma over the truth's sky (t < SKY_THRESHOLD
+    sigma), both means over all pixels: against a float64 reference on fresh random inputs."""
+    from galsim_vqvae.nn.forward import (SKY_THRESHOLD, chi2, hybrid_deviation, psf_transform,
+                                         sky_mask)
+    from galsim_vqvae.nn.vqvae import VQVAE
+    from galsim_vqvae.train.vqvae import TRUTH_NORMS, forward_losses
+
+    assert 0 < SKY_THRESHOLD < 0.1 and "hybrid" in TRUTH_NORMS
+    g = torch.Generator().manual_seed(2024)
+    sigma = 0.5 + torch.rand(5, generator=g)
+    s4 = sigma[:, None, None, None]
+    # truths spanning the threshold: exact zeros, faint sky, just either side, the galaxy
+    truth = torch.rand(5, 1, 24, 24, generator=g) * 3 * SKY_THRESHOLD * s4
+    truth[..., 8:16, 8:16] = torch.rand(5, 1, 8, 8, generator=g) * 5 * s4
+    truth[:, :, :4] = 0.0
+    decoded = truth + 0.3 * s4 * torch.randn(truth.shape, generator=g)
+    d, t, sd = decoded.double(), truth.double(), sigma.double()[:, None, None, None]
+    sky = t < SKY_THRESHOLD * sd
+    assert 0.2 < sky.double().mean() < 0.9  # both kinds of pixel present
+    assert torch.equal(sky_mask(truth, sigma), sky)
+    r = (d - t) / sd
+    expected = (r ** 2).mean((1, 2, 3)) + (r.abs() * sky).mean((1, 2, 3))
+    torch.testing.assert_close(hybrid_deviation(decoded, truth, sigma).double(), expected,
+                               rtol=1e-5, atol=0)
+    # decoded equal to the truth over the sky: the squared distance alone
+    exact_sky = torch.where(sky, truth, decoded)
+    torch.testing.assert_close(hybrid_deviation(exact_sky, truth, sigma),
+                               chi2(exact_sky, truth, sigma), rtol=1e-6, atol=0)
+    # a tiny positive value on an empty-sky pixel: the l1 gradient 1 / (sigma N), where the
+    # squared distance alone gives next to nothing
+    dec = truth.clone()
+    dec[:, 0, 0, 0] = 1e-6 * sigma
+    dec.requires_grad_(True)
+    hybrid_deviation(dec, truth, sigma).sum().backward()
+    n = 24 * 24
+    torch.testing.assert_close(dec.grad[:, 0, 0, 0], 1 / (sigma * n), rtol=1e-4, atol=0)
+    dec.grad = None
+    chi2(dec, truth, sigma).sum().backward()
+    assert (dec.grad[:, 0, 0, 0].abs() < 1e-4 / (sigma * n)).all()
+    # the training loss: W times the batch mean of the term, logged as truth_chi2
+    torch.manual_seed(0)
+    net = VQVAE(stamp_size=32, image_scale=20.0, **TINY).train()
+    x = torch.tensor(toy["observed"][:8])[:, None]
+    tru = torch.tensor(toy["truth"][:8])[:, None]
+    sig = torch.tensor(toy["sigma"][:8])
+    psf_ft = psf_transform(torch.tensor(toy["psf_bank"][toy["psf_index"][:8]]))
+    plain = forward_losses(net, x, sig, psf_ft, quantize=False)
+    hyb = forward_losses(net, x, sig, psf_ft, quantize=False, truth=tru, truth_weight=0.7,
+                         truth_norm="hybrid")
+    assert torch.equal(hyb["truth_chi2"], hybrid_deviation(hyb["decoded"], tru, sig))
+    torch.testing.assert_close(hyb["loss"].double(),
+                               plain["loss"].double() + 0.7 * hyb["truth_chi2"].double().mean(),
+                               rtol=1e-5, atol=0)
+
+
+def test_resume_keeps_the_decoder_padding(toy, tmp_path):
+    """A resumed run takes the checkpoint's model keys it is not given: a zero-padded run stays
+    zero-padded, and a checkpoint older than the key resumes as zero-padded."""
+    from galsim_vqvae.train.checkpoint import save_checkpoint
+
+    kw = dict(log_every=2, checkpoint_every=100)
+    _run(toy, tmp_path / "z", 6, model=dict(TINY, decoder_padding="zeros"), **kw)
+    _run(toy, tmp_path / "z", 8, resume=True, **kw)  # no model keys given
+    assert load_checkpoint(tmp_path / "z" / "checkpoint.pt")["config"]["decoder_padding"] \
+        == "zeros"
+    with pytest.raises(VQVAEInputError, match="model config differs.*decoder_padding"):
+        _run(toy, tmp_path / "z", 10, resume=True, model=dict(TINY, decoder_padding="replicate"),
+             **kw)
+    # a checkpoint written before the key existed
+    old = load_checkpoint(tmp_path / "z" / "checkpoint.pt")
+    del old["config"]["decoder_padding"]
+    save_checkpoint(old, tmp_path / "z" / "checkpoint.pt")
+    _run(toy, tmp_path / "z", 10, resume=True, model=TINY, **kw)
+    state = load_checkpoint(tmp_path / "z" / "checkpoint.pt")
+    assert state["config"]["decoder_padding"] == "zeros" and state["step"] == 10
+    # a new run gets the constructor's default
+    _run(toy, tmp_path / "r", 2, **kw)
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]["decoder_padding"] \
+        == "replicate"

@@ -40,7 +40,7 @@ def test_shapes_default_and_small():
 
 
 def test_config_rebuilds_model():
-    m = VQVAE(**SMALL, image_scale=3.5, upsample="transpose")
+    m = VQVAE(**SMALL, image_scale=3.5, upsample="transpose", decoder_padding="zeros")
     m2 = VQVAE(**m.config)
     assert m2.config == m.config
     m2.load_state_dict(m.state_dict())
@@ -52,7 +52,8 @@ def test_config_rebuilds_model():
 @pytest.mark.parametrize("upsample", ["bilinear", "nearest", "transpose"])
 def test_decoder_output_non_negative(upsample):
     torch.manual_seed(3)
-    m = VQVAE(**SMALL, upsample=upsample, image_scale=7.0)
+    m = VQVAE(**SMALL, upsample=upsample, image_scale=7.0,
+              decoder_padding="zeros" if upsample == "transpose" else "replicate")
     z = 50.0 * torch.randn(4, 8, 8, 8, generator=_gen(4))  # wild latents, both signs
     out = m.decode(z)
     assert (out >= 0).all() and torch.isfinite(out).all()
@@ -258,3 +259,53 @@ def test_state_dict_holds_quantizer_state():
     z = torch.randn(1, 2, 4, 4, generator=_gen(30))
     q(z), q2(z)  # the 6th update restarts in both, identically
     assert torch.equal(q.codebook, q2.codebook)
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+def test_replicate_padding_decodes_one_repeated_code_to_a_constant_image(upsample):
+    """A map of one code decodes to a constant image with replicate padding, for random weights;
+    zero padding gives the same value inside and a frame along the edges."""
+    torch.manual_seed(12)
+    rep = VQVAE(**SMALL, upsample=upsample, output="linear").eval()
+    assert rep.config["decoder_padding"] == "replicate"  # the default of new models
+    zero = VQVAE(**{**rep.config, "decoder_padding": "zeros"}).eval()
+    zero.load_state_dict(rep.state_dict())  # the same weights, the same parameter names
+    n = 16  # latent side: the zero-padded decoder's edge effects stay within 5 latent pixels
+    z = torch.randn(3, 8, 1, 1, generator=_gen(13)).expand(3, 8, n, n)
+    with torch.no_grad():
+        a, b = rep.decode(z), zero.decode(z)
+    scale = a.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(a, a[..., :1, :1].expand_as(a), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(b[..., 20:-20, 20:-20], a[..., 20:-20, 20:-20], rtol=0,
+                               atol=1e-5 * scale)
+    assert (b - a).abs().max() > 1e-2 * scale  # the frame
+
+
+def test_decoder_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
+    m = VQVAE(**SMALL)
+    legacy = {k: v for k, v in m.config.items() if k != "decoder_padding"}
+    old = VQVAE.from_config(legacy)
+    assert old.config["decoder_padding"] == "zeros"
+    convs = [c for c in old.decoder.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs and all(c.padding_mode == "zeros" for c in convs)
+    assert all(c.padding_mode == "replicate" for c in m.decoder.modules()
+               if isinstance(c, torch.nn.Conv2d))
+    assert all(c.padding_mode == "zeros" for c in m.encoder.modules()
+               if isinstance(c, torch.nn.Conv2d))
+    assert VQVAE.from_config(m.config).config == m.config
+    with pytest.raises(ValueError, match="decoder_padding must be one of .* got 'reflect'"):
+        VQVAE(**SMALL, decoder_padding="reflect")
+    with pytest.raises(ValueError, match="upsample='transpose' needs decoder_padding='zeros'"):
+        VQVAE(**SMALL, upsample="transpose")
+
+
+def test_shipped_model_keeps_zero_padding():
+    """The shipped bundle predates the key: it loads with zero padding, the layers it was
+    trained with (decoded outputs bit-identical to the code before the key, checked once)."""
+    from galsim_vqvae import Emulator
+
+    vq = Emulator.load("default").vqvae
+    assert vq.config["decoder_padding"] == "zeros"
+    assert all(c.padding_mode == "zeros" for c in vq.decoder.modules()
+               if isinstance(c, torch.nn.Conv2d))

@@ -37,6 +37,13 @@ import torch
 
 from ..errors import VQVAEFormatError, VQVAEInputError
 
+# The "sky" of a noiseless truth stamp, for `hybrid_deviation`: pixels below this many noise
+# sigma. Measured on the synthetic population (make-dataset --source synthetic, 3000 stamps of
+# seed 5 and 300 of seed 6): 0.30% of all the truths' flux lies in such pixels, 0.55% of the
+# median stamp's (90th percentile 1.8-2.0%), and they are 73% of the pixels. At 0.02: 0.54%,
+# 0.95%, 78%; at 0.1: 2.0%, 3.2%, 87%.
+SKY_THRESHOLD = 0.01
+
 _FAST_FACTORS = (2, 3, 5, 7)
 
 
@@ -213,3 +220,37 @@ def abs_deviation(model, target, sigma):
     with torch.autocast(device_type=model.device.type, enabled=False):
         sigma = sigma.float().reshape(-1, *([1] * (model.dim() - 1)))
         return ((model.float() - target.float()).abs() / sigma).flatten(1).mean(1)
+
+
+def sky_mask(target, sigma, threshold=SKY_THRESHOLD):
+    """The pixels of each noiseless ``target`` [B, 1, S, S] below ``threshold`` times its stamp's
+    noise ``sigma`` [B]: a bool tensor of ``target``'s shape."""
+    with torch.no_grad():
+        return target.float() < threshold * sigma.float().reshape(-1, *([1] * (target.dim() - 1)))
+
+
+def hybrid_deviation(model, target, sigma):
+    """`chi2` of ``model`` against the noiseless ``target`` plus an l1 term over its sky.
+
+    ``mean over pixels of ((model - target) / sigma)^2 + mean over pixels of
+    |model - target| / sigma * sky`` with ``sky`` 1 where the target is below
+    `SKY_THRESHOLD` sigma (`sky_mask`), 0 elsewhere. The l1 pull on faint light off the galaxy
+    does not fade with its amplitude, so faint junk, frames and halos are driven to exactly zero;
+    on the galaxy, wings included, the squared distance alone acts, whose optimum is the mean
+    (an l1 term there would pull faint wings towards the median, i.e. down). Both terms are
+    means over all pixels in units of sigma, so that an l1 residual of 0.5 sigma pulls as hard
+    as the squared one.
+
+    Parameters:
+        model:      Tensor [B, 1, S, S].
+        target:     Tensor [B, 1, S, S], the noiseless pre-PSF truth.
+        sigma:      Tensor [B], the noise standard deviation of each stamp (> 0).
+
+    Returns:
+        Tensor [B] float32.
+    """
+    with torch.autocast(device_type=model.device.type, enabled=False):
+        sky = sky_mask(target, sigma)
+        s = sigma.float().reshape(-1, *([1] * (model.dim() - 1)))
+        r = (model.float() - target.float()) / s
+        return (r * r).flatten(1).mean(1) + (r.abs() * sky).flatten(1).mean(1)

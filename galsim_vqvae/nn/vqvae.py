@@ -3,7 +3,8 @@
 After rosinality's ``vq-vae-2-pytorch`` (one level): the encoder halves the stamp twice with
 stride-2 4x4 convolutions (84 -> 42 -> 21), refines with a 3x3 convolution and a residual stack,
 and projects to the code dimension with a 1x1 convolution; the decoder mirrors it, upsampling by
-bilinear resizes + convolutions (or transposed convolutions). The model works in physical pixel
+bilinear resizes + convolutions (or transposed convolutions), padded by repeating the edge pixels
+(or, in models made before 2026-12-07, with zeros). The model works in physical pixel
 units (flux per pixel): it divides its input by ``image_scale`` and multiplies its output by it.
 The decoded image is the pre-PSF galaxy, non-negative by construction: `positive` (a ReLU, or
 the softplus of models made before 2026-11-24, with a one-sided leaky gradient so that the output
@@ -22,13 +23,13 @@ from .quantizer import VectorQuantizer
 class ResBlock(nn.Module):
     """``x + conv1x1(relu(conv3x3(relu(x))))``."""
 
-    def __init__(self, channels, res_hidden):
+    def __init__(self, channels, res_hidden, padding_mode="zeros"):
         super().__init__()
         self.block = nn.Sequential(
             nn.ReLU(),
-            nn.Conv2d(channels, res_hidden, 3, padding=1),
+            nn.Conv2d(channels, res_hidden, 3, padding=1, padding_mode=padding_mode),
             nn.ReLU(),
-            nn.Conv2d(res_hidden, channels, 1),
+            nn.Conv2d(res_hidden, channels, 1, padding_mode=padding_mode),
         )
 
     def forward(self, x):
@@ -38,8 +39,9 @@ class ResBlock(nn.Module):
 class ResidualStack(nn.Sequential):
     """``n`` `ResBlock` followed by a ReLU."""
 
-    def __init__(self, channels, res_hidden, n):
-        super().__init__(*[ResBlock(channels, res_hidden) for _ in range(n)], nn.ReLU())
+    def __init__(self, channels, res_hidden, n, padding_mode="zeros"):
+        super().__init__(*[ResBlock(channels, res_hidden, padding_mode) for _ in range(n)],
+                         nn.ReLU())
 
 
 class Encoder(nn.Module):
@@ -61,16 +63,28 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
-def upsample2(c_in, c_out, mode):
+UPSAMPLES = ("bilinear", "nearest", "transpose")
+PADDINGS = ("zeros", "replicate")
+
+
+def upsample2(c_in, c_out, mode, padding_mode="zeros"):
     """Double the resolution: a stride-2 4x4 transposed convolution (``"transpose"``), or a
     ``"nearest"`` or ``"bilinear"`` resize followed by a 3x3 convolution (free of the checkerboard
-    that transposed convolutions leave in the frequencies the PSF does not constrain)."""
+    that transposed convolutions leave in the frequencies the PSF does not constrain).
+
+    Both resizes clamp at the edges, and with ``padding_mode="replicate"`` the convolution sees
+    the edge pixels repeated outwards. The transposed convolution pads with zeros only: repeating
+    the edge pixels of its 2-periodic (checkerboard) output still leaves a frame one layer on.
+    """
+    if mode not in UPSAMPLES:
+        raise VQVAEInputError(f"upsample must be one of {UPSAMPLES}, got {mode!r}")
     if mode == "transpose":
+        if padding_mode != "zeros":
+            raise VQVAEInputError(f"upsample='transpose' needs decoder_padding='zeros' (transposed "
+                                  f"convolutions pad with zeros), got {padding_mode!r}")
         return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)
-    if mode in ("nearest", "bilinear"):
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
-                             nn.Conv2d(c_in, c_out, 3, padding=1))
-    raise VQVAEInputError(f"upsample must be 'transpose', 'nearest' or 'bilinear', got {mode!r}")
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
+                         nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode))
 
 
 OUTPUTS = ("relu", "softplus", "linear")
@@ -113,17 +127,23 @@ def positive(x, leak=0.01, output="relu"):
 
 
 class Decoder(nn.Module):
-    """Latents [B, embed_dim, S/4, S/4] -> pre-activation image [B, 1, S, S]."""
+    """Latents [B, embed_dim, S/4, S/4] -> pre-activation image [B, 1, S, S].
+
+    ``padding_mode`` (``"zeros"`` or ``"replicate"``) is that of every convolution: zeros make
+    the edge pixels see a dark border, so that a map of one repeated code decodes to an image
+    with a frame; with replicate padding it decodes to a constant image (``"transpose"``
+    upsampling pads with zeros only, see `upsample2`).
+    """
 
     def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear",
-                 output="relu"):
+                 output="relu", padding_mode="zeros"):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(embed_dim, hidden, 3, padding=1),
-            ResidualStack(hidden, res_hidden, res_blocks),
-            upsample2(hidden, hidden // 2, upsample),  # S/4 -> S/2
+            nn.Conv2d(embed_dim, hidden, 3, padding=1, padding_mode=padding_mode),
+            ResidualStack(hidden, res_hidden, res_blocks, padding_mode),
+            upsample2(hidden, hidden // 2, upsample, padding_mode),  # S/4 -> S/2
             nn.ReLU(),
-            upsample2(hidden // 2, 1, upsample),       # S/2 -> S
+            upsample2(hidden // 2, 1, upsample, padding_mode),       # S/2 -> S
         )
         last = self.net[-1] if upsample == "transpose" else self.net[-1][-1]
         # Start near an empty sky: softplus(-4) = 0.018 image_scale; relu(0) = 0.
@@ -131,6 +151,16 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         return self.net(z)
+
+
+# Constructor keys added after models were saved, with the value that those older models have
+LEGACY_CONFIG = {"output": "softplus",       # before 2026-11-24
+                 "decoder_padding": "zeros"}  # before 2026-12-07
+
+
+def legacy_config(config):
+    """A saved model ``config`` completed with `LEGACY_CONFIG` for the keys it lacks."""
+    return {**LEGACY_CONFIG, **config}
 
 
 class VQVAE(nn.Module):
@@ -164,12 +194,18 @@ class VQVAE(nn.Module):
                             pixels) or ``"softplus"`` (models made before 2026-11-24; a model
                             config without this key means softplus, see `from_config`).
                             [default: "relu"]
+        decoder_padding:    Padding of the decoder's convolutions: ``"replicate"`` (the edge
+                            pixels repeated outwards: a map of one repeated code decodes to a
+                            constant image) or ``"zeros"`` (models made before 2026-12-07, whose
+                            zero borders decode an empty-sky map with a frame along the edges; a
+                            model config without this key means zeros, see `from_config`).
+                            ``upsample="transpose"`` needs zeros. [default: "replicate"]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
-                 normalize_latents=True, output="relu"):
+                 normalize_latents=True, output="relu", decoder_padding="replicate"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise VQVAEInputError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
@@ -179,6 +215,9 @@ class VQVAE(nn.Module):
             raise VQVAEInputError(f"image_scale must be > 0, got {image_scale}")
         if output not in OUTPUTS:
             raise VQVAEInputError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if decoder_padding not in PADDINGS:
+            raise VQVAEInputError(f"decoder_padding must be one of {PADDINGS}, got "
+                                  f"{decoder_padding!r}")
         self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
                             res_blocks=int(res_blocks), res_hidden=int(res_hidden),
                             embed_dim=int(embed_dim), num_codes=int(num_codes),
@@ -186,7 +225,7 @@ class VQVAE(nn.Module):
                             kmeans_iters=int(kmeans_iters), restart_every=int(restart_every),
                             restart_threshold=float(restart_threshold), seed=int(seed),
                             upsample=str(upsample), normalize_latents=bool(normalize_latents),
-                            output=str(output))
+                            output=str(output), decoder_padding=str(decoder_padding))
         self.stamp_size = int(stamp_size)
         self.image_scale = float(image_scale)
         self.normalize_latents = bool(normalize_latents)
@@ -195,13 +234,14 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(num_codes, embed_dim, beta=beta, decay=decay,
                                          kmeans_iters=kmeans_iters, restart_every=restart_every,
                                          restart_threshold=restart_threshold, seed=seed)
-        self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample, output)
+        self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample, output,
+                               decoder_padding)
 
     @classmethod
     def from_config(cls, config):
-        """Rebuild a model from a saved `config`; a config older than the ``output`` key (before
-        2026-11-24) describes a softplus output."""
-        return cls(**{"output": "softplus", **config})
+        """Rebuild a model from a saved `config`; a key the config lacks takes the value that
+        models made before it existed had (`LEGACY_CONFIG`)."""
+        return cls(**legacy_config(config))
 
     @property
     def config(self):

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from ..data import dataset
 from ..errors import VQVAEFormatError, VQVAEInputError
-from ..nn.forward import (NoiseLookup, abs_deviation, chi2, convolve_psf, padded_size,
-                          psf_transform)
+from ..nn.forward import (NoiseLookup, abs_deviation, chi2, convolve_psf, hybrid_deviation,
+                          padded_size, psf_transform)
 from ..nn.quantizer import QuantizerOutput
-from ..nn.vqvae import VQVAE
+from ..nn.vqvae import LEGACY_CONFIG, VQVAE, legacy_config
 from . import augment as dihedral
 from . import core, distributed
 from .augment import all_transforms
@@ -38,7 +38,8 @@ HISTORY_KEYS = ("step", "loss", "chi2", "perplexity", "usage", "images_per_s")
 TRUTH_KEY = "truth_chi2"  # history key of the truth term (runs with truth_weight > 0)
 # Training settings added later, with the value that older checkpoints were trained with
 SETTING_DEFAULTS = {"truth_weight": 0.0, "augment": False, "truth_norm": "l2"}
-TRUTH_NORMS = ("l2", "l1")
+TRUTH_TERMS = {"l2": chi2, "l1": abs_deviation, "hybrid": hybrid_deviation}  # by truth_norm
+TRUTH_NORMS = tuple(TRUTH_TERMS)
 PSF_FT_CACHE_BYTES = 1 << 30  # precompute PSF transforms of banks up to this size
 GALLERY_ROWS = 8
 EVAL_STAMPS = 1024
@@ -148,7 +149,9 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
         truth_norm:     ``"l2"``: the truth term is the squared distance above; ``"l1"``: the
                         mean absolute distance per pixel in units of sigma (`abs_deviation`),
                         whose pull on faint light does not fade with its amplitude, so that a
-                        faint frame or halo is driven to exactly zero. [default: "l2"]
+                        faint frame or halo is driven to exactly zero (and faint wings are
+                        pulled down with it); ``"hybrid"``: the squared distance plus the l1
+                        one over the truth's sky alone (`hybrid_deviation`). [default: "l2"]
 
     Returns:
         dict of tensors: ``loss`` (mean chi^2/pixel + commitment [+ W * truth term]), ``chi2``
@@ -162,7 +165,7 @@ def forward_losses(model, observed, sigma, psf_ft=None, psf_layers=True, amp=Fal
     loss = c2.mean() + quant.commitment_loss
     truth_c2 = torch.zeros_like(c2)
     if truth is not None:
-        truth_c2 = (abs_deviation if truth_norm == "l1" else chi2)(decoded, truth, sigma)
+        truth_c2 = TRUTH_TERMS[truth_norm](decoded, truth, sigma)
         if truth_weight:
             loss = loss + truth_weight * truth_c2.mean()
     return {"loss": loss, "chi2": c2, "truth_chi2": truth_c2, "decoded": decoded,
@@ -298,7 +301,9 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             against the stamp); False trains a plain autoencoder of the observed
                             stamps with the same chi^2 weighting. [default: True]
         model:              `VQVAE` keyword arguments; ``stamp_size`` defaults to the dataset's,
-                            ``image_scale`` is set from the training stamps. [default: None]
+                            ``image_scale`` is set from the training stamps; a resumed run takes
+                            the checkpoint's value of each key not given (a given one must
+                            match it). [default: None]
         log_every:          Steps between log lines (the only host syncs). [default: 50]
         checkpoint_every:   Steps between checkpoints (one is always written at the end).
                             [default: 500]
@@ -325,9 +330,12 @@ def train_vqvae(data, out, steps, batch_size=32, lr=3e-4, seed=0, device="cpu", 
                             / sigma)^2``, sigma the stamp's noise sigma; logged as
                             ``truth_chi2``. It constrains what the PSF leaves free (light at the
                             stamp's edge, deconvolution ringing). [default: 0]
-        truth_norm:         ``"l2"`` (the squared distance above) or ``"l1"`` (mean absolute
-                            distance in units of sigma: drives faint light to exactly zero).
-                            [default: "l2"]
+        truth_norm:         ``"l2"`` (the squared distance above), ``"l1"`` (mean absolute
+                            distance in units of sigma: drives faint light to exactly zero, the
+                            galaxy's faint wings included) or ``"hybrid"`` (the squared distance
+                            plus the l1 one over the pixels where the truth is below
+                            `SKY_THRESHOLD` sigma: faint junk off the galaxy to zero, the
+                            galaxy's light unbiased; `hybrid_deviation`). [default: "l2"]
         augment:            Give each stamp of a batch one of the 8 rotations/flips about its
                             centre pixel (`galsim_vqvae.train.augment`), the same for its
                             observed stamp, truth and PSF, drawn from (seed, step). [default: False]
@@ -425,6 +433,8 @@ def _run(arrays, header, state, ctx, settings, run):
     seed, steps, noise, truth_weight = cfg.seed, run.steps, cfg.noise, cfg.truth_weight
     truth_norm = cfg.truth_norm
     model_kwargs = run.model
+    if state is not None:  # the checkpoint's model, but for the keys the caller sets (checked)
+        model_kwargs = {**legacy_config(state["config"]), **model_kwargs}
     s = _check_inputs(arrays, header, model_kwargs)
     model_kwargs.setdefault("image_scale", pick_image_scale(arrays["observed"]))
     model_kwargs.setdefault("seed", seed)
@@ -435,7 +445,7 @@ def _run(arrays, header, state, ctx, settings, run):
     net = VQVAE(**model_kwargs)
     if state is not None:
         core.check_resume(ckpt_path, state, {"config": net.config, "train": settings},
-                          defaults={"train": SETTING_DEFAULTS})
+                          defaults={"train": SETTING_DEFAULTS, "config": LEGACY_CONFIG})
         net.load_state_dict(state["model"])
     amp = dev.type == "cuda"
     optimizer, channels_last = prepare_model(net, dev, cfg.lr, run.channels_last, run.compile)
