@@ -93,7 +93,8 @@ def cmd_train_vqvae(args):
     model = {k: v for k, v in (("embed_dim", args.embed_dim), ("num_codes", args.num_codes),
                                ("hidden", args.hidden), ("restart_every", args.restart_every),
                                ("output", args.output),
-                               ("decoder_padding", args.decoder_padding))
+                               ("decoder_padding", args.decoder_padding),
+                               ("encoder_padding", args.encoder_padding))
              if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
@@ -337,6 +338,11 @@ def build_parser():
                         "code decodes to a constant image; zeros, of models made before "
                         "2026-12-07, leaves a frame along the edges); a resumed run keeps its "
                         "checkpoint's")
+    p.add_argument("--encoder-padding", choices=("replicate", "zeros"),
+                   help="padding of the encoder's convolutions (default replicate: the sky is "
+                        "encoded alike along the sides and inside; zeros, of models made before "
+                        "2026-12-07, gives each side sky codes of its own); a resumed run keeps "
+                        "its checkpoint's")
     p.add_argument("--noise", choices=("data", "independent"), default="data",
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "

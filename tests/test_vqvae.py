@@ -282,20 +282,38 @@ def test_replicate_padding_decodes_one_repeated_code_to_a_constant_image(upsampl
     assert (b - a).abs().max() > 1e-2 * scale  # the frame
 
 
-def test_decoder_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
+def test_replicate_padding_encodes_a_flat_stamp_to_one_latent():
+    """With replicate padding a flat stamp (the empty sky) gives the same latent vector at every
+    position of the map, the sides included, for random weights; with zero padding the sides
+    differ from the interior (and so get codes of their own)."""
+    torch.manual_seed(14)
+    rep = VQVAE(**{**SMALL, "stamp_size": 64}).eval()  # a 16 x 16 map
+    assert rep.config["encoder_padding"] == "replicate"  # the default of new models
+    zero = VQVAE(**{**rep.config, "encoder_padding": "zeros"}).eval()
+    zero.load_state_dict(rep.state_dict())
+    level = float(torch.rand(1, generator=_gen(15))) + 0.1
+    x = torch.full((2, 1, 64, 64), level)
+    with torch.no_grad():
+        a, b = rep.encode(x), zero.encode(x)
+    torch.testing.assert_close(a, a[..., :1, :1].expand_as(a), rtol=0, atol=1e-5)
+    torch.testing.assert_close(b[..., 5:-5, 5:-5], a[..., 5:-5, 5:-5], rtol=0, atol=1e-5)
+    assert (b - a).abs().amax(dim=1)[..., 0, :].min() > 1e-3  # every cell of the first row
+
+
+def test_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
     m = VQVAE(**SMALL)
-    legacy = {k: v for k, v in m.config.items() if k != "decoder_padding"}
+    legacy = {k: v for k, v in m.config.items() if k not in ("decoder_padding",
+                                                             "encoder_padding")}
     old = VQVAE.from_config(legacy)
-    assert old.config["decoder_padding"] == "zeros"
-    convs = [c for c in old.decoder.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert old.config["decoder_padding"] == old.config["encoder_padding"] == "zeros"
+    convs = [c for c in old.modules() if isinstance(c, torch.nn.Conv2d)]
     assert convs and all(c.padding_mode == "zeros" for c in convs)
-    assert all(c.padding_mode == "replicate" for c in m.decoder.modules()
-               if isinstance(c, torch.nn.Conv2d))
-    assert all(c.padding_mode == "zeros" for c in m.encoder.modules()
-               if isinstance(c, torch.nn.Conv2d))
+    assert all(c.padding_mode == "replicate" for c in m.modules()
+               if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1))
     assert VQVAE.from_config(m.config).config == m.config
-    with pytest.raises(ValueError, match="decoder_padding must be one of .* got 'reflect'"):
-        VQVAE(**SMALL, decoder_padding="reflect")
+    for key in ("decoder_padding", "encoder_padding"):
+        with pytest.raises(ValueError, match=f"{key} must be one of .* got 'reflect'"):
+            VQVAE(**SMALL, **{key: "reflect"})
     with pytest.raises(ValueError, match="upsample='transpose' needs decoder_padding='zeros'"):
         VQVAE(**SMALL, upsample="transpose")
 
@@ -306,6 +324,5 @@ def test_shipped_model_keeps_zero_padding():
     from galsim_vqvae import Emulator
 
     vq = Emulator.load("default").vqvae
-    assert vq.config["decoder_padding"] == "zeros"
-    assert all(c.padding_mode == "zeros" for c in vq.decoder.modules()
-               if isinstance(c, torch.nn.Conv2d))
+    assert vq.config["decoder_padding"] == vq.config["encoder_padding"] == "zeros"
+    assert all(c.padding_mode == "zeros" for c in vq.modules() if isinstance(c, torch.nn.Conv2d))

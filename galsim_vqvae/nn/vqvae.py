@@ -45,17 +45,25 @@ class ResidualStack(nn.Sequential):
 
 
 class Encoder(nn.Module):
-    """Image [B, 1, S, S] -> latents [B, embed_dim, S/4, S/4]."""
+    """Image [B, 1, S, S] -> latents [B, embed_dim, S/4, S/4].
 
-    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64):
+    ``padding_mode`` (``"zeros"`` or ``"replicate"``) is that of every convolution: with zeros
+    the sky along each side of a stamp looks unlike the interior's and gets codes of its own,
+    which the prior must then place side by side; with replicate padding the sky is encoded
+    alike everywhere.
+    """
+
+    def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
+                 padding_mode="zeros"):
         super().__init__()
+        pad = dict(padding=1, padding_mode=padding_mode)
         self.net = nn.Sequential(
-            nn.Conv2d(1, hidden // 2, 4, stride=2, padding=1),       # S   -> S/2
+            nn.Conv2d(1, hidden // 2, 4, stride=2, **pad),       # S   -> S/2
             nn.ReLU(),
-            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1),  # S/2 -> S/4
+            nn.Conv2d(hidden // 2, hidden, 4, stride=2, **pad),  # S/2 -> S/4
             nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
-            ResidualStack(hidden, res_hidden, res_blocks),
+            nn.Conv2d(hidden, hidden, 3, **pad),
+            ResidualStack(hidden, res_hidden, res_blocks, padding_mode),
             nn.Conv2d(hidden, embed_dim, 1),
         )
 
@@ -155,7 +163,8 @@ class Decoder(nn.Module):
 
 # Constructor keys added after models were saved, with the value that those older models have
 LEGACY_CONFIG = {"output": "softplus",       # before 2026-11-24
-                 "decoder_padding": "zeros"}  # before 2026-12-07
+                 "decoder_padding": "zeros",  # before 2026-12-07
+                 "encoder_padding": "zeros"}  # before 2026-12-07
 
 
 def legacy_config(config):
@@ -200,12 +209,18 @@ class VQVAE(nn.Module):
                             zero borders decode an empty-sky map with a frame along the edges; a
                             model config without this key means zeros, see `from_config`).
                             ``upsample="transpose"`` needs zeros. [default: "replicate"]
+        encoder_padding:    Padding of the encoder's convolutions: ``"replicate"`` (the sky along
+                            the stamp's sides is encoded like the interior's) or ``"zeros"``
+                            (models made before 2026-12-07, which give each side of the map sky
+                            codes of its own; a config without this key means zeros).
+                            [default: "replicate"]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
-                 normalize_latents=True, output="relu", decoder_padding="replicate"):
+                 normalize_latents=True, output="relu", decoder_padding="replicate",
+                 encoder_padding="replicate"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise VQVAEInputError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
@@ -215,9 +230,10 @@ class VQVAE(nn.Module):
             raise VQVAEInputError(f"image_scale must be > 0, got {image_scale}")
         if output not in OUTPUTS:
             raise VQVAEInputError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if decoder_padding not in PADDINGS:
-            raise VQVAEInputError(f"decoder_padding must be one of {PADDINGS}, got "
-                                  f"{decoder_padding!r}")
+        for key, value in (("decoder_padding", decoder_padding),
+                           ("encoder_padding", encoder_padding)):
+            if value not in PADDINGS:
+                raise VQVAEInputError(f"{key} must be one of {PADDINGS}, got {value!r}")
         self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
                             res_blocks=int(res_blocks), res_hidden=int(res_hidden),
                             embed_dim=int(embed_dim), num_codes=int(num_codes),
@@ -225,12 +241,13 @@ class VQVAE(nn.Module):
                             kmeans_iters=int(kmeans_iters), restart_every=int(restart_every),
                             restart_threshold=float(restart_threshold), seed=int(seed),
                             upsample=str(upsample), normalize_latents=bool(normalize_latents),
-                            output=str(output), decoder_padding=str(decoder_padding))
+                            output=str(output), decoder_padding=str(decoder_padding),
+                            encoder_padding=str(encoder_padding))
         self.stamp_size = int(stamp_size)
         self.image_scale = float(image_scale)
         self.normalize_latents = bool(normalize_latents)
         self.output = str(output)
-        self.encoder = Encoder(hidden, res_blocks, res_hidden, embed_dim)
+        self.encoder = Encoder(hidden, res_blocks, res_hidden, embed_dim, encoder_padding)
         self.quantizer = VectorQuantizer(num_codes, embed_dim, beta=beta, decay=decay,
                                          kmeans_iters=kmeans_iters, restart_every=restart_every,
                                          restart_threshold=restart_threshold, seed=seed)
