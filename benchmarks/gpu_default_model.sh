@@ -45,8 +45,8 @@ step() {  # step NAME COMMAND...: run, time and log one step
 chain() {
   python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
   # The compiled ops build while the training and held-out sets render (on all but 4 cores);
-  # then, with BENCH=1, the generation benchmarks (benchmarks/gpu_generation.sh's, on the GPU
-  # while the CPU renders: the config-path figure shares the CPU). The CUDA tests run later,
+  # then, with BENCH=1, the generation benchmarks of benchmarks/gpu_generation.sh but
+  # nearest_code's (on the GPU while the CPU renders: the config-path figure may share the CPU). The CUDA tests run later,
   # beside the VQ-VAE training.
   # (a local dry run: DEVICE=cpu N=300 N_HELDOUT=60 VQ_STEPS=6 AE_WARMUP=2 VQ_BATCH=16
   #  PRIOR_STEPS=4 PRIOR_BATCH=16 EVAL_N=20 bash benchmarks/gpu_default_model.sh chain)
@@ -58,8 +58,6 @@ chain() {
     step bench_generation timeout 150 python3 benchmarks/gpu_generation.py --out "$RUN"
     step bench_config timeout 150 python3 benchmarks/gpu_config_path.py --device cuda \
         --nobjects 2048 --nprocs 1 8 --batch-size 256
-    step bench_nearest timeout 60 python3 benchmarks/gpu_nearest_code.py --no-build --quick \
-        --out "$RUN"
   fi
   wait $dataset || return 1
   python3 -c "import galsim_vqvae.ops as o; print('ops backend', o.backend())" >> "$LOG" 2>&1
