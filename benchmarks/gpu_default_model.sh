@@ -45,8 +45,8 @@ step() {  # step NAME COMMAND...: run, time and log one step
 chain() {
   python3 -c "import torch, galsim; print('torch', torch.__version__, 'galsim', galsim.__version__, torch.cuda.get_device_name(0))" >> "$LOG" 2>&1
   # The compiled ops build while the training and held-out sets render (on all but 4 cores);
-  # then, with BENCH=1, the generation benchmarks of benchmarks/gpu_generation.sh but
-  # nearest_code's (on the GPU while the CPU renders: the config-path figure may share the CPU). The CUDA tests run later,
+  # then, with BENCH=1, the generation benchmark of benchmarks/gpu_generation.sh (and with
+  # BENCH_CONFIG=1 its config-path one) on the GPU while the CPU renders. The CUDA tests run later,
   # beside the VQ-VAE training.
   # (a local dry run: DEVICE=cpu N=300 N_HELDOUT=60 VQ_STEPS=6 AE_WARMUP=2 VQ_BATCH=16
   #  PRIOR_STEPS=4 PRIOR_BATCH=16 EVAL_N=20 bash benchmarks/gpu_default_model.sh chain)
@@ -56,8 +56,9 @@ chain() {
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=4 step build python3 setup.py build_ext --inplace
   if [ "$DEVICE" != cpu ] && [ -n "${BENCH:-}" ]; then
     step bench_generation timeout 150 python3 benchmarks/gpu_generation.py --out "$RUN"
-    step bench_config timeout 150 python3 benchmarks/gpu_config_path.py --device cuda \
-        --nobjects 2048 --nprocs 1 8 --batch-size 256
+    [ -n "${BENCH_CONFIG:-}" ] && step bench_config timeout 150 \
+        python3 benchmarks/gpu_config_path.py --device cuda --nobjects 2048 --nprocs 1 8 \
+        --batch-size 256
   fi
   wait $dataset || return 1
   python3 -c "import galsim_vqvae.ops as o; print('ops backend', o.backend())" >> "$LOG" 2>&1
