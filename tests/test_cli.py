@@ -190,7 +190,6 @@ def test_bench_prints_a_ratio(capsys):
 _AEGIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hst" / "aegis"
 
 
-@pytest.mark.skipif(not _AEGIS.is_dir(), reason=f"no shared HST data at {_AEGIS}")
 def test_make_dataset_synthetic_population(tmp_path, capsys):
     """--population reaches the stamps (the same seed, other galaxies) and the file's header."""
     from galsim_vqvae.data import synthetic as sy
@@ -208,6 +207,7 @@ def test_make_dataset_synthetic_population(tmp_path, capsys):
     assert not np.array_equal(truth[None], truth["2026-11"])
 
 
+@pytest.mark.skipif(not _AEGIS.is_dir(), reason=f"no shared HST data at {_AEGIS}")
 def test_make_dataset_cosmos_band_and_zeropoint(tmp_path, capsys):
     from galsim_vqvae.data.dataset import load_arrays, read_header
 
