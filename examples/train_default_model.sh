@@ -22,7 +22,7 @@ DEVICE=${DEVICE:-cuda}
 VQ_DIR=${VQ_DIR:-$RUN/vqvae}
 # The shipped model's population and VQ-VAE loss and padding (docs/default_model.md says why).
 # The next model's, built but not yet trained: POPULATION=2026-12 and VQ_LOSS="--truth-weight 1
-# --truth-norm hybrid --decoder-padding replicate --encoder-padding replicate".
+# --truth-norm l1 --decoder-padding zeros --encoder-padding replicate" (or --truth-norm hybrid).
 POPULATION=${POPULATION:-2026-11}
 VQ_LOSS=${VQ_LOSS:---truth-weight 1 --truth-norm l1 --decoder-padding zeros --encoder-padding zeros}
 mkdir -p "$RUN"

@@ -334,9 +334,9 @@ def build_parser():
     p.add_argument("--output", choices=("relu", "linear", "softplus"),
                    help="the decoder's output (default relu: non-negative); see VQVAE")
     p.add_argument("--decoder-padding", choices=("replicate", "zeros"),
-                   help="padding of the decoder's convolutions (default replicate: a map of one "
-                        "code decodes to a constant image; zeros, of models made before "
-                        "2026-12-07, leaves a frame along the edges); a resumed run keeps its "
+                   help="padding of the decoder's convolutions (default zeros: keeps the "
+                        "stamp's edges dark; replicate decodes a map of one code to a constant "
+                        "image but leaves more light along the edges); a resumed run keeps its "
                         "checkpoint's")
     p.add_argument("--encoder-padding", choices=("replicate", "zeros"),
                    help="padding of the encoder's convolutions (default replicate: the sky is "

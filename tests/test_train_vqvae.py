@@ -441,26 +441,29 @@ def test_hybrid_truth_term(toy):
 
 
 def test_resume_keeps_the_decoder_padding(toy, tmp_path):
-    """A resumed run takes the checkpoint's model keys it is not given: a zero-padded run stays
-    zero-padded, and a checkpoint older than the key resumes as zero-padded."""
+    """A resumed run takes the checkpoint's model keys it is not given: a replicate-padded run
+    stays replicate-padded, and a checkpoint older than the key resumes as zero-padded."""
     from galsim_vqvae.train.checkpoint import save_checkpoint
 
     kw = dict(log_every=2, checkpoint_every=100)
-    _run(toy, tmp_path / "z", 6, model=dict(TINY, decoder_padding="zeros"), **kw)
-    _run(toy, tmp_path / "z", 8, resume=True, **kw)  # no model keys given
-    assert load_checkpoint(tmp_path / "z" / "checkpoint.pt")["config"]["decoder_padding"] \
-        == "zeros"
-    with pytest.raises(VQVAEInputError, match="model config differs.*decoder_padding"):
-        _run(toy, tmp_path / "z", 10, resume=True, model=dict(TINY, decoder_padding="replicate"),
-             **kw)
-    # a checkpoint written before the key existed
-    old = load_checkpoint(tmp_path / "z" / "checkpoint.pt")
-    del old["config"]["decoder_padding"]
-    save_checkpoint(old, tmp_path / "z" / "checkpoint.pt")
-    _run(toy, tmp_path / "z", 10, resume=True, model=TINY, **kw)
-    state = load_checkpoint(tmp_path / "z" / "checkpoint.pt")
-    assert state["config"]["decoder_padding"] == "zeros" and state["step"] == 10
-    # a new run gets the constructor's default
-    _run(toy, tmp_path / "r", 2, **kw)
+    _run(toy, tmp_path / "r", 6, model=dict(TINY, decoder_padding="replicate"), **kw)
+    _run(toy, tmp_path / "r", 8, resume=True, **kw)  # no model keys given
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]["decoder_padding"] \
         == "replicate"
+    with pytest.raises(VQVAEInputError, match="model config differs.*decoder_padding"):
+        _run(toy, tmp_path / "r", 10, resume=True, model=dict(TINY, decoder_padding="zeros"),
+             **kw)
+    # a checkpoint written before the key existed
+    old = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    del old["config"]["decoder_padding"]
+    save_checkpoint(old, tmp_path / "r" / "checkpoint.pt")
+    with pytest.raises(VQVAEInputError, match="model config differs.*decoder_padding"):
+        _run(toy, tmp_path / "r", 10, resume=True, model=dict(TINY, decoder_padding="replicate"),
+             **kw)
+    _run(toy, tmp_path / "r", 10, resume=True, model=TINY, **kw)
+    state = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert state["config"]["decoder_padding"] == "zeros" and state["step"] == 10
+    # a new run gets the constructor's default
+    _run(toy, tmp_path / "n", 2, **kw)
+    assert load_checkpoint(tmp_path / "n" / "checkpoint.pt")["config"]["decoder_padding"] \
+        == "zeros"

@@ -266,8 +266,7 @@ def test_replicate_padding_decodes_one_repeated_code_to_a_constant_image(upsampl
     """A map of one code decodes to a constant image with replicate padding, for random weights;
     zero padding gives the same value inside and a frame along the edges."""
     torch.manual_seed(12)
-    rep = VQVAE(**SMALL, upsample=upsample, output="linear").eval()
-    assert rep.config["decoder_padding"] == "replicate"  # the default of new models
+    rep = VQVAE(**SMALL, upsample=upsample, output="linear", decoder_padding="replicate").eval()
     zero = VQVAE(**{**rep.config, "decoder_padding": "zeros"}).eval()
     zero.load_state_dict(rep.state_dict())  # the same weights, the same parameter names
     n = 16  # latent side: the zero-padded decoder's edge effects stay within 5 latent pixels
@@ -301,7 +300,9 @@ def test_replicate_padding_encodes_a_flat_stamp_to_one_latent():
 
 
 def test_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
-    m = VQVAE(**SMALL)
+    new = VQVAE(**SMALL).config  # new models: replicate in the encoder, zeros in the decoder
+    assert (new["encoder_padding"], new["decoder_padding"]) == ("replicate", "zeros")
+    m = VQVAE(**SMALL, decoder_padding="replicate")
     legacy = {k: v for k, v in m.config.items() if k not in ("decoder_padding",
                                                              "encoder_padding")}
     old = VQVAE.from_config(legacy)
@@ -315,7 +316,7 @@ def test_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
         with pytest.raises(ValueError, match=f"{key} must be one of .* got 'reflect'"):
             VQVAE(**SMALL, **{key: "reflect"})
     with pytest.raises(ValueError, match="upsample='transpose' needs decoder_padding='zeros'"):
-        VQVAE(**SMALL, upsample="transpose")
+        VQVAE(**SMALL, upsample="transpose", decoder_padding="replicate")
 
 
 def test_shipped_model_keeps_zero_padding():

@@ -203,12 +203,13 @@ class VQVAE(nn.Module):
                             pixels) or ``"softplus"`` (models made before 2026-11-24; a model
                             config without this key means softplus, see `from_config`).
                             [default: "relu"]
-        decoder_padding:    Padding of the decoder's convolutions: ``"replicate"`` (the edge
-                            pixels repeated outwards: a map of one repeated code decodes to a
-                            constant image) or ``"zeros"`` (models made before 2026-12-07, whose
-                            zero borders decode an empty-sky map with a frame along the edges; a
-                            model config without this key means zeros, see `from_config`).
-                            ``upsample="transpose"`` needs zeros. [default: "replicate"]
+        decoder_padding:    Padding of the decoder's convolutions: ``"zeros"`` (the dark
+                            border lets the decoder keep the stamp's edges dark; a model config
+                            without this key means zeros, see `from_config`) or ``"replicate"``
+                            (the edge pixels repeated outwards: a map of one repeated code
+                            decodes to a constant image, but trained decoders leave more light
+                            along the edges, `docs/default_model.md`). ``upsample="transpose"``
+                            needs zeros. [default: "zeros"]
         encoder_padding:    Padding of the encoder's convolutions: ``"replicate"`` (the sky along
                             the stamp's sides is encoded like the interior's) or ``"zeros"``
                             (models made before 2026-12-07, which give each side of the map sky
@@ -219,7 +220,7 @@ class VQVAE(nn.Module):
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
-                 normalize_latents=True, output="relu", decoder_padding="replicate",
+                 normalize_latents=True, output="relu", decoder_padding="zeros",
                  encoder_padding="replicate"):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
