@@ -21,6 +21,11 @@
 #      run on the CPU afterwards (one process).
 # Needs carried: .whl (gpusite.tar.xz); optional .gpu_data/cosmos_btk for `evaluate --real`
 # and the COSMOS overfit check.
+# Across machines (a device call may get a fresh one): STOP_AFTER=vqvae ends the chain once the
+# VQ-VAE is trained and chosen, and `collect` brings back its checkpoint (in parts) and log
+# under vqvae/; put that folder, as it came back, at .gpu_carry/vqvae and carry .gpu_carry:
+# the next chain renders the same stamps again, takes that VQ-VAE (resuming it up to VQ_STEPS)
+# and goes on with the prior.
 set -uo pipefail
 ACTION=${1:-start}
 export RUN=${RUN:-/tmp/runs/default}
@@ -82,7 +87,20 @@ chain() {
   # stamps are the most realistic (lowest sum of KS statistics) as $RUN/vqvae.
   local pids=() dirs=() v
   IFS=';' read -ra variants <<< "${VQ_VARIANTS:-}"
+  if [ -f .gpu_carry/vqvae/checkpoint.pt.part00 ] && [ ! -e "$RUN/vqvae" ]; then
+    mkdir -p "$RUN/vqvae_carried"  # a VQ-VAE trained by an earlier call (collect's vqvae/)
+    cat .gpu_carry/vqvae/checkpoint.pt.part* > "$RUN/vqvae_carried/checkpoint.pt"
+    cp .gpu_carry/vqvae/log.jsonl "$RUN/vqvae_carried/" 2>/dev/null
+    cp .gpu_carry/vqvae/options "$RUN/vqvae_carried.options"  # its loss and padding options
+    export VQ_LOSS=$(cat "$RUN/vqvae_carried.options")
+    ln -s vqvae_carried "$RUN/vqvae"
+    echo "[$(date +%T)] vqvae: carried in ($(python3 -c "import torch,sys; print('step',
+        torch.load(sys.argv[1], map_location='cpu', weights_only=False)['step'])" \
+        "$RUN/vqvae/checkpoint.pt"))" >> "$LOG"
+    variants=()
+  fi
   for v in "${variants[@]}"; do
+    echo "${v#*=}" > "$RUN/vqvae_${v%%=*}.options"
     (VQ_DIR=$RUN/vqvae_${v%%=*} VQ_LOSS=${v#*=} step vqvae_${v%%=*} \
      bash examples/train_default_model.sh vqvae) & pids+=($!); dirs+=("$RUN/vqvae_${v%%=*}")
   done
@@ -92,8 +110,11 @@ chain() {
         --n 1000 --workers "$WORKERS" --device "$DEVICE" --out "$RUN/selection.json" \
         --link "$RUN/vqvae" || return 1
   else
+    [ -e "$RUN/vqvae" ] || echo "${VQ_LOSS:-}" > "$RUN/vqvae.options"
     step vqvae bash examples/train_default_model.sh vqvae || return 1
   fi
+  if [ "${STOP_AFTER:-}" = vqvae ]; then echo "[$(date +%T)] chain done (STOP_AFTER=vqvae)" >> "$LOG"
+    for v in "${side[@]}"; do wait "$v"; done; return 0; fi
   step prior bash examples/train_default_model.sh prior || return 1
   local model=$RUN/prior/model.safetensors
   step gallery python3 -m galsim_vqvae.cli gallery --model "$model" --data "$RUN/val.h5" \
@@ -123,6 +144,12 @@ case "$ACTION" in
     OUT=${OUT:-/tmp/out}
     mkdir -p "$OUT"
     split -b 15M -d "$RUN/prior/model.safetensors" "$OUT/model.safetensors.part" 2>/dev/null
+    if [ -f "$RUN/vqvae/checkpoint.pt" ]; then  # the chosen VQ-VAE, for .gpu_carry/vqvae
+      mkdir -p "$OUT/vqvae"
+      split -b 15M -d "$RUN/vqvae/checkpoint.pt" "$OUT/vqvae/checkpoint.pt.part"
+      cp "$RUN/vqvae/log.jsonl" "$OUT/vqvae/" 2>/dev/null
+      cp "$RUN/$(basename "$(readlink -f "$RUN/vqvae")").options" "$OUT/vqvae/options"
+    fi
     tar czf "$OUT/results.tgz" -C "$RUN" $(cd "$RUN" && ls -d chain.log evaluate gallery.png \
         training_curves.png vqvae*/log.jsonl vqvae*/gallery.png prior/log.jsonl *.log *.json \
         cosmos_overfit.log cosmos_overfit/evaluation cosmos_overfit/*/log.jsonl 2>/dev/null)
