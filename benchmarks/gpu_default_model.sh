@@ -88,15 +88,26 @@ chain() {
   local pids=() dirs=() v
   IFS=';' read -ra variants <<< "${VQ_VARIANTS:-}"
   if [ -f .gpu_carry/vqvae/checkpoint.pt.part00 ] && [ ! -e "$RUN/vqvae" ]; then
-    mkdir -p "$RUN/vqvae_carried"  # a VQ-VAE trained by an earlier call (collect's vqvae/)
+    # a VQ-VAE trained by an earlier call (collect's vqvae/)
+    if [ ! -f .gpu_carry/vqvae/options ]; then
+      echo "[$(date +%T)] vqvae: rc 1, .gpu_carry/vqvae/options is missing (its loss and" \
+           "padding options, written by collect): carry the whole vqvae/ folder" >> "$LOG"
+      return 1
+    fi
+    mkdir -p "$RUN/vqvae_carried"
     cat .gpu_carry/vqvae/checkpoint.pt.part* > "$RUN/vqvae_carried/checkpoint.pt"
     cp .gpu_carry/vqvae/log.jsonl "$RUN/vqvae_carried/" 2>/dev/null
-    cp .gpu_carry/vqvae/options "$RUN/vqvae_carried.options"  # its loss and padding options
+    cp .gpu_carry/vqvae/options "$RUN/vqvae_carried.options"
     export VQ_LOSS=$(cat "$RUN/vqvae_carried.options")
+    local carried  # its step, or why the reassembled checkpoint does not load
+    carried=$(python3 -c "import sys, torch; print('step', torch.load(sys.argv[1],
+        map_location='cpu', weights_only=False)['step'])" "$RUN/vqvae_carried/checkpoint.pt" \
+        2>&1 | tail -n 1) || {
+      echo "[$(date +%T)] vqvae: rc 1, .gpu_carry/vqvae/checkpoint.pt.part* do not make a" \
+           "checkpoint (a part missing?): $carried" >> "$LOG"
+      rm -rf "$RUN/vqvae_carried" "$RUN/vqvae_carried.options"; return 1; }
     ln -s vqvae_carried "$RUN/vqvae"
-    echo "[$(date +%T)] vqvae: carried in ($(python3 -c "import torch,sys; print('step',
-        torch.load(sys.argv[1], map_location='cpu', weights_only=False)['step'])" \
-        "$RUN/vqvae/checkpoint.pt"))" >> "$LOG"
+    echo "[$(date +%T)] vqvae: carried in ($carried)" >> "$LOG"
     variants=()
   fi
   for v in "${variants[@]}"; do
