@@ -94,7 +94,8 @@ def cmd_train_vqvae(args):
                                ("hidden", args.hidden), ("restart_every", args.restart_every),
                                ("output", args.output),
                                ("decoder_padding", args.decoder_padding),
-                               ("encoder_padding", args.encoder_padding))
+                               ("encoder_padding", args.encoder_padding),
+                               ("decoder_refine", args.decoder_refine))
              if v is not None}
     summary = train_vqvae(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, device=args.device,
@@ -343,6 +344,10 @@ def build_parser():
                         "encoded alike along the sides and inside; zeros, of models made before "
                         "2026-12-07, gives each side sky codes of its own); a resumed run keeps "
                         "its checkpoint's")
+    p.add_argument("--decoder-refine", type=int, metavar="C",
+                   help="channels of a 3x3 convolution and ReLU at full resolution before the "
+                        "decoder's output (default 0: none, as in models made before "
+                        "2026-12-08); a resumed run keeps its checkpoint's")
     p.add_argument("--noise", choices=("data", "independent"), default="data",
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "

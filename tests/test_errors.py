@@ -829,6 +829,14 @@ def _(w):
                 "--hidden", "3", "--quiet"])
 
 
+@case("vqvae-decoder-refine-negative", T, "`train-vqvae`", "a negative --decoder-refine",
+      ["decoder_refine must be an integer >= 0", "got -2"])
+def _(w):
+    data, _ = w.vqvae_run
+    return CLI(["train-vqvae", "--data", data, "--out", w.path("vq"), "--steps", "2",
+                "--decoder-refine", "-2", "--quiet"])
+
+
 @case("vqvae-transpose-replicate", T, "`VQVAE` (Python)", "transposed-convolution upsampling "
       "with replicate padding", ["upsample='transpose' needs decoder_padding='zeros'",
                                  "got 'replicate'"])

@@ -467,3 +467,18 @@ def test_resume_keeps_the_decoder_padding(toy, tmp_path):
     _run(toy, tmp_path / "n", 2, **kw)
     assert load_checkpoint(tmp_path / "n" / "checkpoint.pt")["config"]["decoder_padding"] \
         == "zeros"
+
+
+def test_resume_keeps_the_decoder_refine_layer(toy, tmp_path):
+    """A run with ``decoder_refine`` resumes with it when not given, and refuses another value;
+    the resumed weights are the checkpoint's (the refine layer included)."""
+    kw = dict(log_every=2, checkpoint_every=100)
+    _run(toy, tmp_path / "r", 4, model=dict(TINY, decoder_refine=4), **kw)
+    before = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["model"]
+    assert before["decoder.net.6.weight"].shape == (1, 4, 3, 3)
+    with pytest.raises(VQVAEInputError, match="model config differs.*decoder_refine"):
+        _run(toy, tmp_path / "r", 6, resume=True, model=dict(TINY, decoder_refine=0), **kw)
+    _run(toy, tmp_path / "r", 6, resume=True, **kw)
+    state = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert state["config"]["decoder_refine"] == 4 and state["step"] == 6
+    assert not torch.equal(state["model"]["decoder.net.6.weight"], before["decoder.net.6.weight"])

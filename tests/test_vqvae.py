@@ -1,5 +1,7 @@
 """The VQ-VAE and its EMA vector quantizer: shapes, units, gradients, codebook updates."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -317,6 +319,38 @@ def test_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
             VQVAE(**SMALL, **{key: "reflect"})
     with pytest.raises(ValueError, match="upsample='transpose' needs decoder_padding='zeros'"):
         VQVAE(**SMALL, upsample="transpose", decoder_padding="replicate")
+
+
+def test_decoder_refine_adds_one_nonlinear_full_resolution_layer():
+    """``decoder_refine=C``: the last upsampling gives C channels, then ReLU and a 3x3 conv to one
+    at full resolution; C = 0 (and a config older than the key) is the layer list of before, so
+    older bundles load into it. After the last upsampling's input the plain decoder is affine
+    (so a sharp core needs negative side lobes), the refined one is not."""
+    torch.manual_seed(16)
+    plain = VQVAE(**SMALL)
+    assert plain.config["decoder_refine"] == 0
+    legacy = {k: v for k, v in plain.config.items() if k != "decoder_refine"}
+    assert VQVAE.from_config(legacy).config["decoder_refine"] == 0
+    assert list(VQVAE.from_config(legacy).state_dict()) == list(plain.state_dict())
+    refined = VQVAE(**SMALL, decoder_refine=6)
+    tail = list(refined.decoder.net)[-3:]
+    assert tail[0][-1].out_channels == 6 and isinstance(tail[1], torch.nn.ReLU)
+    assert (tail[2].in_channels, tail[2].out_channels, tail[2].kernel_size) == (6, 1, (3, 3))
+    assert VQVAE.from_config(refined.config).config == refined.config
+    s = SMALL["stamp_size"] // 2  # what the last upsampling takes: hidden // 2 channels, S/2
+    a, b = (torch.randn(2, SMALL["hidden"] // 2, s, s, generator=_gen(17 + i)) for i in range(2))
+    zero = torch.zeros_like(a)
+    with torch.no_grad():
+        p_tail, r_tail = plain.decoder.net[4:], refined.decoder.net[4:]
+        torch.testing.assert_close(p_tail(a + b), p_tail(a) + p_tail(b) - p_tail(zero),
+                                   rtol=1e-4, atol=1e-5)  # affine: cannot sharpen without lobes
+        out = r_tail(a + b)
+        assert out.shape == (2, 1, SMALL["stamp_size"], SMALL["stamp_size"])
+        assert (out - (r_tail(a) + r_tail(b) - r_tail(zero))).abs().max() > 1e-2 * out.abs().max()
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match=f"decoder_refine must be an integer >= 0, got "
+                                             f"{re.escape(repr(bad))}"):
+            VQVAE(**SMALL, decoder_refine=bad)
 
 
 def test_shipped_model_keeps_zero_padding():

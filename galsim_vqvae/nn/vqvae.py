@@ -144,16 +144,20 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear",
-                 output="relu", padding_mode="zeros"):
+                 output="relu", padding_mode="zeros", refine=0):
         super().__init__()
-        self.net = nn.Sequential(
+        layers = [
             nn.Conv2d(embed_dim, hidden, 3, padding=1, padding_mode=padding_mode),
             ResidualStack(hidden, res_hidden, res_blocks, padding_mode),
             upsample2(hidden, hidden // 2, upsample, padding_mode),  # S/4 -> S/2
             nn.ReLU(),
-            upsample2(hidden // 2, 1, upsample, padding_mode),       # S/2 -> S
-        )
-        last = self.net[-1] if upsample == "transpose" else self.net[-1][-1]
+            upsample2(hidden // 2, refine or 1, upsample, padding_mode),  # S/2 -> S
+        ]
+        if refine:  # a nonlinear layer at full resolution (see VQVAE's ``decoder_refine``)
+            layers += [nn.ReLU(), nn.Conv2d(refine, 1, 3, padding=1, padding_mode=padding_mode)]
+        self.net = nn.Sequential(*layers)
+        last = self.net[-1]
+        last = last[-1] if isinstance(last, nn.Sequential) else last
         # Start near an empty sky: softplus(-4) = 0.018 image_scale; relu(0) = 0.
         nn.init.constant_(last.bias, -4.0 if output == "softplus" else 0.0)
 
@@ -164,7 +168,8 @@ class Decoder(nn.Module):
 # Constructor keys added after models were saved, with the value that those older models have
 LEGACY_CONFIG = {"output": "softplus",       # before 2026-11-24
                  "decoder_padding": "zeros",  # before 2026-12-07
-                 "encoder_padding": "zeros"}  # before 2026-12-07
+                 "encoder_padding": "zeros",  # before 2026-12-07
+                 "decoder_refine": 0}         # before 2026-12-08
 
 
 def legacy_config(config):
@@ -215,13 +220,19 @@ class VQVAE(nn.Module):
                             (models made before 2026-12-07, which give each side of the map sky
                             codes of its own; a config without this key means zeros).
                             [default: "replicate"]
+        decoder_refine:     Channels of a 3x3 convolution and ReLU at full resolution before the
+                            decoder's output (0: none, the output is one 3x3 convolution of the
+                            bilinearly upsampled S/2 features, as in models made before
+                            2026-12-08; a config without this key means 0). Without it a
+                            compact core can only be sharpened with negative side lobes, which
+                            the non-negative output clips to dark rings. [default: 0]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
                  normalize_latents=True, output="relu", decoder_padding="zeros",
-                 encoder_padding="replicate"):
+                 encoder_padding="replicate", decoder_refine=0):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise VQVAEInputError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
@@ -235,6 +246,9 @@ class VQVAE(nn.Module):
                            ("encoder_padding", encoder_padding)):
             if value not in PADDINGS:
                 raise VQVAEInputError(f"{key} must be one of {PADDINGS}, got {value!r}")
+        if isinstance(decoder_refine, bool) or not isinstance(decoder_refine, int) \
+                or decoder_refine < 0:
+            raise VQVAEInputError(f"decoder_refine must be an integer >= 0, got {decoder_refine!r}")
         self._config = dict(stamp_size=int(stamp_size), hidden=int(hidden),
                             res_blocks=int(res_blocks), res_hidden=int(res_hidden),
                             embed_dim=int(embed_dim), num_codes=int(num_codes),
@@ -243,7 +257,8 @@ class VQVAE(nn.Module):
                             restart_threshold=float(restart_threshold), seed=int(seed),
                             upsample=str(upsample), normalize_latents=bool(normalize_latents),
                             output=str(output), decoder_padding=str(decoder_padding),
-                            encoder_padding=str(encoder_padding))
+                            encoder_padding=str(encoder_padding),
+                            decoder_refine=int(decoder_refine))
         self.stamp_size = int(stamp_size)
         self.image_scale = float(image_scale)
         self.normalize_latents = bool(normalize_latents)
@@ -253,7 +268,7 @@ class VQVAE(nn.Module):
                                          kmeans_iters=kmeans_iters, restart_every=restart_every,
                                          restart_threshold=restart_threshold, seed=seed)
         self.decoder = Decoder(hidden, res_blocks, res_hidden, embed_dim, upsample, output,
-                               decoder_padding)
+                               decoder_padding, decoder_refine)
 
     @classmethod
     def from_config(cls, config):
