@@ -22,7 +22,8 @@ DEVICE=${DEVICE:-cuda}
 VQ_DIR=${VQ_DIR:-$RUN/vqvae}
 # The shipped model's population and VQ-VAE loss and padding (docs/default_model.md says why).
 # The next model's, built but not yet trained: POPULATION=2026-12 and VQ_LOSS="--truth-weight 1
-# --truth-norm l1 --decoder-padding zeros --encoder-padding replicate" (or --truth-norm hybrid).
+# --truth-norm l1 --decoder-padding zeros --encoder-padding replicate", with or without
+# --decoder-refine 32 (the chain of benchmarks/gpu_default_model.sh trains both and keeps one).
 POPULATION=${POPULATION:-2026-11}
 VQ_LOSS=${VQ_LOSS:---truth-weight 1 --truth-norm l1 --decoder-padding zeros --encoder-padding zeros}
 mkdir -p "$RUN"
