@@ -140,7 +140,8 @@ class Decoder(nn.Module):
     ``padding_mode`` (``"zeros"`` or ``"replicate"``) is that of every convolution: zeros make
     the edge pixels see a dark border, so that a map of one repeated code decodes to an image
     with a frame; with replicate padding it decodes to a constant image (``"transpose"``
-    upsampling pads with zeros only, see `upsample2`).
+    upsampling pads with zeros only, see `upsample2`). ``refine`` > 0 ends it with ReLU and a
+    3x3 convolution from that many channels at full resolution (`VQVAE`'s ``decoder_refine``).
     """
 
     def __init__(self, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64, upsample="bilinear",
