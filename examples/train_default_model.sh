@@ -20,12 +20,13 @@ VQ_BATCH=${VQ_BATCH:-512}
 PRIOR_BATCH=${PRIOR_BATCH:-256}
 DEVICE=${DEVICE:-cuda}
 VQ_DIR=${VQ_DIR:-$RUN/vqvae}
-# The shipped model's population and VQ-VAE loss and padding (docs/default_model.md says why).
-# The next model's, built but not yet trained: POPULATION=2026-12 and VQ_LOSS="--truth-weight 1
-# --truth-norm l1 --decoder-padding zeros --encoder-padding replicate", with or without
-# --decoder-refine 32 (the chain of benchmarks/gpu_default_model.sh trains both and keeps one).
+# The shipped model's population and VQ-VAE loss, padding and decoder (docs/default_model.md
+# says why). The next model's, built but not yet trained: POPULATION=2026-12 and
+# VQ_LOSS="--truth-weight 1 --truth-norm l1 --decoder-padding zeros --encoder-padding replicate
+# --decoder-refine 32" (the chain of benchmarks/gpu_default_model.sh trains it beside the same
+# with --decoder-refine 0 and keeps one).
 POPULATION=${POPULATION:-2026-11}
-VQ_LOSS=${VQ_LOSS:---truth-weight 1 --truth-norm l1 --decoder-padding zeros --encoder-padding zeros}
+VQ_LOSS=${VQ_LOSS:---truth-weight 1 --truth-norm l1 --decoder-padding zeros --encoder-padding zeros --decoder-refine 0}
 mkdir -p "$RUN"
 cli() { "$PY" -m galsim_vqvae.cli "$@"; }
 resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }  # continue an interrupted run

@@ -346,8 +346,9 @@ def build_parser():
                         "its checkpoint's")
     p.add_argument("--decoder-refine", type=int, metavar="C",
                    help="channels of a 3x3 convolution and ReLU at full resolution before the "
-                        "decoder's output (default 0: none, as in models made before "
-                        "2026-12-08); a resumed run keeps its checkpoint's")
+                        "decoder's output (default 32: fewer dark rings around compact cores; "
+                        "0: none, as in models made before 2026-12-08); a resumed run keeps its "
+                        "checkpoint's")
     p.add_argument("--noise", choices=("data", "independent"), default="data",
                    help="'independent' (datasets with truth): encode one fresh noise realisation "
                         "of the convolved truth and compare with another, so the decoder cannot "

@@ -323,12 +323,12 @@ def test_padding_legacy_configs_mean_zeros_and_bad_values_are_refused():
 
 def test_decoder_refine_adds_one_nonlinear_full_resolution_layer():
     """``decoder_refine=C``: the last upsampling gives C channels, then ReLU and a 3x3 conv to one
-    at full resolution; C = 0 (and a config older than the key) is the layer list of before, so
-    older bundles load into it. After the last upsampling's input the plain decoder is affine
-    (so a sharp core needs negative side lobes), the refined one is not."""
+    at full resolution (32 for new models); C = 0 (and a config older than the key) is the layer
+    list of before, so older bundles load into it. After the last upsampling's input the plain
+    decoder is affine (so a sharp core needs negative side lobes), the refined one is not."""
     torch.manual_seed(16)
-    plain = VQVAE(**SMALL)
-    assert plain.config["decoder_refine"] == 0
+    assert VQVAE(**SMALL).config["decoder_refine"] == 32  # the default of new models
+    plain = VQVAE(**SMALL, decoder_refine=0)
     legacy = {k: v for k, v in plain.config.items() if k != "decoder_refine"}
     assert VQVAE.from_config(legacy).config["decoder_refine"] == 0
     assert list(VQVAE.from_config(legacy).state_dict()) == list(plain.state_dict())

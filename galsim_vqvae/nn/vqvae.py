@@ -226,14 +226,15 @@ class VQVAE(nn.Module):
                             bilinearly upsampled S/2 features, as in models made before
                             2026-12-08; a config without this key means 0). Without it a
                             compact core can only be sharpened with negative side lobes, which
-                            the non-negative output clips to dark rings. [default: 0]
+                            the non-negative output clips to dark rings (`docs/default_model.md`).
+                            [default: 32]
     """
 
     def __init__(self, stamp_size=84, hidden=128, res_blocks=2, res_hidden=32, embed_dim=64,
                  num_codes=512, image_scale=1.0, beta=0.25, decay=0.99, kmeans_iters=10,
                  restart_every=100, restart_threshold=1.0, seed=0, upsample="bilinear",
                  normalize_latents=True, output="relu", decoder_padding="zeros",
-                 encoder_padding="replicate", decoder_refine=0):
+                 encoder_padding="replicate", decoder_refine=32):
         super().__init__()
         if stamp_size < 8 or stamp_size % 4:
             raise VQVAEInputError(f"stamp_size must be a multiple of 4 and >= 8, got {stamp_size}")
