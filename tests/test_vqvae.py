@@ -360,4 +360,5 @@ def test_shipped_model_keeps_zero_padding():
 
     vq = Emulator.load("default").vqvae
     assert vq.config["decoder_padding"] == vq.config["encoder_padding"] == "zeros"
+    assert vq.config["decoder_refine"] == 0  # nor the full-resolution layer of new models
     assert all(c.padding_mode == "zeros" for c in vq.modules() if isinstance(c, torch.nn.Conv2d))
