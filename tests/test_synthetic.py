@@ -187,7 +187,11 @@ def test_population_distributions(name):
     assert r.min() >= lo and r.max() <= hi
     resid = np.log10(r) - np.log10(median) - slope * (mag - 22.5)
     for sel in (mag < 22.5, mag > 24):  # the relation's median at both ends: its slope
-        assert abs(np.median(resid[sel])) < 0.03, (name, np.median(resid[sel]))
+        # 5 standard errors of a sample median (1.2533 sigma / sqrt(n)): 0.06 dex at the bright
+        # end (~350 draws), 0.036 at the faint one (~970); a slope off by 0.06 dex/mag moves
+        # the faint end's median by ~0.13. (A fixed 0.03 failed ~2% of fresh seeds.)
+        tol = 5 * 1.2533 * dex / np.sqrt(sel.sum())
+        assert abs(np.median(resid[sel])) < tol, (name, np.median(resid[sel]), tol)
     inside = (r > lo) & (r < hi)
     assert abs(np.std(resid[inside & (mag < 24.5)]) / dex - 1) < 0.15
 
